@@ -1,0 +1,520 @@
+"""Kafka edges of the daemon on kafka-python: a batch source, a sink and dead-letter headers.
+
+:class:`KafkaSource` is a consumer-group member that hands out micro-batches of raw records
+(bytes in; decoding is :mod:`streamgmm.features`' job, so a bad record can reach the dead-letter
+topic instead of blowing up inside the client). :class:`KafkaSink` publishes a batch's anomalies and
+dead letters together with the batch's input offsets:
+
+* ``delivery="exactly-once"`` (default): one transaction per batch — records, then
+  ``send_offsets_to_transaction`` for the consumer group, then commit. Readers of the output use
+  ``isolation_level="read_committed"``.
+* ``delivery="at-least-once"``: records are sent with ``acks="all"``, every send future is awaited
+  (``flush()`` does not raise on failure), and only then are the offsets committed.
+
+:func:`read_published_sources` reads back the tail of the output and dead-letter topics and returns
+the ``(topic, partition, offset)`` of every input event already published. The daemon uses it on
+recovery so that nothing is published twice even where the broker is weaker than Kafka: Tansu makes
+the records of an aborted or abandoned transaction visible to ``read_committed`` readers.
+
+Every dead letter carries both the Kafka Connect and the Spring Kafka header conventions, so
+existing tooling can route and replay it (:func:`dead_letter_headers`).
+
+Examples
+--------
+>>> headers = dict(dead_letter_headers("invalid_json", "Expecting value", "events", 2, 41))
+>>> headers["__connect.errors.offset"], headers["kafka_dlt-original-topic"]
+(b'41', b'events')
+>>> source_of_dead_letter(list(headers.items()))
+('events', 2, 41)
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kafka_errors
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.structs import OffsetAndMetadata
+
+__all__ = [
+    "DELIVERY_MODES",
+    "OutgoingRecord",
+    "KafkaSource",
+    "KafkaSink",
+    "KafkaUnavailable",
+    "dead_letter_headers",
+    "source_of_dead_letter",
+    "source_of_output",
+    "read_published_sources",
+    "end_offsets",
+    "ensure_topics",
+    "broker_reachable",
+]
+
+logger = logging.getLogger(__name__)
+
+DELIVERY_MODES = ("exactly-once", "at-least-once")
+
+#: Client settings for fast group joins and bounded waits (seconds, not minutes, on broker loss).
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 500,
+    "enable_auto_commit": False,
+    "request_timeout_ms": 10000,
+    "bootstrap_timeout_ms": 5000,
+    "reconnect_backoff_max_ms": 2000,
+}
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "linger_ms": 5,
+    "request_timeout_ms": 10000,
+    "delivery_timeout_ms": 30000,
+    "max_block_ms": 15000,
+    "bootstrap_timeout_ms": 5000,
+    "reconnect_backoff_max_ms": 2000,
+}
+
+# Kafka Connect and Spring Kafka dead-letter header names.
+_CONNECT = "__connect.errors."
+_SPRING = "kafka_dlt-"
+
+
+class KafkaUnavailable(ConnectionError):
+    """The Kafka cluster cannot be reached or a Kafka operation failed; retry later."""
+
+
+@dataclass(frozen=True)
+class OutgoingRecord:
+    """One record to publish: an anomaly on the output topic or a dead letter."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    source: tuple[str, int, int] | None = None
+    """(topic, partition, offset) of the input event this record was made from."""
+
+
+def dead_letter_headers(
+    reason: str, message: str, topic: str, partition: int, offset: int,
+    exception_class: str = "streamgmm.features.InvalidEvent",
+) -> list[tuple[str, bytes]]:
+    """Headers of a dead letter, in both Kafka Connect and Spring Kafka conventions.
+
+    Parameters
+    ----------
+    reason
+        Machine-readable reason (``invalid_json``, ``missing_field``, …), also in
+        ``streamgmm.reason``.
+    message
+        Human-readable explanation.
+    topic, partition, offset
+        Where the event was read from.
+    """
+    text = message.encode("utf-8", "replace")
+    return [
+        ("streamgmm.reason", reason.encode()),
+        (_CONNECT + "topic", topic.encode()),
+        (_CONNECT + "partition", str(partition).encode()),
+        (_CONNECT + "offset", str(offset).encode()),
+        (_CONNECT + "exception.class.name", exception_class.encode()),
+        (_CONNECT + "exception.message", text),
+        (_SPRING + "original-topic", topic.encode()),
+        (_SPRING + "original-partition", str(partition).encode()),
+        (_SPRING + "original-offset", str(offset).encode()),
+        (_SPRING + "exception-message", text),
+    ]
+
+
+def source_of_dead_letter(
+    headers: Sequence[tuple[str, bytes]] | None,
+) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` named by a dead letter's headers, or ``None``.
+
+    Reads the Kafka Connect headers, falling back to Spring Kafka's.
+    """
+    found = dict(headers or ())
+    for prefix, names in ((_CONNECT, ("topic", "partition", "offset")),
+                          (_SPRING, ("original-topic", "original-partition", "original-offset"))):
+        try:
+            topic, part, off = (found[prefix + n] for n in names)
+            return topic.decode(), int(part), int(off)
+        except (KeyError, ValueError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def source_of_output(value: bytes | None) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` in an anomaly message's ``source`` field, or ``None``.
+
+    Examples
+    --------
+    >>> source_of_output(b'{"score": 9.1, "source": {"topic": "t", "partition": 0, "offset": 7}}')
+    ('t', 0, 7)
+    >>> source_of_output(b'not json') is None
+    True
+    """
+    try:
+        src = orjson.loads(value)["source"]
+        return str(src["topic"]), int(src["partition"]), int(src["offset"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def broker_reachable(bootstrap_servers: str | Sequence[str], timeout: float = 1.0) -> bool:
+    """True if a TCP connection to any bootstrap server succeeds (a cheap liveness probe)."""
+    servers = (
+        bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else bootstrap_servers
+    )
+    for server in servers:
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _client_error(what: str, exc: Exception) -> KafkaUnavailable:
+    return KafkaUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def ensure_topics(
+    bootstrap_servers: str, topics: Iterable[str], partitions: int = 1, **client_options: Any
+) -> None:
+    """Create the topics that do not exist yet (replication factor 1 on a single broker)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_options)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except kafka_errors.TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def end_offsets(consumer: KafkaConsumer, topics: Iterable[str]) -> dict[TopicPartition, int]:
+    """End offsets (per partition) of ``topics`` as seen by ``consumer``'s isolation level."""
+    parts = []
+    for topic in topics:
+        ids = consumer.partitions_for_topic(topic) or set()
+        parts += [TopicPartition(topic, p) for p in sorted(ids)]
+    return dict(consumer.end_offsets(parts)) if parts else {}
+
+
+def read_published_sources(
+    bootstrap_servers: str,
+    output_topic: str,
+    dead_letter_topic: str,
+    start_positions: Mapping[TopicPartition, int] | None = None,
+    timeout: float = 30.0,
+    **client_options: Any,
+) -> tuple[set[tuple[str, int, int]], dict[TopicPartition, int]]:
+    """Sources of everything already published on the output and dead-letter topics.
+
+    Reads both topics with ``read_committed`` from ``start_positions`` (partitions not listed are
+    read from their beginning) up to their current end.
+
+    Returns
+    -------
+    sources : set of (topic, partition, offset)
+        The input events that already have an anomaly message or a dead letter.
+    ends : dict of TopicPartition to int
+        Where reading stopped, per partition: the positions to save in the next checkpoint.
+    """
+    start_positions = dict(start_positions or {})
+    options = {**CONSUMER_DEFAULTS, **client_options}
+    for managed in ("session_timeout_ms", "heartbeat_interval_ms", "group_id",
+                    "auto_offset_reset", "isolation_level"):
+        options.pop(managed, None)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers, isolation_level="read_committed", group_id=None,
+        **options,
+    )
+    sources: set[tuple[str, int, int]] = set()
+    try:
+        ends = end_offsets(consumer, (output_topic, dead_letter_topic))
+        todo = {}
+        for tp, end in ends.items():
+            start = min(start_positions.get(tp, 0), end)
+            if start < end:
+                todo[tp] = (start, end)
+        if todo:
+            consumer.assign(list(todo))
+            for tp, (start, _) in todo.items():
+                consumer.seek(tp, start)
+            deadline = time.monotonic() + timeout
+            remaining = set(todo)
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable(
+                        f"could not read back {sorted(map(tuple, remaining))} within {timeout:g} s"
+                    )
+                for tp, records in consumer.poll(timeout_ms=200, max_records=5000).items():
+                    for rec in records:
+                        if tp.topic == output_topic:
+                            src = source_of_output(rec.value)
+                        else:
+                            src = source_of_dead_letter(rec.headers)
+                        if src is not None:
+                            sources.add(src)
+                for tp in list(remaining):
+                    if consumer.position(tp) >= todo[tp][1]:
+                        remaining.discard(tp)
+        logger.info("read back %d published sources from %s and %s",
+                    len(sources), output_topic, dead_letter_topic)
+        return sources, ends
+    except kafka_errors.KafkaError as exc:
+        raise _client_error("reading back the output topics failed", exc) from exc
+    finally:
+        consumer.close()
+
+
+class KafkaSource:
+    """A consumer-group member that yields micro-batches of raw records.
+
+    Parameters
+    ----------
+    bootstrap_servers, topic, group_id
+        Where to read from and the consumer group whose offsets record progress.
+    auto_offset_reset
+        ``"earliest"`` or ``"latest"``: where to start without a committed offset.
+    client_options
+        Extra kafka-python settings (security: ``security_protocol``, ``ssl_*``, ``sasl_*``).
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker cannot be reached.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        group_id: str,
+        auto_offset_reset: str = "earliest",
+        **client_options: Any,
+    ) -> None:
+        self.topic = topic
+        self.group_id = group_id
+        options = {**CONSUMER_DEFAULTS, **client_options}
+        try:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap_servers, group_id=group_id,
+                auto_offset_reset=auto_offset_reset, isolation_level="read_committed", **options,
+            )
+            self._consumer.subscribe([topic])
+        except kafka_errors.KafkaError as exc:
+            raise _client_error(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
+
+    @property
+    def consumer(self) -> KafkaConsumer:
+        """The underlying kafka-python consumer."""
+        return self._consumer
+
+    def poll(self, max_records: int, timeout_ms: int) -> list:
+        """Up to ``max_records`` records, waiting at most ``timeout_ms``; ordered per partition."""
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("poll failed", exc) from exc
+        records: list = []
+        for tp in sorted(batches, key=lambda t: t.partition):
+            records.extend(batches[tp])
+        return records
+
+    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
+        """Join the group: poll without consuming until partitions are assigned.
+
+        Raises
+        ------
+        KafkaUnavailable
+            If no partition was assigned within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not self._consumer.assignment():
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"no partition of {self.topic!r} assigned to group {self.group_id!r} within "
+                    f"{timeout:g} s; does the topic exist and is another member holding it?"
+                )
+            try:
+                self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
+            except TypeError:  # pragma: no cover - older signature
+                self._consumer.poll(timeout_ms=100, max_records=1)
+        return set(self._consumer.assignment())
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    def committed(self) -> dict[TopicPartition, int | None]:
+        """The group's committed offset for each assigned partition (``None`` if none)."""
+        try:
+            return {tp: self._consumer.committed(tp) for tp in self._consumer.assignment()}
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("reading committed offsets failed", exc) from exc
+
+    def position(self, tp: TopicPartition) -> int:
+        return self._consumer.position(tp)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(tp, offset)
+
+    def beginning_offsets(self) -> dict[TopicPartition, int]:
+        return dict(self._consumer.beginning_offsets(list(self._consumer.assignment())))
+
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        return dict(self._consumer.end_offsets(list(self._consumer.assignment())))
+
+    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
+        """Events behind the last known end of the assigned partitions.
+
+        ``next_offsets`` is the next offset to process per partition (the caller knows it; asking
+        the consumer could block on the network).
+        """
+        total = 0
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is not None and tp in next_offsets:
+                total += max(0, end - next_offsets[tp])
+        return total
+
+    def group_metadata(self):
+        return self._consumer.group_metadata()
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit ``offsets`` (next offset to read, per partition) synchronously."""
+        try:
+            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("offset commit failed", exc) from exc
+
+    def close(self) -> None:
+        try:
+            self._consumer.close(autocommit=False)
+        except Exception as exc:  # closing a consumer of a dead broker may fail; nothing to do
+            logger.debug("closing the consumer: %s", exc)
+
+
+class KafkaSink:
+    """Publishes a batch's records and commits its input offsets, atomically or at least once.
+
+    Parameters
+    ----------
+    bootstrap_servers
+        The cluster.
+    delivery
+        ``"exactly-once"`` (transactions) or ``"at-least-once"`` (``acks=all``, commit after ack).
+    transactional_id
+        Required for exactly-once; one per daemon instance, stable across restarts so that a new
+        instance fences the old one.
+    client_options
+        Extra kafka-python settings (security).
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker cannot be reached or transactions cannot be initialised.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        delivery: str = "exactly-once",
+        transactional_id: str | None = None,
+        operation_timeout: float = 30.0,
+        **client_options: Any,
+    ) -> None:
+        if delivery not in DELIVERY_MODES:
+            raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
+        if delivery == "exactly-once" and not transactional_id:
+            raise ValueError("exactly-once delivery needs a transactional_id")
+        self.delivery = delivery
+        self.operation_timeout = operation_timeout
+        options = {**PRODUCER_DEFAULTS, **client_options}
+        if delivery == "exactly-once":
+            options["transactional_id"] = transactional_id
+        try:
+            self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **options)
+            if delivery == "exactly-once":
+                self._producer.init_transactions()
+        except kafka_errors.KafkaError as exc:
+            raise _client_error(f"cannot start a producer on {bootstrap_servers}", exc) from exc
+
+    def _wait(self, result, what: str) -> None:
+        self._producer._sender.wakeup()
+        if not result.wait(timeout_ms=self.operation_timeout * 1000):
+            raise KafkaUnavailable(f"{what} did not finish within {self.operation_timeout:g} s")
+
+    def publish(
+        self,
+        records: Sequence[OutgoingRecord],
+        offsets: Mapping[TopicPartition, int],
+        source: KafkaSource,
+    ) -> None:
+        """Publish ``records`` and commit ``offsets`` (next offset to read) for ``source``'s group.
+
+        In exactly-once mode both happen in one transaction; on failure the transaction is aborted
+        (best effort) and :class:`KafkaUnavailable` is raised — rebuild the sink and retry.
+
+        Raises
+        ------
+        KafkaUnavailable
+            If anything failed; nothing should be assumed published (or not).
+        """
+        try:
+            if self.delivery == "exactly-once":
+                self._publish_transaction(records, offsets, source)
+            else:
+                self._send_all(records)
+                if offsets:
+                    source.commit(offsets)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("publishing a batch failed", exc) from exc
+
+    def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
+        futures = [
+            self._producer.send(r.topic, value=r.value, key=r.key, headers=r.headers or None)
+            for r in records
+        ]
+        for fut in futures:  # flush() does not raise on failure; the futures do
+            fut.get(timeout=self.operation_timeout)
+
+    def _publish_transaction(self, records, offsets, source) -> None:
+        tm = self._producer._transaction_manager
+        self._producer.begin_transaction()
+        try:
+            self._send_all(records)
+            if offsets:
+                self._wait(
+                    tm.send_offsets_to_transaction(
+                        {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+                        source.group_metadata(),
+                    ),
+                    "send_offsets_to_transaction",
+                )
+            self._wait(tm.begin_commit(), "commit_transaction")
+        except Exception:
+            try:
+                self._wait(tm.begin_abort(), "abort_transaction")
+            except Exception as abort_exc:  # the broker may be gone; the next instance fences us
+                logger.debug("abort after a failed transaction: %s", abort_exc)
+            raise
+
+    def close(self, timeout: float = 2.0) -> None:
+        try:
+            self._producer.close(timeout=timeout)
+        except Exception as exc:  # closing a producer of a dead broker may fail; nothing to do
+            logger.debug("closing the producer: %s", exc)
