@@ -901,9 +901,7 @@ def load_config(path: str | os.PathLike | None = None,
         try:
             sections[section] = cls(**values)
         except ConfigError as exc:
-            where = sources.get(exc.key) or ("built-in default" if exc.key else "")
-            if exc.key and section == "features" and exc.key == "features.fields" and not where:
-                where = "not set"
+            where = sources.get(exc.key) or ("not set" if exc.key else "")
             problem = f"{exc.problem} ({where})" if where else exc.problem
             raise ConfigError(exc.key, problem, exc.hint) from None
     return Config(**sections)
