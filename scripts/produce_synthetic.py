@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """Produce a synthetic event stream with injected anomalies and drift to Kafka (or to a file).
 
-Normal events come from a fixed Gaussian mixture in ``--features`` dimensions; a fraction
+Normal events come from a fixed Gaussian mixture over the numeric ``--fields``; a fraction
 ``--anomaly-rate`` of them is replaced by points far from every component (6–10 standard
 deviations out). A drift schedule changes the normal data over time, so the detector's adaptation
 and the drift alerts can be watched. Every event is one JSON object::
 
     {"event_id": 17, "timestamp": 1764000000.25, "source": "sensor-3",
-     "features": {"x0": 0.41, "x1": -1.93, "x2": 2.2},
+     "latency_ms": 0.41, "bytes": -1.93, "cpu": 2.2,
      "label": {"anomaly": false, "phase": 0}}
 
-``features.x0`` … are what the daemon scores (``[features] fields = ["features.x0", …]``);
-``label`` carries the ground truth for evaluation and is ignored by the detector. The Kafka key is
-``source``, so events spread over partitions while each source keeps its order.
+The fields default to those of ``config/streamgmm.toml`` (``[features] fields``), so the shipped
+configuration scores this stream as it is; dotted names (``--fields http.latency,http.bytes``)
+make nested objects. ``label`` carries the ground truth for evaluation and is ignored by the
+detector. The Kafka key is ``source``, so events spread over partitions while each source keeps
+its order.
 
 Drift schedule (``--drift``, repeatable): ``AT:KIND=AMOUNT`` or ``START-END:KIND=AMOUNT`` (a
 linear ramp from START to END events). Kinds:
@@ -49,6 +51,7 @@ import orjson
 
 logger = logging.getLogger("produce_synthetic")
 
+DEFAULT_FIELDS = ("latency_ms", "bytes", "cpu")  # [features] fields of config/streamgmm.toml
 DRIFT_KINDS = ("shift", "scale", "mode")
 INVALID_KINDS = ("invalid_json", "missing_field", "non_numeric", "non_finite", "not_object")
 
@@ -149,7 +152,7 @@ def _base_mixture(n_features: int, n_clusters: int, rng: np.random.Generator) ->
 
 
 def synthetic_events(
-    n_features: int = 3,
+    fields: Sequence[str] | int = DEFAULT_FIELDS,
     n_clusters: int = 3,
     anomaly_rate: float = 0.01,
     drift: Sequence[DriftStep] = (),
@@ -162,8 +165,9 @@ def synthetic_events(
 
     Parameters
     ----------
-    n_features
-        Dimension ``d`` of the feature vector (fields ``x0`` … ``x{d-1}`` under ``features``).
+    fields
+        Names of the numeric fields, dotted for nested objects (``"http.bytes"``); an integer
+        ``d`` means ``x0`` … ``x{d-1}``.
     n_clusters
         Number of Gaussian components of the normal data.
     anomaly_rate
@@ -189,19 +193,23 @@ def synthetic_events(
     Examples
     --------
     >>> import itertools
-    >>> stream = synthetic_events(n_features=2, seed=1, clock=lambda: 0.0)
+    >>> stream = synthetic_events(["cpu", "net.rx"], seed=1, clock=lambda: 0.0)
     >>> events = list(itertools.islice(stream, 3))
     >>> sorted(events[0])
-    ['event_id', 'features', 'label', 'source', 'timestamp']
-    >>> sorted(events[0]["features"]), events[2]["event_id"]
-    (['x0', 'x1'], 2)
+    ['cpu', 'event_id', 'label', 'net', 'source', 'timestamp']
+    >>> sorted(events[0]["net"]), events[2]["event_id"]
+    (['rx'], 2)
     >>> stream = synthetic_events(anomaly_rate=0.1, seed=2)
     >>> flags = [e["label"]["anomaly"] for e in itertools.islice(stream, 5000)]
     >>> 0.08 < sum(flags) / len(flags) < 0.12
     True
     """
-    if n_features < 1 or n_clusters < 1 or n_sources < 1:
-        raise ValueError("n_features, n_clusters and n_sources must be at least 1")
+    names = [f"x{j}" for j in range(fields)] if isinstance(fields, int) else list(fields)
+    if not names or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"fields must be distinct non-empty names, got {names}")
+    n_features = len(names)
+    if n_clusters < 1 or n_sources < 1:
+        raise ValueError("n_clusters and n_sources must be at least 1")
     if not 0.0 <= anomaly_rate < 1.0:
         raise ValueError(f"anomaly_rate must be in [0, 1), got {anomaly_rate}")
     if not 0.0 <= invalid_rate < 1.0:
@@ -214,7 +222,6 @@ def synthetic_events(
         id(step): _base_mixture(n_features, 1, rng) for step in drift if step.kind == "mode"
     }
     invalid_kinds = itertools.cycle(INVALID_KINDS)
-    names = [f"x{j}" for j in range(n_features)]
 
     for index in itertools.count():
         shift = np.zeros(n_features)
@@ -241,35 +248,41 @@ def synthetic_events(
             # Far out along a random direction: 6-10 standard deviations of that component.
             direction *= rng.uniform(6.0, 10.0) / np.linalg.norm(direction)
         x = chosen.means[component] + shift + scale * (chosen.cholesky[component] @ direction)
-        event = {
-            "event_id": index,
-            "timestamp": round(float(clock()), 6),
-            "source": source,
-            "features": {name: float(value) for name, value in zip(names, x, strict=True)},
-            "label": {"anomaly": is_anomaly, "phase": sum(index >= s.start for s in drift)},
-        }
+        event = {"event_id": index, "timestamp": round(float(clock()), 6), "source": source}
+        for name, value in zip(names, x, strict=True):
+            _set_path(event, name, float(value))
+        event["label"] = {"anomaly": is_anomaly, "phase": sum(index >= s.start for s in drift)}
         if invalid_rate and rng.random() < invalid_rate:
-            yield _make_invalid(event, next(invalid_kinds))
+            yield _make_invalid(event, names[0], next(invalid_kinds))
         else:
             yield event
 
 
-def _make_invalid(event: dict, kind: str) -> bytes:
+def _set_path(event: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        event = event.setdefault(part, {})
+    event[leaf] = value
+
+
+def _make_invalid(event: dict, field: str, kind: str) -> bytes:
     """Turn a valid event into the raw bytes of an unscorable message of the given kind."""
-    features = event["features"]
-    first = next(iter(features))
+    *parents, leaf = field.split(".")
+    holder = event
+    for part in parents:
+        holder = holder[part]
     if kind == "invalid_json":
         return orjson.dumps(event)[:-7]  # cut off mid-object
     if kind == "missing_field":
-        del features[first]
+        del holder[leaf]
     elif kind == "non_numeric":
-        features[first] = "twelve"
+        holder[leaf] = "twelve"
     elif kind == "non_finite":
         # orjson refuses NaN; Python's json writes the literal, as careless producers do.
-        features[first] = math.nan
+        holder[leaf] = math.nan
         return json.dumps(event, allow_nan=True).encode()
     elif kind == "not_object":
-        return orjson.dumps([event["event_id"], list(features.values())])
+        return orjson.dumps([event["event_id"], event["source"]])
     return orjson.dumps(event)
 
 
@@ -335,12 +348,18 @@ def _drift_argument(text: str) -> DriftStep:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _fields_argument(text: str) -> tuple[str, ...] | int:
+    if text.strip().isdigit():
+        return int(text)
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="produce_synthetic.py",
         description=__doc__.split("\n\n")[0],
         epilog="Example: produce_synthetic.py --bootstrap-servers localhost:9094 --topic events "
-        "--rate 500 --features 4 --anomaly-rate 0.005 --drift 60000:shift=3",
+        "--rate 500 --fields cpu,mem,net.rx --anomaly-rate 0.005 --drift 60000:shift=3",
     )
     parser.add_argument(
         "--bootstrap-servers",
@@ -365,10 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=int, default=0, help="number of events, 0 for no end (default: %(default)s)"
     )
     parser.add_argument(
-        "--features",
-        type=int,
-        default=3,
-        help="dimensions of the feature vector (default: %(default)s)",
+        "--fields",
+        type=_fields_argument,
+        default=DEFAULT_FIELDS,
+        metavar="NAME,...",
+        help="numeric fields, comma-separated, dotted for nested objects, or a count N for "
+        "x0..x{N-1}; the [features] fields of the daemon's config "
+        f"(default: {','.join(DEFAULT_FIELDS)})",
     )
     parser.add_argument(
         "--clusters",
@@ -432,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         events = synthetic_events(
-            n_features=args.features,
+            fields=args.fields,
             n_clusters=args.clusters,
             anomaly_rate=args.anomaly_rate,
             drift=args.drift,
