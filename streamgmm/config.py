@@ -659,7 +659,7 @@ class MetricsConfig(_Section):
     enabled: bool = _key(True, _Bool())
     host: str = _key("0.0.0.0", _Str(), _non_empty,
                      'the address to listen on, e.g. "127.0.0.1" or "0.0.0.0"')
-    port: int = _key(9464, _Int(), _port, "0 picks a free port")
+    port: int = _key(9108, _Int(), _port, "0 picks a free port")
 
 
 @dataclass(frozen=True)
