@@ -1,0 +1,171 @@
+"""A real Prometheus server scrapes streamgmm's metrics endpoint; values are read back via its API.
+
+Needs the ``prometheus`` binary (Debian package ``prometheus``); skipped with that reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from streamgmm.embedded import free_port
+from streamgmm.metrics import Metrics
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None,
+        reason="the prometheus binary is not installed (apt-get install prometheus)"),
+]
+
+
+@dataclass
+class _Drift:
+    mean_log_likelihood: float = -4.25
+    log_likelihood_ewma: float = -4.0
+    reference_log_likelihood: float = -3.75
+    kl_divergence: float = 0.125
+    mean_displacement: float = 0.5
+    weight_entropy: float = 0.6931
+    anomaly_rate: float = 0.002
+    target_anomaly_rate: float = 0.001
+    drift_detected: bool = True
+    n_drifts: int = 1
+
+
+@dataclass
+class _Batch:
+    score: np.ndarray
+    is_anomaly: np.ndarray
+    threshold: np.ndarray
+    warming_up: np.ndarray
+    drift: _Drift
+
+
+@dataclass
+class _Mixture:
+    weights_: np.ndarray
+    n_events_learned_: int
+    is_fitted: bool = True
+    n_components_: int = 2
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0, process=None):
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"prometheus exited with {process.returncode} while waiting "
+                                 f"for {what}")
+        try:
+            value = condition()
+            if value:
+                return value
+        except OSError as exc:  # not listening yet
+            last_error = exc
+        time.sleep(0.2)  # polling interval of a condition with a deadline
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} ({last_error})")
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A Prometheus server scraping a fresh :class:`Metrics` endpoint every second."""
+    metrics = Metrics()
+    target_port = metrics.serve("127.0.0.1", 0)
+    web_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: streamgmm\n    scrape_interval: 1s\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+    log = open(tmp_path / "prometheus.log", "wb")  # closed in the finally below
+    process = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{web_port}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        _wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
+                  "Prometheus to be ready", process=process)
+        yield metrics, base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        metrics.close()
+
+
+def _query(base: str, promql: str) -> dict[tuple, float]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    answer = _get_json(url)
+    assert answer["status"] == "success", answer
+    return {tuple(sorted((k, v) for k, v in r["metric"].items() if k not in ("job", "instance",
+                                                                             "__name__"))):
+            float(r["value"][1]) for r in answer["data"]["result"]}
+
+
+def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
+    metrics, base = prometheus
+    n = 500
+    is_anomaly = np.zeros(n, bool)
+    is_anomaly[[10, 20, 30]] = True
+    metrics.observe_batch(_Batch(score=np.linspace(0, 9, n), is_anomaly=is_anomaly,
+                                 threshold=np.full(n, 8.5), warming_up=np.zeros(n, bool),
+                                 drift=_Drift()), duration_s=0.0123)
+    metrics.dead_letters({"invalid_json": 4, "non_numeric": 1})
+    metrics.set_model(_Mixture(weights_=np.array([0.75, 0.25]), n_events_learned_=4321))
+    metrics.set_consumer_lag(77)
+    metrics.set_broker_up(True)
+    metrics.checkpoint_written()
+
+    def scraped():
+        values = _query(base, "streamgmm_consumer_lag_events")
+        return values.get(()) == 77
+
+    _wait_for(scraped, "Prometheus to scrape the metrics endpoint")
+    assert _query(base, 'up{job="streamgmm"}') == {(): 1.0}
+    assert _query(base, "streamgmm_events_total") == {(): 500.0}
+    assert _query(base, "streamgmm_anomalies_total") == {(): 3.0}
+    dead = _query(base, "streamgmm_dead_letters_total")
+    assert dead[(("reason", "invalid_json"),)] == 4.0
+    assert dead[(("reason", "non_numeric"),)] == 1.0
+    assert dead[(("reason", "oversize"),)] == 0.0 and len(dead) == 6
+    assert _query(base, "streamgmm_threshold") == {(): 8.5}
+    assert _query(base, "streamgmm_drift_kl_divergence") == {(): 0.125}
+    assert _query(base, "streamgmm_log_likelihood_mean") == {(): -4.25}
+    assert _query(base, "streamgmm_drift_detected_total") == {(): 1.0}
+    assert _query(base, "streamgmm_component_weight") == {(("component", "0"),): 0.75,
+                                                          (("component", "1"),): 0.25}
+    assert _query(base, "streamgmm_model_events_learned") == {(): 4321.0}
+    assert _query(base, "streamgmm_warming_up") == {(): 0.0}
+    assert _query(base, "streamgmm_broker_up") == {(): 1.0}
+    assert _query(base, "streamgmm_batch_duration_seconds_count") == {(): 1.0}
+    assert _query(base, 'streamgmm_batch_duration_seconds_bucket{le="0.025"}') == {
+        (("le", "0.025"),): 1.0}
+    age = _query(base, "streamgmm_checkpoint_age_seconds")[()]
+    assert 0.0 <= age < 60.0
+    assert list(_query(base, "streamgmm_build_info")) == [(("version", "0.1.0"),)]
+
+    # A later change shows up in a later scrape, and rate() works on the counters.
+    metrics.dead_letters({"invalid_json": 6})
+    _wait_for(lambda: _query(base, 'streamgmm_dead_letters_total{reason="invalid_json"}')
+              == {(("reason", "invalid_json"),): 10.0}, "the next scrape")
+    rate = _query(base, 'increase(streamgmm_dead_letters_total{reason="invalid_json"}[1m])')
+    assert list(rate.values())[0] > 0
