@@ -1,0 +1,547 @@
+"""The daemon loop: Kafka in, anomalies and dead letters out, exactly once, with checkpoints.
+
+One iteration of :meth:`Daemon.run`:
+
+1. poll a micro-batch of raw records (``[batch] max_records``, ``max_wait_ms``);
+2. decode and validate them (:class:`streamgmm.features.FeatureExtractor`); bad ones become dead
+   letters;
+3. ``detector.process(X)`` — score every event with the model *before* it learns from it, decide,
+   then learn;
+4. publish the anomalies, the dead letters and the batch's input offsets together
+   (:class:`streamgmm.io.kafka.KafkaSink`: one transaction in exactly-once mode);
+5. update the metrics, and now and then write a checkpoint.
+
+Recovery
+--------
+The checkpoint holds the detector, the input offsets it has learned up to, and the positions of the
+output and dead-letter topics when it was written; it is written atomically and only when every
+event the detector has learned has also been published and committed. After a crash the daemon:
+
+* restores the checkpoint (or starts fresh when there is none);
+* joins the group and reads the committed offsets; events between the checkpoint's offsets and the
+  committed ones are re-learned *without* being published (their output is already out);
+* reads back the output and dead-letter topics from the saved positions and collects the
+  ``source`` (topic, partition, offset) of everything already there, so that an event whose output
+  became visible without its offsets being committed — a transaction cut by ``kill -9`` on a broker
+  that does not abort it (Tansu), or an at-least-once crash between send and commit — is not
+  published twice.
+
+So every valid event is learned exactly once and every anomaly and dead letter appears once.
+
+Broker loss: any Kafka failure closes the clients, keeps the unpublished batch in memory, and
+reconnects with an exponential back-off (capped at :attr:`Daemon.max_backoff` seconds); the daemon
+never exits because the broker is away. ``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish
+the current batch, publish, commit, checkpoint and return.
+
+Examples
+--------
+The loop needs a broker; with the embedded one (see ``streamgmm demo`` for a complete run)::
+
+    from streamgmm.config import load_config
+    from streamgmm.service import Daemon
+    daemon = Daemon(load_config("config/streamgmm.toml"))
+    daemon.run()                      # until SIGTERM (with install_signal_handlers) or stop
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka import TopicPartition
+
+from streamgmm.checkpoint import CheckpointError, read_state, write_state
+from streamgmm.config import Config
+from streamgmm.features import FeatureExtractor
+from streamgmm.io.kafka import (
+    KafkaSink,
+    KafkaSource,
+    KafkaUnavailable,
+    OutgoingRecord,
+    broker_reachable,
+    dead_letter_headers,
+    end_offsets,
+    ensure_topics,
+    read_published_sources,
+)
+
+__all__ = ["Daemon", "DaemonStats", "CHECKPOINT_KIND", "CHECKPOINT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "streamgmm-daemon"
+CHECKPOINT_VERSION = 1
+
+
+def _tp_key(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+def _tp_from_key(key: str) -> TopicPartition:
+    topic, _, partition = key.rpartition(":")
+    return TopicPartition(topic, int(partition))
+
+
+@dataclass
+class DaemonStats:
+    """Counters of one daemon run (also exported as Prometheus metrics)."""
+
+    events: int = 0
+    anomalies: int = 0
+    dead_letters: int = 0
+    published: int = 0
+    skipped_duplicates: int = 0
+    relearned: int = 0
+    batches: int = 0
+    reconnects: int = 0
+    checkpoints: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Daemon:
+    """The streamgmm service: consume, detect, publish, commit, checkpoint.
+
+    Parameters
+    ----------
+    config : streamgmm.config.Config
+        The validated configuration.
+    metrics : streamgmm.metrics.Metrics, optional
+        Where to export the Prometheus metrics; ``None`` exports nothing.
+    detector_factory : callable, optional
+        ``() -> Detector`` for a fresh start; defaults to
+        ``Detector(**config.detector_kwargs())``.
+    on_batch : callable, optional
+        ``on_batch(daemon, records, extraction, result)`` after each published batch (the demo's
+        live console uses it); must be quick.
+    create_topics : bool
+        Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
+
+    Attributes
+    ----------
+    detector : Detector
+        The live detector.
+    stats : DaemonStats
+        What happened so far.
+    """
+
+    #: Longest wait between two reconnection attempts, seconds.
+    max_backoff: float = 10.0
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Any = None,
+        detector_factory: Callable[[], Any] | None = None,
+        on_batch: Callable[..., None] | None = None,
+        create_topics: bool = False,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.on_batch = on_batch
+        self.create_topics = create_topics
+        self._detector_factory = detector_factory or self._default_detector
+        kafka = config.kafka
+        self._bootstrap = ",".join(kafka.bootstrap_servers)
+        self._extractor = FeatureExtractor(
+            config.features.fields, missing=config.features.missing,
+            max_event_bytes=config.features.max_event_bytes,
+        )
+        self.stats = DaemonStats()
+        self._stop = threading.Event()
+        self._source: KafkaSource | None = None
+        self._sink: KafkaSink | None = None
+        # What the detector has learned up to (next offset per partition).
+        self._learned: dict[TopicPartition, int] = {}
+        # Below these offsets events are re-learned but not published (their output is out).
+        self._publish_from: dict[TopicPartition, int] = {}
+        # Input events whose anomaly / dead letter is already on the output topics.
+        self._already_published: set[tuple[str, int, int]] = set()
+        # Where the next read-back of the output topics starts (saved in the checkpoint).
+        self._output_positions: dict[TopicPartition, int] = {}
+        # A batch learned but not yet published (the broker failed while publishing it).
+        self._pending: tuple[list[OutgoingRecord], dict[TopicPartition, int]] | None = None
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_wall: float | None = None
+        self._broker_up = False
+        self.detector = self._restore_or_create()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _default_detector(self):
+        from streamgmm.detector import Detector
+
+        return Detector(**self.config.detector_kwargs())
+
+    def request_stop(self, *_: Any) -> None:
+        """Ask the loop to finish the current batch, commit, checkpoint and return."""
+        if not self._stop.is_set():
+            logger.info("stop requested; finishing the current batch")
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """Make ``SIGTERM`` and ``SIGINT`` call :meth:`request_stop` (main thread only)."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self, max_events: int | None = None, idle_exit_seconds: float | None = None) -> int:
+        """Run until stopped; returns 0.
+
+        Parameters
+        ----------
+        max_events
+            Stop after this many input records (valid or not) were processed; for tests and demos.
+        idle_exit_seconds
+            Stop when no record arrived for this long; for demos and replays of a finite topic.
+        """
+        backoff = 0.5
+        last_record = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._connect()
+                    self._recover()
+                    backoff = 0.5
+                    while not self._stop.is_set():
+                        n = self._step()
+                        now = time.monotonic()
+                        if n:
+                            last_record = now
+                        if max_events is not None and self.stats.events >= max_events:
+                            self._stop.set()
+                        elif (idle_exit_seconds is not None
+                              and now - last_record > idle_exit_seconds):
+                            logger.info("no event for %.1f s; stopping", idle_exit_seconds)
+                            self._stop.set()
+                except KafkaUnavailable as exc:
+                    self._set_broker_up(False)
+                    logger.warning("Kafka unavailable (%s); reconnecting in %.1f s", exc, backoff)
+                    self._close_clients()
+                    self.stats.reconnects += 1
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+            self._finish()
+        finally:
+            self._close_clients()
+        return 0
+
+    def _finish(self) -> None:
+        """Clean stop: the last batch is published already; write the final checkpoint."""
+        if self._pending is not None:
+            logger.warning("stopping with an unpublished batch (the broker is away); the last "
+                           "checkpoint stays, the batch is re-processed on the next start")
+            return
+        if self._source is not None:
+            self._write_checkpoint()
+
+    # -- connection and recovery -----------------------------------------------------------
+
+    def _connect(self) -> None:
+        kafka = self.config.kafka
+        consumer_kwargs = kafka.consumer_kwargs()
+        for managed in ("bootstrap_servers", "group_id", "auto_offset_reset"):
+            consumer_kwargs.pop(managed, None)
+        producer_kwargs = kafka.producer_kwargs()
+        producer_kwargs.pop("bootstrap_servers", None)
+        if self.create_topics:
+            try:
+                ensure_topics(self._bootstrap,
+                              [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic],
+                              **kafka.security_kwargs())
+            except Exception as exc:
+                raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
+        # The producer first: init_transactions settles a previous instance's open transaction
+        # before the output topics are read back.
+        self._sink = KafkaSink(self._bootstrap, delivery=kafka.delivery,
+                               transactional_id=kafka.effective_transactional_id,
+                               **producer_kwargs)
+        self._source = KafkaSource(self._bootstrap, kafka.input_topic, kafka.group_id,
+                                   auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
+        self._set_broker_up(True)
+
+    def _close_clients(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+        if self._sink is not None:
+            self._sink.close(timeout=1.0)
+            self._sink = None
+
+    def _recover(self) -> None:
+        """Align the consumer with what the detector learned and what is already published."""
+        source, kafka = self._source, self.config.kafka
+        assigned = source.wait_for_assignment()
+        committed = source.committed()
+        beginnings, ends = source.beginning_offsets(), source.end_offsets()
+        for tp in sorted(assigned):
+            c, learned = committed.get(tp), self._learned.get(tp)
+            begin, end = beginnings.get(tp, 0), ends.get(tp, 0)
+            if learned is not None and learned > end:
+                logger.warning("%s ends at %d but the model learned up to %d: the topic was "
+                               "recreated or truncated; continuing from its start", _tp_key(tp),
+                               end, learned)
+                learned = None
+            if learned is None:
+                if c is not None and begin <= c <= end:
+                    start = c
+                else:
+                    start = begin if kafka.auto_offset_reset == "earliest" else end
+                learned = start
+            if c is not None and c > learned:
+                logger.info("%s: re-learning offsets %d..%d (after the checkpoint, already "
+                            "published) without publishing", _tp_key(tp), learned, c - 1)
+                self._publish_from[tp] = c
+            self._learned[tp] = learned
+            source.seek(tp, learned)
+        published, ends_out = read_published_sources(
+            self._bootstrap, kafka.output_topic, kafka.dead_letter_topic,
+            start_positions=self._output_positions, **kafka.security_kwargs(),
+        )
+        self._already_published |= published
+        if not self._output_positions:
+            self._output_positions = {tp: 0 for tp in ends_out}
+        if self._pending is not None:
+            records, offsets = self._pending
+            fresh = [r for r in records if r.source not in self._already_published]
+            self.stats.skipped_duplicates += len(records) - len(fresh)
+            self._sink.publish(fresh, offsets, source)
+            self.stats.published += len(fresh)
+            self._pending = None
+            logger.info("published the batch that was pending when the broker failed")
+        # A checkpoint right away: from now on recovery starts from here.
+        self._write_checkpoint()
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def _step(self) -> int:
+        batch = self.config.batch
+        records = self._source.poll(batch.max_records, batch.max_wait_ms)
+        if not records:
+            self._probe_broker()
+            self._maybe_checkpoint()
+            self._report_lag()
+            return 0
+        started = time.perf_counter()
+        extraction = self._extractor.extract([r.value for r in records])
+        result = self.detector.process(extraction.features) if len(extraction.indices) else None
+
+        outgoing: list[OutgoingRecord] = []
+        for letter in extraction.dead_letters:
+            rec = records[letter.index]
+            outgoing.append(self._dead_letter(rec, letter))
+        n_anomalies = 0
+        if result is not None:
+            flagged = np.flatnonzero(result.is_anomaly)
+            n_anomalies = len(flagged)
+            for row in flagged:
+                rec = records[int(extraction.indices[row])]
+                outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+        self._learned.update(offsets)
+        to_publish = [r for r in outgoing if self._should_publish(r.source)]
+        self.stats.skipped_duplicates += len(outgoing) - len(to_publish)
+        commit = {tp: o for tp, o in offsets.items() if o > self._publish_from.get(tp, -1)}
+        n_relearned = sum(1 for r in records
+                          if r.offset < self._publish_from.get((TopicPartition(r.topic,
+                                                                               r.partition)), -1))
+        self.stats.relearned += n_relearned
+        self._pending = (to_publish, commit)
+        self._sink.publish(to_publish, commit, self._source)
+        self._pending = None
+        for tp in commit:
+            self._publish_from.pop(tp, None)
+
+        self.stats.batches += 1
+        self.stats.events += len(records)
+        self.stats.anomalies += n_anomalies
+        self.stats.dead_letters += len(extraction.dead_letters)
+        self.stats.published += len(to_publish)
+        for reason, count in extraction.reason_counts().items():
+            self.stats.dead_letter_reasons[reason] = (
+                self.stats.dead_letter_reasons.get(reason, 0) + count)
+        duration = time.perf_counter() - started
+        self._report_batch(records, extraction, result, n_anomalies, duration)
+        if self.on_batch is not None:
+            self.on_batch(self, records, extraction, result)
+        self._maybe_checkpoint()
+        return len(records)
+
+    def _should_publish(self, source: tuple[str, int, int] | None) -> bool:
+        if source is None:
+            return True
+        topic, partition, offset = source
+        if offset < self._publish_from.get(TopicPartition(topic, partition), -1):
+            return False
+        return source not in self._already_published
+
+    def _dead_letter(self, rec, letter) -> OutgoingRecord:
+        headers = list(rec.headers or ()) + dead_letter_headers(
+            letter.reason, letter.message, rec.topic, rec.partition, rec.offset)
+        return OutgoingRecord(self.config.kafka.dead_letter_topic, rec.value, rec.key, headers,
+                              source=(rec.topic, rec.partition, rec.offset))
+
+    def _anomaly(self, rec, event: dict, result, row: int) -> OutgoingRecord:
+        value = anomaly_message(event, result, row, source=(rec.topic, rec.partition, rec.offset),
+                                events_learned=self.detector.n_events_learned)
+        return OutgoingRecord(self.config.kafka.output_topic, value, rec.key,
+                              source=(rec.topic, rec.partition, rec.offset))
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        interval = self.config.checkpoint.interval_seconds
+        if time.monotonic() - self._last_checkpoint >= interval:
+            self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
+        """Write the checkpoint (only when everything learned is published and committed)."""
+        if self._pending is not None:
+            return
+        # Forget duplicates we have passed; while some are ahead, keep the old read-back start.
+        self._already_published = {
+            s for s in self._already_published
+            if s[2] >= self._learned.get(TopicPartition(s[0], s[1]), 0)
+        }
+        if not self._already_published and not self._publish_from:
+            try:
+                self._output_positions = end_offsets(
+                    self._source.consumer,
+                    (self.config.kafka.output_topic, self.config.kafka.dead_letter_topic))
+            except Exception as exc:
+                raise KafkaUnavailable(f"cannot read output positions: {exc}") from exc
+        arrays, meta = self.detector.get_state()
+        state_arrays = {f"detector/{k}": v for k, v in arrays.items()}
+        state_meta = {
+            "detector": meta,
+            "learned_offsets": {_tp_key(tp): o for tp, o in self._learned.items()},
+            "output_positions": {_tp_key(tp): o for tp, o in self._output_positions.items()},
+            "input_topic": self.config.kafka.input_topic,
+            "fields": list(self.config.features.fields),
+            "events_learned": int(self.detector.n_events_learned),
+            "written_at": time.time(),
+        }
+        write_state(self.config.checkpoint.path, CHECKPOINT_KIND, CHECKPOINT_VERSION,
+                    state_arrays, state_meta)
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_wall = time.time()
+        self.stats.checkpoints += 1
+        if self.metrics is not None:
+            self.metrics.checkpoint_written(self._last_checkpoint_wall)
+        logger.debug("checkpoint written to %s", self.config.checkpoint.path)
+
+    def _restore_or_create(self):
+        path = self.config.checkpoint.path
+        if not os.path.exists(path):
+            logger.info("no checkpoint at %s; starting with a fresh model", path)
+            return self._detector_factory()
+        arrays, meta = read_state(path, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+        fields = list(self.config.features.fields)
+        if meta.get("fields") != fields:
+            raise CheckpointError(
+                f"{path}: made for features {meta.get('fields')} but the configuration has "
+                f"{fields}; delete the checkpoint (or set checkpoint.path elsewhere) to start "
+                "fresh")
+        if meta.get("input_topic") != self.config.kafka.input_topic:
+            raise CheckpointError(
+                f"{path}: made for input topic {meta.get('input_topic')!r}, not "
+                f"{self.config.kafka.input_topic!r}; delete it or set checkpoint.path elsewhere")
+        from streamgmm.detector import Detector
+
+        det_arrays = {k[len("detector/"):]: v for k, v in arrays.items()
+                      if k.startswith("detector/")}
+        detector = Detector.from_state(det_arrays, meta["detector"])
+        self._learned = {_tp_from_key(k): int(v) for k, v in meta["learned_offsets"].items()}
+        self._output_positions = {_tp_from_key(k): int(v)
+                                  for k, v in meta["output_positions"].items()}
+        self._last_checkpoint_wall = float(meta.get("written_at", time.time()))
+        logger.info("restored checkpoint %s: %d events learned, offsets %s", path,
+                    detector.n_events_learned, meta["learned_offsets"])
+        return detector
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def _set_broker_up(self, up: bool) -> None:
+        if up != self._broker_up:
+            logger.info("broker %s", "reachable" if up else "unreachable")
+        self._broker_up = up
+        if self.metrics is not None:
+            self.metrics.set_broker_up(up)
+
+    def _probe_broker(self) -> None:
+        """An idle poll says nothing about the broker: check that it can be reached at all."""
+        if not broker_reachable(self._bootstrap, timeout=0.5):
+            raise KafkaUnavailable(f"no broker answers at {self._bootstrap}")
+        self._set_broker_up(True)
+
+    def _report_lag(self) -> None:
+        if self.metrics is not None and self._source is not None:
+            self.metrics.set_consumer_lag(self._source.lag(self._learned))
+
+    def _report_batch(self, records, extraction, result, n_anomalies, duration) -> None:
+        if self.metrics is None:
+            return
+        if result is not None:
+            self.metrics.observe_batch(result, duration)
+        self.metrics.dead_letters(extraction.reason_counts())
+        self.metrics.set_model(self.detector)
+        self._report_lag()
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def anomaly_message(
+    event: dict, result: Any, row: int, source: tuple[str, int, int], events_learned: int,
+    detected_at: float | None = None,
+) -> bytes:
+    """The output message (JSON bytes) for row ``row`` of a detector result.
+
+    It holds the original event, ``score`` (−log p(x)), ``anomaly_score`` (> 1 is anomalous),
+    ``threshold``, ``log_likelihood``, ``tail_probability``, the most likely ``component``, the
+    ``explanation`` (features that drove the score), ``source`` {topic, partition, offset} — which
+    recovery uses to avoid duplicates —, ``detected_at`` (Unix seconds) and ``events_learned``.
+    """
+    explanation = []
+    try:
+        explanation = [
+            {k: (_finite_or_none(v) if isinstance(v, float | np.floating) else v)
+             for k, v in item.items()}
+            for item in result.explain(row)
+        ]
+    except Exception as exc:  # an explanation is a courtesy; the anomaly is published anyway
+        logger.debug("no explanation for row %d: %s", row, exc)
+    message = {
+        "event": event,
+        "score": _finite_or_none(result.score[row]),
+        "anomaly_score": _finite_or_none(result.anomaly_score[row]),
+        "threshold": _finite_or_none(result.threshold[row]),
+        "log_likelihood": _finite_or_none(result.log_likelihood[row]),
+        "tail_probability": _finite_or_none(result.tail_probability[row]),
+        "component": int(result.component[row]),
+        "explanation": explanation,
+        "source": {"topic": source[0], "partition": int(source[1]), "offset": int(source[2])},
+        "detected_at": time.time() if detected_at is None else detected_at,
+        "events_learned": int(events_learned),
+    }
+    return orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def offsets_as_dict(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
+    """``{"topic:partition": offset}``, the checkpoint's form of consumer offsets."""
+    return {_tp_key(tp): int(o) for tp, o in offsets.items()}
