@@ -1,0 +1,243 @@
+"""The output messages: one JSON document per anomaly, and file dead letters.
+
+The Kafka daemon and ``streamgmm replay`` publish the same anomaly schema, so that consumers of
+the output topic and readers of a replay's output file share one parser:
+
+``event``
+    the original JSON event, unchanged
+``score``
+    ``-log p(x)`` under the model before it learned the event (nats; higher is stranger)
+``anomaly_score``
+    the score relative to the threshold: ``> 1`` is anomalous, its meaning never changes
+``threshold``
+    the threshold on ``score`` in force for this event
+``log_likelihood``
+    ``log p(x)`` (``-score``)
+``tail_probability``
+    the estimated fraction of normal events at least this strange
+``component``
+    the most likely mixture component
+``explanation``
+    the features that drove the score: ``[{feature, value, expected, contribution, direction}]``
+    sorted by ``|contribution|``
+``source``
+    where the event came from: ``{topic, partition, offset}`` from Kafka, ``{file, line}`` from
+    a file (recovery uses it to avoid duplicates)
+``detected_at``
+    when it was scored: ISO 8601 UTC with milliseconds, e.g. ``"2026-11-25T10:15:30.123Z"``
+``model_events``
+    how many events the model had learned from (after the event's batch)
+
+Numbers that are not finite (an infinite score) are written as ``null``, since JSON has no
+infinity.
+
+Dead letters on Kafka keep the original value unchanged and carry the reason and source in
+headers (:func:`streamgmm.io.kafka.dead_letter_headers`). A file has no headers, so a replay writes
+each dead letter as a JSON line of its own (:func:`dead_letter_record`).
+
+Examples
+--------
+>>> from types import SimpleNamespace
+>>> import numpy as np
+>>> result = SimpleNamespace(
+...     score=np.array([3.2, 41.0]), anomaly_score=np.array([0.1, 1.9]),
+...     threshold=np.array([21.5, 21.5]), log_likelihood=np.array([-3.2, -41.0]),
+...     tail_probability=np.array([0.4, 1e-5]), component=np.array([0, 1]),
+...     explain=lambda i: [{"feature": "latency_ms", "value": 950.0, "expected": 20.0,
+...                         "contribution": 37.5, "direction": "high"}])
+>>> record = anomaly_record({"latency_ms": 950}, result, 1,
+...                         source={"topic": "events", "partition": 0, "offset": 7},
+...                         model_events=5000, detected_at=1764065730.1234)
+>>> record["anomaly_score"], record["component"], record["detected_at"]
+(1.9, 1, '2025-11-25T10:15:30.123Z')
+>>> record["explanation"][0]["feature"]
+'latency_ms'
+>>> anomaly_message({"latency_ms": 950}, result, 1, source=("events", 0, 7),
+...                 model_events=5000, detected_at=0.0)[:60]
+b'{"event":{"latency_ms":950},"score":41.0,"anomaly_score":1.9'
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+__all__ = [
+    "anomaly_record",
+    "anomaly_message",
+    "dead_letter_record",
+    "dead_letter_message",
+    "format_timestamp",
+    "encode",
+]
+
+logger = logging.getLogger(__name__)
+
+Source = Mapping[str, Any] | tuple[str, int, int]
+
+
+def format_timestamp(seconds: float | None = None) -> str:
+    """Unix seconds (default: now) as ISO 8601 UTC with milliseconds.
+
+    Examples
+    --------
+    >>> format_timestamp(0)
+    '1970-01-01T00:00:00.000Z'
+    """
+    seconds = time.time() if seconds is None else float(seconds)
+    moment = _dt.datetime.fromtimestamp(seconds, tz=_dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python, non-finite floats to ``None``, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return _number(value)
+    return value
+
+
+def _source(source: Source) -> dict[str, Any]:
+    if isinstance(source, tuple):
+        topic, partition, offset = source
+        return {"topic": str(topic), "partition": int(partition), "offset": int(offset)}
+    return _plain(dict(source))
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """A record as compact JSON bytes (orjson; falls back for integers beyond 64 bits).
+
+    Examples
+    --------
+    >>> encode({"a": float("inf"), "b": 2 ** 70})
+    b'{"a":null,"b":1180591620717411303424}'
+    """
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        return json.dumps(_plain(record), separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+
+
+def anomaly_record(event: Mapping[str, Any], result: Any, row: int, source: Source,
+                   model_events: int, detected_at: float | None = None) -> dict[str, Any]:
+    """The output document for row ``row`` of a detector batch result.
+
+    Parameters
+    ----------
+    event : dict
+        The decoded input event (embedded unchanged).
+    result : detector.BatchResult
+        Read: ``score``, ``anomaly_score``, ``threshold``, ``log_likelihood``,
+        ``tail_probability``, ``component`` (arrays) and ``explain(row)``.
+    row : int
+        The event's row in ``result``.
+    source : dict or (topic, partition, offset)
+        Where the event came from: ``{"topic", "partition", "offset"}`` or ``{"file", "line"}``.
+    model_events : int
+        The model's learned-event count.
+    detected_at : float, optional
+        Unix seconds of detection (default: now).
+
+    Returns
+    -------
+    dict
+        JSON-ready (Python scalars, ``None`` for non-finite numbers).
+    """
+    try:
+        explanation = _plain(list(result.explain(row)))
+    except Exception as exc:  # an explanation is a courtesy: never lose the anomaly over it
+        logger.warning("could not explain row %d of the batch (%s: %s); publishing the anomaly "
+                       "without an explanation", row, type(exc).__name__, exc)
+        explanation = []
+    tail = getattr(result, "tail_probability", None)
+    return {
+        "event": event,
+        "score": _number(result.score[row]),
+        "anomaly_score": _number(result.anomaly_score[row]),
+        "threshold": _number(result.threshold[row]),
+        "log_likelihood": _number(result.log_likelihood[row]),
+        "tail_probability": None if tail is None else _number(tail[row]),
+        "component": int(result.component[row]),
+        "explanation": explanation,
+        "source": _source(source),
+        "detected_at": format_timestamp(detected_at),
+        "model_events": int(model_events),
+    }
+
+
+def anomaly_message(event: Mapping[str, Any], result: Any, row: int, source: Source,
+                    model_events: int, detected_at: float | None = None) -> bytes:
+    """:func:`anomaly_record` as JSON bytes, the value of an output-topic message."""
+    return encode(anomaly_record(event, result, row, source, model_events, detected_at))
+
+
+def dead_letter_record(value: bytes | str | None, dead_letter: Any, source: Source,
+                       detected_at: float | None = None) -> dict[str, Any]:
+    """A dead letter as a JSON document (for files; Kafka keeps the value and uses headers).
+
+    Parameters
+    ----------
+    value : bytes or None
+        The record as it was read. Written unchanged as ``value`` when it is UTF-8 text, else
+        base64-encoded as ``value_base64``; ``None`` (a tombstone) gives ``"value": null``.
+    dead_letter : features.DeadLetter
+        Read: ``reason`` and ``message``.
+    source : dict or (topic, partition, offset)
+        Where the record came from.
+    detected_at : float, optional
+        Unix seconds (default: now).
+
+    Examples
+    --------
+    >>> from streamgmm.features import DeadLetter
+    >>> letter = DeadLetter(0, "non_numeric", 'field "a": expected a number, got "x"')
+    >>> dead_letter_record(b'{"a": "x"}', letter, {"file": "in.jsonl", "line": 3}, 0)
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'reason': 'non_numeric', 'message': 'field "a": expected a number, got "x"',
+     'source': {'file': 'in.jsonl', 'line': 3}, 'detected_at': '1970-01-01T00:00:00.000Z',
+     'value': '{"a": "x"}'}
+    >>> dead_letter_record(b"\\xff", letter, {"file": "f", "line": 1}, 0)["value_base64"]
+    '/w=='
+    """
+    record: dict[str, Any] = {
+        "reason": dead_letter.reason,
+        "message": dead_letter.message,
+        "source": _source(source),
+        "detected_at": format_timestamp(detected_at),
+    }
+    if value is None or isinstance(value, str):
+        record["value"] = value
+    else:
+        try:
+            record["value"] = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            record["value_base64"] = base64.b64encode(bytes(value)).decode("ascii")
+    return record
+
+
+def dead_letter_message(value: bytes | str | None, dead_letter: Any, source: Source,
+                        detected_at: float | None = None) -> bytes:
+    """:func:`dead_letter_record` as JSON bytes (one line of a dead-letter file)."""
+    return encode(dead_letter_record(value, dead_letter, source, detected_at))
