@@ -1,0 +1,266 @@
+"""What differs per covariance type: the Gaussian E-step, the scatter statistics, the parameters.
+
+The mixture keeps, per component, a *centred* scatter ``S_k`` (the covariance of the points it is
+responsible for, before regularisation) in one of two layouts:
+
+* ``full`` and ``tied``: ``(K, d, d)`` matrices (``tied`` pools them, weighted by the mixture
+  weights, when it forms its one covariance);
+* ``diag`` and ``spherical``: ``(K, d)`` variances (``spherical`` averages them over features).
+
+Every function here is pure numpy on arrays in the model's internal, centred coordinates; the
+shapes of covariances and precision Cholesky factors follow scikit-learn's ``GaussianMixture``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+_LOG_2PI = np.log(2.0 * np.pi)
+# Above this many doubles, the (n, d*d) outer-product matrix of the fused scatter costs more
+# memory traffic than a loop over components.
+_FUSED_SCATTER_LIMIT = 2_000_000
+
+
+def is_matrix_type(covariance_type: str) -> bool:
+    """Whether scatters are ``(K, d, d)`` matrices (full, tied) or ``(K, d)`` variances."""
+    return covariance_type in ("full", "tied")
+
+
+def n_parameters(covariance_type: str, n_components: int, n_features: int) -> int:
+    """Number of free parameters of a mixture, as scikit-learn counts them for BIC/AIC."""
+    k, d = n_components, n_features
+    cov = {
+        "full": k * d * (d + 1) / 2.0,
+        "tied": d * (d + 1) / 2.0,
+        "diag": k * d,
+        "spherical": k,
+    }[covariance_type]
+    return int(cov + k * d + k - 1)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def covariances_from_scatter(
+    covariance_type: str, scatter: np.ndarray, weights: np.ndarray, reg: np.ndarray
+) -> np.ndarray:
+    """Covariances in scikit-learn's shape, with the per-feature regularisation ``reg`` added."""
+    if covariance_type == "full":
+        cov = scatter.copy()
+        idx = np.arange(cov.shape[-1])
+        cov[:, idx, idx] += reg
+        return cov
+    if covariance_type == "tied":
+        cov = np.tensordot(weights / weights.sum(), scatter, axes=1)
+        cov[np.diag_indices_from(cov)] += reg
+        return cov
+    if covariance_type == "diag":
+        return scatter + reg
+    return (scatter + reg).mean(axis=1)  # spherical
+
+
+def _repaired_cholesky(cov: np.ndarray) -> np.ndarray:
+    """Cholesky factor of a symmetric matrix, clipping eigenvalues if not positive definite."""
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        sym = 0.5 * (cov + cov.T)
+        vals, vecs = np.linalg.eigh(sym)
+        scale = max(float(np.abs(vals).max()), np.finfo(float).tiny)
+        vals = np.maximum(vals, scale * 1e-12 + np.finfo(float).tiny)
+        return np.linalg.cholesky((vecs * vals) @ vecs.T + np.eye(len(vals)) * scale * 1e-13)
+
+
+def precision_cholesky(covariance_type: str, covariances: np.ndarray) -> np.ndarray:
+    """Cholesky factors of the precisions (scikit-learn's ``precisions_cholesky_``).
+
+    A covariance that is not numerically positive definite is repaired (eigenvalues clipped),
+    never raised on: a stream must not stop because one component collapsed.
+    """
+    if covariance_type in ("diag", "spherical"):
+        return 1.0 / np.sqrt(np.maximum(covariances, np.finfo(float).tiny))
+    stack = covariances[None] if covariance_type == "tied" else covariances
+    try:
+        chol = np.linalg.cholesky(stack)
+    except np.linalg.LinAlgError:
+        chol = np.stack([_repaired_cholesky(c) for c in stack])
+    eye = np.broadcast_to(np.eye(stack.shape[-1]), stack.shape)
+    prec = np.swapaxes(np.linalg.solve(chol, eye), -1, -2)
+    return prec[0] if covariance_type == "tied" else prec
+
+
+def log_det_precision_cholesky(
+    covariance_type: str, prec_chol: np.ndarray, n_features: int
+) -> np.ndarray | float:
+    """``log det`` of each precision Cholesky factor (half the log det of the precision)."""
+    if covariance_type == "full":
+        return np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
+    if covariance_type == "tied":
+        return float(np.log(np.diag(prec_chol)).sum())
+    if covariance_type == "diag":
+        return np.log(prec_chol).sum(axis=1)
+    return n_features * np.log(prec_chol)
+
+
+# --------------------------------------------------------------------------- E-step
+
+
+def log_gaussian_prob(
+    covariance_type: str, X: np.ndarray, means: np.ndarray, prec_chol: np.ndarray
+) -> np.ndarray:
+    """``log N(x_i | mu_k, Sigma_k)`` for every row and component, shape ``(n, K)``.
+
+    Fused: one stacked matrix product yields all components' whitened residuals, instead of
+    scikit-learn's loop over components.
+    """
+    n, d = X.shape
+    k = means.shape[0]
+    log_det = log_det_precision_cholesky(covariance_type, prec_chol, d)
+    if covariance_type == "full":
+        stacked = prec_chol.transpose(1, 0, 2).reshape(d, k * d)
+        offsets = np.einsum("kd,kde->ke", means, prec_chol).reshape(k * d)
+        y = X @ stacked
+        y -= offsets
+        y *= y
+        maha = y.reshape(n, k, d).sum(axis=2)
+    elif covariance_type == "tied":
+        y = X @ prec_chol
+        m = means @ prec_chol
+        maha = (y * y).sum(axis=1)[:, None] - 2.0 * (y @ m.T) + (m * m).sum(axis=1)
+    elif covariance_type == "diag":
+        prec = prec_chol**2
+        maha = (X * X) @ prec.T - 2.0 * (X @ (means * prec).T) + (means**2 * prec).sum(axis=1)
+    else:
+        prec = prec_chol**2
+        maha = (
+            (X * X).sum(axis=1)[:, None] - 2.0 * (X @ means.T) + (means**2).sum(axis=1)
+        ) * prec
+    np.maximum(maha, 0.0, out=maha)
+    return -0.5 * (d * _LOG_2PI + maha) + log_det
+
+
+def log_sum_exp(a: np.ndarray) -> np.ndarray:
+    """Row-wise ``log(sum(exp(a)))``, stable; rows of all ``-inf`` give ``-inf``."""
+    top = a.max(axis=1)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(a - safe[:, None]).sum(axis=1)) + safe
+
+
+# --------------------------------------------------------------------------- M-step statistics
+
+
+def batch_statistics(
+    covariance_type: str, X: np.ndarray, resp: np.ndarray, fallback_means: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-component mass, mean and centred scatter of a weighted batch.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d)
+        Rows in the model's centred coordinates.
+    resp : ndarray of shape (n, K)
+        Responsibilities already multiplied by the sample weights.
+    fallback_means : ndarray of shape (K, d)
+        Means reported for components that received no mass (they then carry no weight).
+
+    Returns
+    -------
+    mass : (K,), means : (K, d), scatter : (K, d, d) or (K, d) — scatter per unit mass.
+    """
+    n, d = X.shape
+    mass = resp.sum(axis=0)
+    has = mass > 10.0 * np.finfo(float).eps
+    safe = np.where(has, mass, 1.0)
+    means = np.where(has[:, None], (resp.T @ X) / safe[:, None], fallback_means)
+    if is_matrix_type(covariance_type):
+        if n * d * d <= _FUSED_SCATTER_LIMIT:
+            outer = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)
+            second = (resp.T @ outer).reshape(-1, d, d) / safe[:, None, None]
+            scatter = second - means[:, :, None] * means[:, None, :]
+        else:
+            scatter = np.empty((len(mass), d, d))
+            for j in range(len(mass)):
+                diff = X - means[j]
+                scatter[j] = (diff * resp[:, j : j + 1]).T @ diff / safe[j]
+        scatter = 0.5 * (scatter + np.swapaxes(scatter, 1, 2))
+        scatter[~has] = 0.0
+    else:
+        scatter = (resp.T @ (X * X)) / safe[:, None] - means**2
+        np.maximum(scatter, 0.0, out=scatter)
+        scatter[~has] = 0.0
+    return mass, means, scatter
+
+
+def combine(
+    step: np.ndarray,
+    means: np.ndarray,
+    scatter: np.ndarray,
+    new_means: np.ndarray,
+    new_scatter: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Interpolate per-component mean and centred scatter (Chan et al.'s pairwise update).
+
+    ``(1 - step_k)`` of the old statistics and ``step_k`` of the new ones, exactly as if the two
+    weighted point sets were pooled: the means' displacement enters the scatter as
+    ``step (1 - step) delta delta^T``, so no raw second moment ever cancels.
+    """
+    delta = new_means - means
+    s = step[:, None]
+    out_means = means + s * delta
+    if scatter.ndim == 3:
+        cross = (step * (1.0 - step))[:, None, None] * (delta[:, :, None] * delta[:, None, :])
+        out_scatter = (1.0 - step)[:, None, None] * scatter + step[:, None, None] * new_scatter
+        out_scatter += cross
+    else:
+        out_scatter = (1.0 - s) * scatter + s * new_scatter + (s * (1.0 - s)) * delta**2
+    return out_means, out_scatter
+
+
+def marginal_log_gaussian_prob(
+    covariance_type: str,
+    X: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    observed: np.ndarray,
+) -> np.ndarray:
+    """``log N(x_o | mu_o, Sigma_oo)`` for rows sharing one pattern of observed features.
+
+    Marginalising a Gaussian drops the rows and columns of the missing features — exact, no
+    imputation.
+    """
+    k, d = means.shape
+    Xo = X[:, observed]
+    mo = means[:, observed]
+    if covariance_type == "full":
+        cov = covariances[:, observed][:, :, observed]
+    elif covariance_type == "tied":
+        cov = covariances[observed][:, observed]
+    elif covariance_type == "diag":
+        cov = covariances[:, observed]
+    else:
+        cov = np.repeat(covariances[:, None], observed.sum(), axis=1)
+    return log_gaussian_prob(
+        covariance_type if covariance_type != "spherical" else "diag",
+        Xo,
+        mo,
+        precision_cholesky(covariance_type if covariance_type != "spherical" else "diag", cov),
+    )
+
+
+def full_covariances(covariance_type: str, covariances: np.ndarray, k: int, d: int) -> np.ndarray:
+    """All ``k`` components' covariances as ``(K, d, d)`` matrices, whatever the type."""
+    if covariance_type == "full":
+        return covariances
+    if covariance_type == "tied":
+        return np.repeat(covariances[None], k, axis=0)
+    if covariance_type == "diag":
+        return covariances[:, :, None] * np.eye(d)
+    return covariances[:, None, None] * np.eye(d)
+
+
+def sampling_factors(covariance_type: str, covariances: np.ndarray, k: int, d: int) -> np.ndarray:
+    """Lower Cholesky factors of each component's covariance, shape ``(K, d, d)`` (for sampling)."""
+    covs = full_covariances(covariance_type, covariances, k, d)
+    return np.stack([_repaired_cholesky(c) for c in covs])

@@ -1,0 +1,1022 @@
+"""OnlineGaussianMixture: a Gaussian mixture learned by stepwise (online) EM from micro-batches.
+
+The model keeps sufficient statistics — per component a weight, a mean and a *centred* scatter,
+all float64 — and interpolates them with each micro-batch's statistics (Cappé & Moulines 2009;
+Liang & Klein 2009). Parameters (covariances, Cholesky factors of the precisions) are derived
+from the statistics after every update; they are never interpolated themselves.
+
+Step size
+    A batch of ``b`` rows at step count ``t`` (counted in batches of ``batch_size`` rows) moves the
+    statistics by ``gamma = 1 - (1 - eta_t) ** (b / batch_size)`` with
+    ``eta_t = max((t + 2) ** -step_exponent, min_step)``. For ``b = batch_size`` this is exactly
+    the stepwise-EM schedule; two half batches move the model as far as one whole batch.
+    ``min_step > 0`` turns the decaying step into exponential forgetting: the model's memory is
+    then about ``1 / min_step`` batches of ``batch_size`` rows, so it tracks drift.
+
+Forgetting by each component's own mass (Celaya & Agostini 2015)
+    The weights forget at the global rate. A component's mean and scatter forget only in
+    proportion to the mass it actually receives relative to its share: a rare but normal mode
+    keeps the shape learned from its last few hundred events instead of decaying into a spike
+    that raises false alarms.
+
+Numerics
+    Rows are centred on a running reference point before any product, scatters are combined with
+    Chan's pairwise update (no ``E[x^2] - mu^2`` on raw data), ``reg_covar`` is scaled by each
+    feature's variance on the initial data (so it works for features in units of 1e-6 and 1e6
+    alike), and a Cholesky factorisation that fails is repaired, not raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from . import _covariance as cv
+from .checkpoint import read_state, write_state
+
+__all__ = ["OnlineGaussianMixture"]
+
+log = logging.getLogger(__name__)
+
+_STATE_KIND = "OnlineGaussianMixture"
+_STATE_VERSION = 1
+# A component whose weight falls below this fraction of 1/K is re-seeded...
+_DEAD_WEIGHT_FRACTION = 1e-3
+# ...and so is one that, over the last ~1/_ACTIVITY_RATE batches, received less than this
+# fraction of the mass its weight promises (it lost the competition for the data; a rare but
+# live mode still receives its share on average).
+_STARVED_ACTIVITY = 0.05
+_ACTIVITY_RATE = 0.1
+
+SampleWeight = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
+
+
+class OnlineGaussianMixture:
+    """Gaussian mixture with scikit-learn's surface, learned online by stepwise EM.
+
+    Parameters
+    ----------
+    n_components : int or "auto", default=3
+        Number of components. ``"auto"`` chooses it on the warm-up buffer (or in ``fit``) by BIC,
+        between 1 and ``max_components``.
+    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+    reg_covar : float, default=1e-6
+        Added to the covariances' diagonals, in units of each feature's variance on the data the
+        model was initialised from (absolute units for features that were constant then).
+    step_exponent : float, default=0.7
+        ``alpha`` of the step size ``(t + 2) ** -alpha``; must satisfy ``0.5 < alpha <= 1``.
+    min_step : float, default=0.0
+        Floor on the step size per batch of ``batch_size`` rows; ``> 0`` means exponential
+        forgetting with a memory of about ``1 / min_step`` such batches.
+    batch_size : int, default=256
+        The batch size the step schedule is expressed in (any batch size may be passed).
+    warmup_size : int, optional
+        Rows gathered by ``partial_fit`` before the model initialises itself. Defaults to
+        ``max(500, 10 * K * d)`` with ``K`` the (maximum) number of components.
+    n_init : int, default=3
+        Restarts (k-means++ seeding followed by batch EM) at initialisation; the best is kept.
+    max_iter : int, default=100
+        EM iterations per restart in ``fit`` and at initialisation.
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood between EM iterations.
+    max_components : int, default=10
+        Upper bound for ``"auto"`` and for components added by :meth:`spawn_component`.
+    random_state : int or None
+        Seed for initialisation, re-seeding and sampling.
+    weights_init, means_init, precisions_init : array-like, optional
+        Initial parameters for ``fit`` (scikit-learn semantics).
+
+    Attributes
+    ----------
+    weights_, means_, covariances_, precisions_cholesky_ : ndarray
+        Fitted parameters, in scikit-learn's shapes.
+    n_events_learned_ : int
+        Rows passed to ``fit``/``partial_fit`` since creation (including the warm-up rows).
+    converged_, n_iter_, lower_bound_ :
+        As in scikit-learn, for the last batch EM run (``fit`` or initialisation).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamgmm import OnlineGaussianMixture
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.vstack([rng.normal(-5, 1, (3000, 2)), rng.normal(5, 1, (3000, 2))])
+    >>> X = X[rng.permutation(len(X))]
+    >>> gmm = OnlineGaussianMixture(n_components=2, random_state=0)
+    >>> for batch in np.array_split(X, 30):
+    ...     log_lik = gmm.score_partial_fit(batch)   # score first, then learn
+    >>> np.round(np.sort(gmm.means_[:, 0]))
+    array([-5.,  5.])
+    >>> gmm.predict(np.array([[-5.0, -5.0], [5.0, 5.0]])).tolist() == gmm.predict(
+    ...     gmm.means_[np.argsort(gmm.means_[:, 0])]).tolist()
+    True
+    >>> gmm.n_events_learned_
+    6000
+    """
+
+    def __init__(
+        self,
+        n_components: int | str = 3,
+        *,
+        covariance_type: str = "full",
+        reg_covar: float = 1e-6,
+        step_exponent: float = 0.7,
+        min_step: float = 0.0,
+        batch_size: int = 256,
+        warmup_size: int | None = None,
+        n_init: int = 3,
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        max_components: int = 10,
+        random_state: int | None = None,
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+    ) -> None:
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.reg_covar = reg_covar
+        self.step_exponent = step_exponent
+        self.min_step = min_step
+        self.batch_size = batch_size
+        self.warmup_size = warmup_size
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.max_components = max_components
+        self.random_state = random_state
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self._check_parameters()
+        self._rng = np.random.default_rng(random_state)
+        self.n_events_learned_ = 0
+        self.n_features_in_: int | None = None
+        self.converged_ = False
+        self.n_iter_ = 0
+        self.lower_bound_ = -np.inf
+        self._fitted = False
+        self._steps = 0.0
+        self._buffer: list[np.ndarray] = []
+        self._buffer_weights: list[np.ndarray] = []
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_parameters(self) -> None:
+        k = self.n_components
+        if not (k == "auto" or (isinstance(k, int | np.integer) and not isinstance(k, bool))):
+            raise ValueError(f"n_components must be a positive int or 'auto', got {k!r}")
+        if k != "auto" and k < 1:
+            raise ValueError(f"n_components must be >= 1, got {k}")
+        if self.covariance_type not in cv.COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type must be one of {cv.COVARIANCE_TYPES}, "
+                f"got {self.covariance_type!r}"
+            )
+        if not (self.reg_covar >= 0 and np.isfinite(self.reg_covar)):
+            raise ValueError(f"reg_covar must be a finite number >= 0, got {self.reg_covar!r}")
+        if not 0.5 < self.step_exponent <= 1.0:
+            raise ValueError(f"step_exponent must be in (0.5, 1], got {self.step_exponent!r}")
+        if not 0.0 <= self.min_step < 1.0:
+            raise ValueError(f"min_step must be in [0, 1), got {self.min_step!r}")
+        for name in ("batch_size", "n_init", "max_iter", "max_components"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.warmup_size is not None and (
+            not isinstance(self.warmup_size, int | np.integer) or self.warmup_size < 1
+        ):
+            raise ValueError(
+                f"warmup_size must be a positive int or None, got {self.warmup_size!r}"
+            )
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+
+    def _validate_X(self, X: Any, allow_nan: bool = False) -> np.ndarray:
+        try:
+            X = np.asarray(X, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"X must be numeric: {exc}") from exc
+        if X.ndim != 2:
+            raise ValueError(
+                f"X must be 2-D (n_samples, n_features), got an array of shape {X.shape}; "
+                "use X.reshape(1, -1) for a single event"
+            )
+        if X.shape[1] == 0:
+            raise ValueError("X has no features (shape (n, 0))")
+        if self.n_features_in_ is not None and X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but the model was built on {self.n_features_in_}"
+            )
+        bad = ~np.isfinite(X) if not allow_nan else np.isinf(X)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            what = "NaN or inf" if not allow_nan else "inf"
+            raise ValueError(
+                f"X contains {what} (first at row {row}, feature {col}); clean or drop such rows"
+            )
+        return X
+
+    @staticmethod
+    def _validate_weights(weights: Any, n: int) -> np.ndarray:
+        if weights is None:
+            return np.ones(n)
+        try:
+            w = np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sample_weight must be numeric: {exc}") from exc
+        if w.shape != (n,):
+            raise ValueError(f"sample_weight must have shape ({n},), got {w.shape}")
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError("sample_weight must be finite and >= 0")
+        return w
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise ValueError(
+                "this OnlineGaussianMixture is not fitted yet: call fit(X), or partial_fit until "
+                f"it has gathered its warm-up buffer ({self._warmup_target()} rows)"
+            )
+
+    # ------------------------------------------------------------------ derived quantities
+
+    @property
+    def is_fitted(self) -> bool:
+        """False while ``partial_fit`` is still gathering the warm-up buffer."""
+        return self._fitted
+
+    @property
+    def n_components_(self) -> int:
+        """The current number of components."""
+        self._check_fitted()
+        return len(self._weight_stat)
+
+    @property
+    def warmup_remaining(self) -> int:
+        """Rows still needed before the model initialises itself (0 once fitted)."""
+        if self._fitted:
+            return 0
+        return max(0, self._warmup_target() - sum(len(b) for b in self._buffer))
+
+    def _max_k(self) -> int:
+        if self.n_components == "auto":
+            return self.max_components
+        return max(int(self.n_components), self.max_components)
+
+    def _warmup_target(self, n_features: int | None = None) -> int:
+        if self.warmup_size is not None:
+            return int(self.warmup_size)
+        d = n_features or self.n_features_in_ or 1
+        k = self.max_components if self.n_components == "auto" else int(self.n_components)
+        return max(500, 10 * k * d)
+
+    def _update_parameters(self) -> None:
+        """Derive weights, means, covariances and precision Cholesky factors from statistics."""
+        self.weights_ = self._weight_stat / self._weight_stat.sum()
+        self.means_ = self._means + self._shift
+        self.covariances_ = cv.covariances_from_scatter(
+            self.covariance_type, self._scatter, self.weights_, self._reg
+        )
+        self.precisions_cholesky_ = cv.precision_cholesky(self.covariance_type, self.covariances_)
+        self._log_weights = np.log(np.maximum(self.weights_, np.finfo(float).tiny))
+
+    @property
+    def precisions_(self) -> np.ndarray:
+        """Precision matrices (inverse covariances), in scikit-learn's shapes."""
+        self._check_fitted()
+        pc = self.precisions_cholesky_
+        if self.covariance_type == "full":
+            return pc @ np.swapaxes(pc, 1, 2)
+        if self.covariance_type == "tied":
+            return pc @ pc.T
+        return pc**2
+
+    # ------------------------------------------------------------------ E-step
+
+    def _weighted_log_prob(self, X: np.ndarray) -> np.ndarray:
+        """``log pi_k + log N(x | k)`` for raw rows ``X`` (shape ``(n, K)``)."""
+        Xc = X - self._shift
+        return (
+            cv.log_gaussian_prob(self.covariance_type, Xc, self._means, self.precisions_cholesky_)
+            + self._log_weights
+        )
+
+    def _estep(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        wlp = self._weighted_log_prob(X)
+        ll = cv.log_sum_exp(wlp)
+        resp = np.exp(wlp - ll[:, None])
+        return ll, resp
+
+    # ------------------------------------------------------------------ scikit-learn surface
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Log-likelihood ``log p(x)`` of each row under the mixture, shape ``(n,)``."""
+        self._check_fitted()
+        X = self._validate_X(X)
+        return cv.log_sum_exp(self._weighted_log_prob(X))
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Mean log-likelihood per row."""
+        return float(self.score_samples(X).mean())
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Posterior probability of each component for each row, shape ``(n, K)``."""
+        self._check_fitted()
+        return self._estep(self._validate_X(X))[1]
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most likely component of each row."""
+        self._check_fitted()
+        return self._weighted_log_prob(self._validate_X(X)).argmax(axis=1)
+
+    def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n_samples`` rows; returns ``(X, component_labels)`` like scikit-learn."""
+        self._check_fitted()
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        k, d = self._means.shape
+        counts = self._rng.multinomial(n_samples, self.weights_)
+        factors = cv.sampling_factors(self.covariance_type, self.covariances_, k, d)
+        X = np.vstack(
+            [
+                self.means_[j] + self._rng.standard_normal((c, d)) @ factors[j].T
+                for j, c in enumerate(counts)
+            ]
+        )
+        labels = np.repeat(np.arange(k), counts)
+        return X, labels
+
+    def _n_parameters(self) -> int:
+        return cv.n_parameters(self.covariance_type, len(self._weight_stat), self.n_features_in_)
+
+    def bic(self, X: Any) -> float:
+        """Bayesian information criterion on ``X`` (lower is better)."""
+        X = self._validate_X(X)
+        return -2.0 * self.score(X) * len(X) + self._n_parameters() * np.log(len(X))
+
+    def aic(self, X: Any) -> float:
+        """Akaike information criterion on ``X`` (lower is better)."""
+        X = self._validate_X(X)
+        return -2.0 * self.score(X) * len(X) + 2.0 * self._n_parameters()
+
+    # ------------------------------------------------------------------ batch EM
+
+    def _set_reference(self, X: np.ndarray, w: np.ndarray) -> None:
+        """Fix the centring point and the per-feature regularisation from initial data."""
+        self.n_features_in_ = X.shape[1]
+        wsum = w.sum() if w.sum() > 0 else 1.0
+        self._shift = (w @ X) / wsum if w.sum() > 0 else X.mean(axis=0)
+        var = (w @ (X - self._shift) ** 2) / wsum
+        positive = var[var > 0]
+        fill = positive.mean() if len(positive) else 1.0
+        self._reg = self.reg_covar * np.where(var > 0, var, fill)
+
+    def _mstep_replace(self, Xc: np.ndarray, resp: np.ndarray) -> None:
+        fallback = np.zeros((resp.shape[1], Xc.shape[1]))
+        mass, means, scatter = cv.batch_statistics(self.covariance_type, Xc, resp, fallback)
+        self._weight_stat = np.maximum(mass / mass.sum(), np.finfo(float).tiny)
+        self._means = means
+        self._scatter = scatter
+        self._activity = np.ones(len(mass))
+
+    def _kmeans_pp_resp(self, Xc: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+        """Hard responsibilities from k-means++ seeding followed by a few Lloyd iterations."""
+        n = len(Xc)
+        p = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
+        centers = [Xc[self._rng.choice(n, p=p)]]
+        d2 = ((Xc - centers[0]) ** 2).sum(axis=1)
+        for _ in range(1, k):
+            weights = d2 * w
+            total = weights.sum()
+            idx = self._rng.choice(n, p=weights / total) if total > 0 else self._rng.integers(n)
+            centers.append(Xc[idx])
+            d2 = np.minimum(d2, ((Xc - Xc[idx]) ** 2).sum(axis=1))
+        centers = np.array(centers)
+        for _ in range(3):
+            dist = (
+                (Xc**2).sum(1)[:, None] - 2 * Xc @ centers.T + (centers**2).sum(1)[None, :]
+            )
+            labels = dist.argmin(axis=1)
+            for j in range(k):
+                members = labels == j
+                if members.any() and w[members].sum() > 0:
+                    centers[j] = (w[members] @ Xc[members]) / w[members].sum()
+        resp = np.zeros((n, k))
+        resp[np.arange(n), labels] = 1.0
+        return resp
+
+    def _run_em(
+        self, Xc: np.ndarray, w: np.ndarray, resp: np.ndarray, max_iter: int
+    ) -> tuple[float, int, bool]:
+        """Batch EM from initial responsibilities; returns (lower bound, iterations, converged)."""
+        self._mstep_replace(Xc, resp * w[:, None])
+        self._update_parameters()
+        lower = -np.inf
+        wsum = w.sum()
+        for it in range(1, max_iter + 1):
+            wlp = (
+                cv.log_gaussian_prob(
+                    self.covariance_type, Xc, self._means, self.precisions_cholesky_
+                )
+                + self._log_weights
+            )
+            ll = cv.log_sum_exp(wlp)
+            resp = np.exp(wlp - ll[:, None])
+            new_lower = float(w @ ll / wsum)
+            self._mstep_replace(Xc, resp * w[:, None])
+            self._update_parameters()
+            if abs(new_lower - lower) < self.tol:
+                return new_lower, it, True
+            lower = new_lower
+        return lower, max_iter, False
+
+    def _initialise(self, X: np.ndarray, w: np.ndarray, k: int) -> None:
+        """Best of ``n_init`` k-means++ + EM runs with ``k`` components (or the given init)."""
+        self._set_reference(X, w)
+        Xc = X - self._shift
+        best = None
+        if self.means_init is not None or self.weights_init is not None:
+            runs = [self._resp_from_init(Xc, k)]
+        else:
+            runs = [None] * self.n_init
+        for resp0 in runs:
+            resp = resp0 if resp0 is not None else self._kmeans_pp_resp(Xc, w, k)
+            lower, n_iter, converged = self._run_em(Xc, w, resp, self.max_iter)
+            if best is None or lower > best[0]:
+                best = (lower, n_iter, converged, self._weight_stat, self._means, self._scatter)
+        self.lower_bound_, self.n_iter_, self.converged_ = best[0], best[1], best[2]
+        self._weight_stat, self._means, self._scatter = best[3], best[4], best[5]
+        if not self.converged_:
+            log.warning(
+                "EM did not converge in %d iterations (tol=%g); increase max_iter or tol",
+                self.max_iter,
+                self.tol,
+            )
+        self._fitted = True
+        self._update_parameters()
+
+    def _resp_from_init(self, Xc: np.ndarray, k: int) -> np.ndarray:
+        """Responsibilities implied by user-given initial parameters (scikit-learn semantics)."""
+        d = Xc.shape[1]
+        weights = (
+            np.full(k, 1.0 / k) if self.weights_init is None else np.asarray(self.weights_init)
+        )
+        means = np.asarray(self.means_init, dtype=float) - self._shift
+        if self.precisions_init is not None:
+            prec = np.asarray(self.precisions_init, dtype=float)
+            if self.covariance_type in ("full", "tied"):
+                stack = prec[None] if self.covariance_type == "tied" else prec
+                chol = np.linalg.cholesky(stack)
+                prec_chol = chol[0] if self.covariance_type == "tied" else chol
+            else:
+                prec_chol = np.sqrt(prec)
+        else:
+            cov = np.ones(k) if self.covariance_type == "spherical" else None
+            if self.covariance_type == "full":
+                cov = np.repeat(np.eye(d)[None], k, axis=0)
+            elif self.covariance_type == "tied":
+                cov = np.eye(d)
+            elif self.covariance_type == "diag":
+                cov = np.ones((k, d))
+            prec_chol = cv.precision_cholesky(self.covariance_type, cov)
+        wlp = cv.log_gaussian_prob(self.covariance_type, Xc, means, prec_chol) + np.log(weights)
+        ll = cv.log_sum_exp(wlp)
+        return np.exp(wlp - ll[:, None])
+
+    def _choose_k(self, X: np.ndarray, w: np.ndarray) -> int:
+        """Number of components by BIC on ``X`` (stops after two rises in a row)."""
+        n = len(X)
+        best_k, best_bic, rises, previous = 1, np.inf, 0, np.inf
+        for k in range(1, min(self.max_components, n) + 1):
+            self._initialise(X, w, k)
+            Xc = X - self._shift
+            ll = cv.log_sum_exp(
+                cv.log_gaussian_prob(
+                    self.covariance_type, Xc, self._means, self.precisions_cholesky_
+                )
+                + self._log_weights
+            )
+            p = cv.n_parameters(self.covariance_type, k, X.shape[1])
+            bic = -2.0 * float(w @ ll) * n / w.sum() + p * np.log(n)
+            if bic < best_bic:
+                best_k, best_bic = k, bic
+            rises = rises + 1 if bic > previous else 0
+            previous = bic
+            if rises >= 2:
+                break
+        log.info("n_components='auto' chose %d components by BIC", best_k)
+        return best_k
+
+    def _fit_batch(self, X: np.ndarray, w: np.ndarray) -> None:
+        if self.n_components == "auto":
+            k = self._choose_k(X, w)
+        else:
+            k = int(self.n_components)
+        if len(X) < k:
+            raise ValueError(
+                f"need at least n_components={k} rows to initialise, got {len(X)}"
+            )
+        self._initialise(X, w, k)
+        self._steps = len(X) / self.batch_size
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> OnlineGaussianMixture:
+        """Batch EM on ``X`` (restarts from scratch), as scikit-learn's ``fit``.
+
+        Afterwards ``partial_fit`` continues from the fitted statistics.
+        """
+        X = self._validate_X(X)
+        w = self._validate_weights(sample_weight, len(X))
+        k = self.n_components
+        if k != "auto" and len(X) < int(k):
+            raise ValueError(f"need at least n_components={k} rows to fit, got {len(X)}")
+        self.n_features_in_ = None
+        self._fitted = False
+        self._buffer, self._buffer_weights = [], []
+        self._fit_batch(X, w)
+        self.n_events_learned_ = len(X)
+        return self
+
+    # ------------------------------------------------------------------ stepwise EM
+
+    def _step_size(self, n_rows: float) -> float:
+        eta = max((self._steps + 2.0) ** -self.step_exponent, self.min_step)
+        return 1.0 - (1.0 - eta) ** (n_rows / self.batch_size)
+
+    def _learn(self, X: np.ndarray, w: np.ndarray, resp: np.ndarray) -> None:
+        """One stepwise-EM update from raw rows, their weights and their responsibilities."""
+        wsum = w.sum()
+        if wsum <= 0:
+            return
+        gamma = self._step_size(wsum)
+        Xc = X - self._shift
+        mass, means, scatter = cv.batch_statistics(
+            self.covariance_type, Xc, resp * w[:, None], self._means
+        )
+        weights = self._weight_stat / self._weight_stat.sum()
+        share = mass / wsum
+        # Per-component step: the component forgets in proportion to the mass it receives
+        # relative to its share (Celaya & Agostini 2015), capped so that a handful of points
+        # cannot replace a component's shape.
+        relative = share / np.maximum(weights, np.finfo(float).tiny)
+        step = 1.0 - (1.0 - gamma) ** relative
+        if gamma < 1.0:
+            d = Xc.shape[1]
+            floor_points = d + 1.0 if cv.is_matrix_type(self.covariance_type) else 1.0
+            step = np.minimum(step, mass / (mass + floor_points))
+        self._means, self._scatter = cv.combine(step, self._means, self._scatter, means, scatter)
+        self._weight_stat = (1.0 - gamma) * weights + gamma * share
+        rate = 1.0 - (1.0 - _ACTIVITY_RATE) ** (wsum / self.batch_size)
+        self._activity = (1.0 - rate) * self._activity + rate * np.minimum(relative, 10.0)
+        self._steps += wsum / self.batch_size
+        self._reseed_dead_components()
+        self._recentre()
+        self._update_parameters()
+
+    def _recentre(self) -> None:
+        """Move the centring point to the mixture's mean (keeps products well conditioned)."""
+        weights = self._weight_stat / self._weight_stat.sum()
+        offset = weights @ self._means
+        self._shift = self._shift + offset
+        self._means = self._means - offset
+
+    def _reseed_dead_components(self) -> None:
+        """Re-seed dead components by splitting the heaviest one (MOG2-style birth and death).
+
+        Dead: a weight below ``1e-3 / K``, or a component starved of the mass its weight
+        promises over the last few batches — after an abrupt change, components left far from
+        the new data would otherwise fade for thousands of batches while one component stretches
+        over several new modes.
+        """
+        weights = self._weight_stat / self._weight_stat.sum()
+        k = len(weights)
+        dead = np.flatnonzero(
+            (weights < _DEAD_WEIGHT_FRACTION / k) | (self._activity < _STARVED_ACTIVITY)
+        )
+        for j in dead:
+            donor = int(np.argmax(weights))
+            if donor == j:
+                continue
+            donor_scatter = self._scatter[donor]
+            if donor_scatter.ndim == 1:
+                donor_scatter = np.diag(donor_scatter)
+            cov = donor_scatter + np.diag(self._reg)
+            vals, vecs = np.linalg.eigh(cov)
+            # Moment-matched split along the principal axis: the two halves together keep the
+            # donor's mean and covariance, each with 36% of the variance along that axis.
+            offset = 0.8 * np.sqrt(max(vals[-1], 0.0)) * vecs[:, -1]
+            self._means[j] = self._means[donor] + offset
+            self._means[donor] = self._means[donor] - offset
+            shrink = np.outer(offset, offset)
+            if self._scatter.ndim == 3:
+                self._scatter[donor] = self._scatter[donor] - shrink
+            else:
+                self._scatter[donor] = np.maximum(self._scatter[donor] - np.diag(shrink), 0.0)
+            self._scatter[j] = self._scatter[donor]
+            half = 0.5 * (weights[donor] + weights[j])
+            weights[j] = weights[donor] = half
+            self._activity[j] = self._activity[donor] = 1.0
+            log.debug("re-seeded dead component %d by splitting component %d", j, donor)
+        self._weight_stat = weights
+
+    def partial_fit(
+        self, X: Any, y: Any = None, sample_weight: SampleWeight = None
+    ) -> OnlineGaussianMixture:
+        """Learn from one micro-batch (any size, including one row).
+
+        On an unfitted model, rows are gathered into a warm-up buffer of ``warmup_size`` rows;
+        the model then initialises itself from it (k-means++ seeding and batch EM with
+        ``n_init`` restarts; ``n_components="auto"`` chooses K by BIC).
+        """
+        self.score_partial_fit(X, sample_weight=sample_weight)
+        return self
+
+    def score_partial_fit(
+        self, X: Any, sample_weight: SampleWeight = None, return_resp: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Score each row under the model *before* learning it, then learn the batch.
+
+        The E-step runs once: the log-likelihoods it yields are returned and its
+        responsibilities feed the M-step.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d)
+        sample_weight : array of shape (n,), callable or None
+            A callable receives the log-likelihoods and returns weights — a caller can
+            down-weight suspected anomalies without a second pass. It is not called while the
+            model is warming up.
+        return_resp : bool
+            Also return the responsibilities ``(n, K)`` (shape ``(n, 0)`` while warming up).
+
+        Returns
+        -------
+        log_likelihood : ndarray of shape (n,)
+            ``NaN`` for rows that arrive while the model is still gathering its warm-up buffer.
+        """
+        X = self._validate_X(X)
+        n = len(X)
+        if not self._fitted:
+            w = self._validate_weights(None if callable(sample_weight) else sample_weight, n)
+            self._gather(X, w)
+            ll = np.full(n, np.nan)
+            return (ll, np.full((n, 0), np.nan)) if return_resp else ll
+        if n == 0:
+            ll = np.empty(0)
+            return (ll, np.empty((0, len(self.weights_)))) if return_resp else ll
+        ll, resp = self._estep(X)
+        w = self._validate_weights(
+            sample_weight(ll) if callable(sample_weight) else sample_weight, n
+        )
+        self._learn(X, w, resp)
+        self.n_events_learned_ += n
+        return (ll, resp) if return_resp else ll
+
+    def _gather(self, X: np.ndarray, w: np.ndarray) -> None:
+        if self.n_features_in_ is None and len(X):
+            self.n_features_in_ = X.shape[1]
+        self._buffer.append(X.copy())
+        self._buffer_weights.append(w.copy())
+        self.n_events_learned_ += len(X)
+        buffered = sum(len(b) for b in self._buffer)
+        if buffered >= self._warmup_target():
+            data, weights = np.vstack(self._buffer), np.concatenate(self._buffer_weights)
+            if weights.sum() <= 0:
+                return
+            self._fit_batch(data, weights)
+            self._buffer, self._buffer_weights = [], []
+            log.info(
+                "initialised %d components on a warm-up buffer of %d rows",
+                len(self.weights_),
+                len(data),
+            )
+
+    # ------------------------------------------------------------------ missing features
+
+    def marginal_score_samples(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Log-likelihood and responsibilities with missing features (``NaN``) marginalised out.
+
+        The marginal of a Gaussian mixture over the observed features is the mixture of the
+        Gaussians restricted to them, with the same weights: exact, no imputation. Rows with no
+        observed feature get log-likelihood 0 and the prior weights as responsibilities.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> gmm = OnlineGaussianMixture(1, random_state=0).fit(
+        ...     np.random.default_rng(0).normal(size=(500, 2)))
+        >>> ll, _ = gmm.marginal_score_samples(np.array([[0.0, np.nan]]))
+        >>> bool(abs(ll[0] - (-0.5 * np.log(2 * np.pi * gmm.covariances_[0, 0, 0])
+        ...                   - 0.5 * gmm.means_[0, 0] ** 2 / gmm.covariances_[0, 0, 0])) < 1e-12)
+        True
+        """
+        self._check_fitted()
+        X = self._validate_X(X, allow_nan=True)
+        missing = np.isnan(X)
+        ll = np.empty(len(X))
+        resp = np.empty((len(X), len(self.weights_)))
+        patterns, inverse = np.unique(missing, axis=0, return_inverse=True)
+        for p, pattern in enumerate(patterns):
+            rows = np.flatnonzero(inverse.ravel() == p)
+            observed = ~pattern
+            if not observed.any():
+                ll[rows] = 0.0
+                resp[rows] = self.weights_
+                continue
+            if observed.all():
+                wlp = self._weighted_log_prob(X[rows])
+            else:
+                wlp = (
+                    cv.marginal_log_gaussian_prob(
+                        self.covariance_type,
+                        X[rows],
+                        self.means_,
+                        self.covariances_,
+                        observed,
+                    )
+                    + self._log_weights
+                )
+            ll[rows] = cv.log_sum_exp(wlp)
+            resp[rows] = np.exp(wlp - ll[rows, None])
+        return ll, resp
+
+    # ------------------------------------------------------------------ structure changes
+
+    def spawn_component(self, X: Any, weight: float | None = None) -> int:
+        """Add a component fitted to the points ``X`` (a new mode); returns its index.
+
+        Its covariance is the points' covariance shrunk towards the mixture's pooled covariance
+        (so a handful of points still give a well-conditioned component). At ``max_components``
+        the lightest component is replaced instead. ``weight`` defaults to ``1 / (K + 1)``.
+        """
+        self._check_fitted()
+        X = self._validate_X(X)
+        if len(X) == 0:
+            raise ValueError("spawn_component needs at least one point")
+        k, d = self._means.shape
+        weights = self._weight_stat / self._weight_stat.sum()
+        Xc = X - self._shift
+        mean = Xc.mean(axis=0)
+        diff = Xc - mean
+        pooled = np.tensordot(weights, self._scatter, axes=1)
+        n = len(X)
+        prior = d + 2.0
+        if self._scatter.ndim == 3:
+            scatter = (diff.T @ diff + prior * pooled) / (n + prior)
+        else:
+            scatter = ((diff**2).sum(axis=0) + prior * pooled) / (n + prior)
+        w_new = 1.0 / (k + 1) if weight is None else float(weight)
+        if not 0.0 < w_new < 1.0:
+            raise ValueError(f"weight must be in (0, 1), got {weight!r}")
+        if k < self._max_k():
+            index = k
+            self._means = np.vstack([self._means, mean])
+            self._scatter = np.concatenate([self._scatter, scatter[None]])
+            weights = np.append(weights * (1.0 - w_new), w_new)
+            self._activity = np.append(self._activity, 1.0)
+        else:
+            index = int(np.argmin(weights))
+            self._means[index] = mean
+            self._scatter[index] = scatter
+            weights = weights.copy()
+            weights[index] = 0.0
+            weights = weights / weights.sum() * (1.0 - w_new)
+            weights[index] = w_new
+            self._activity[index] = 1.0
+        self._weight_stat = weights
+        self._update_parameters()
+        return index
+
+    def prune_components(self, min_weight: float) -> np.ndarray:
+        """Remove components lighter than ``min_weight`` (keeps one at least); returns kept ones."""
+        self._check_fitted()
+        weights = self._weight_stat / self._weight_stat.sum()
+        keep = np.flatnonzero(weights >= min_weight)
+        if len(keep) == 0:
+            keep = np.array([int(np.argmax(weights))])
+        if len(keep) < len(weights):
+            self._weight_stat = weights[keep] / weights[keep].sum()
+            self._means = self._means[keep]
+            self._scatter = self._scatter[keep]
+            self._activity = self._activity[keep]
+            self._update_parameters()
+        return keep
+
+    def merge(self, other: OnlineGaussianMixture) -> OnlineGaussianMixture:
+        """Combine two models' sufficient statistics into a new model.
+
+        For replicas that each learn from some partitions of a stream. Each model counts in
+        proportion to the events it learned; components are matched by a minimum-cost
+        assignment on their means (models started from one shared snapshot match one to one).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(1)
+        >>> X = rng.normal(size=(4000, 2))
+        >>> a = OnlineGaussianMixture(1, random_state=0).fit(X[:2000])
+        >>> b = OnlineGaussianMixture(1, random_state=0).fit(X[2000:])
+        >>> merged = a.merge(b)
+        >>> bool(np.allclose(merged.means_, X.mean(axis=0)))
+        True
+        >>> merged.n_events_learned_
+        4000
+        """
+        self._check_fitted()
+        other._check_fitted()
+        if other.n_features_in_ != self.n_features_in_:
+            raise ValueError(
+                f"cannot merge models of {self.n_features_in_} and {other.n_features_in_} features"
+            )
+        if other.covariance_type != self.covariance_type:
+            raise ValueError(
+                f"cannot merge a {self.covariance_type!r} model with a "
+                f"{other.covariance_type!r} one"
+            )
+        if len(other.weights_) != len(self.weights_):
+            raise ValueError(
+                f"cannot merge models of {len(self.weights_)} and {len(other.weights_)} components"
+            )
+        merged = OnlineGaussianMixture.from_state(*self.get_state())
+        other_means = other._means + other._shift - self._shift
+        k, d = self._means.shape
+        pooled = cv.full_covariances(self.covariance_type, self.covariances_, k, d).mean(axis=0)
+        scale = np.sqrt(np.maximum(np.diag(pooled), np.finfo(float).tiny))
+        cost = (((self._means[:, None, :] - other_means[None, :, :]) / scale) ** 2).sum(axis=2)
+        _, order = linear_sum_assignment(cost)
+        n_a, n_b = float(self.n_events_learned_), float(other.n_events_learned_)
+        frac = n_b / (n_a + n_b) if n_a + n_b > 0 else 0.5
+        wa, wb = self.weights_, other.weights_[order]
+        mass_a, mass_b = (1.0 - frac) * wa, frac * wb
+        total = mass_a + mass_b
+        step = np.where(total > 0, mass_b / np.where(total > 0, total, 1.0), 0.0)
+        merged._means, merged._scatter = cv.combine(
+            step, self._means, self._scatter, other_means[order], other._scatter[order]
+        )
+        merged._weight_stat = total / total.sum()
+        merged._activity = np.ones(len(total))
+        merged._steps = self._steps + other._steps
+        merged.n_events_learned_ = self.n_events_learned_ + other.n_events_learned_
+        merged._recentre()
+        merged._update_parameters()
+        return merged
+
+    @classmethod
+    def from_parameters(
+        cls,
+        weights: Any,
+        means: Any,
+        covariances: Any,
+        covariance_type: str = "full",
+        **params: Any,
+    ) -> OnlineGaussianMixture:
+        """A fitted model with exactly the given parameters (scikit-learn shapes).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> m = OnlineGaussianMixture.from_parameters(
+        ...     [0.5, 0.5], [[0.0], [4.0]], [[[1.0]], [[1.0]]], "full")
+        >>> m.predict(np.array([[0.1], [3.9]])).tolist()
+        [0, 1]
+        """
+        weights = np.asarray(weights, dtype=float)
+        means = np.asarray(means, dtype=float)
+        covariances = np.asarray(covariances, dtype=float)
+        k, d = means.shape
+        model = cls(k, covariance_type=covariance_type, **params)
+        model.n_features_in_ = d
+        model._shift = np.zeros(d)
+        model._reg = np.zeros(d)
+        model._weight_stat = weights / weights.sum()
+        model._activity = np.ones(k)
+        model._means = means.copy()
+        if covariance_type == "full":
+            model._scatter = covariances.copy()
+        elif covariance_type == "tied":
+            model._scatter = np.repeat(covariances[None], k, axis=0)
+        elif covariance_type == "diag":
+            model._scatter = covariances.copy()
+        else:
+            model._scatter = np.repeat(covariances[:, None], d, axis=1)
+        model._fitted = True
+        model._update_parameters()
+        model._reg = model.reg_covar * np.ones(d)
+        return model
+
+    # ------------------------------------------------------------------ persistence
+
+    _PARAMS = (
+        "n_components",
+        "covariance_type",
+        "reg_covar",
+        "step_exponent",
+        "min_step",
+        "batch_size",
+        "warmup_size",
+        "n_init",
+        "max_iter",
+        "tol",
+        "max_components",
+        "random_state",
+    )
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters (JSON-serialisable)."""
+        out = {}
+        for name in self._PARAMS:
+            value = getattr(self, name)
+            out[name] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The whole state as ``(arrays, meta)`` for :mod:`streamgmm.checkpoint` (no pickle)."""
+        arrays: dict[str, np.ndarray] = {}
+        if self._buffer:
+            arrays["buffer"] = np.vstack(self._buffer)
+            arrays["buffer_weights"] = np.concatenate(self._buffer_weights)
+        if self._fitted:
+            arrays.update(
+                weight_stat=self._weight_stat,
+                activity=self._activity,
+                means=self._means,
+                scatter=self._scatter,
+                shift=self._shift,
+                reg=self._reg,
+            )
+        meta = {
+            "params": self.get_params(),
+            "fitted": self._fitted,
+            "steps": self._steps,
+            "n_events_learned": int(self.n_events_learned_),
+            "n_features_in": self.n_features_in_,
+            "converged": bool(self.converged_),
+            "n_iter": int(self.n_iter_),
+            "lower_bound": float(self.lower_bound_) if np.isfinite(self.lower_bound_) else None,
+            "rng": self._rng.bit_generator.state,
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_state(
+        cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+    ) -> OnlineGaussianMixture:
+        """Rebuild a model from :meth:`get_state` output (exact round trip)."""
+        try:
+            model = cls(**meta["params"])
+            model._fitted = bool(meta["fitted"])
+            model._steps = float(meta["steps"])
+            model.n_events_learned_ = int(meta["n_events_learned"])
+            model.n_features_in_ = meta["n_features_in"]
+            model.converged_ = bool(meta["converged"])
+            model.n_iter_ = int(meta["n_iter"])
+            lb = meta["lower_bound"]
+            model.lower_bound_ = -np.inf if lb is None else float(lb)
+            model._rng.bit_generator.state = meta["rng"]
+            if "buffer" in arrays:
+                model._buffer = [np.array(arrays["buffer"], dtype=float)]
+                model._buffer_weights = [np.array(arrays["buffer_weights"], dtype=float)]
+            if model._fitted:
+                model._weight_stat = np.array(arrays["weight_stat"], dtype=float)
+                model._activity = np.array(arrays["activity"], dtype=float)
+                model._means = np.array(arrays["means"], dtype=float)
+                model._scatter = np.array(arrays["scatter"], dtype=float)
+                model._shift = np.array(arrays["shift"], dtype=float)
+                model._reg = np.array(arrays["reg"], dtype=float)
+                k, d = model._means.shape
+                expected = (k, d, d) if cv.is_matrix_type(model.covariance_type) else (k, d)
+                if model._scatter.shape != expected or model._weight_stat.shape != (k,):
+                    raise ValueError("inconsistent array shapes")
+                model._update_parameters()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"invalid OnlineGaussianMixture state: {exc}") from exc
+        return model
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to a versioned, pickle-free ``.npz`` file, written atomically."""
+        arrays, meta = self.get_state()
+        write_state(path, _STATE_KIND, _STATE_VERSION, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> OnlineGaussianMixture:
+        """Load a model saved by :meth:`save`.
+
+        Raises
+        ------
+        streamgmm.checkpoint.CheckpointError
+            If the file is corrupt, of another kind, or from a newer streamgmm.
+        """
+        arrays, meta = read_state(path, _STATE_KIND, _STATE_VERSION)
+        return cls.from_state(arrays, meta)
+
+    def __repr__(self) -> str:
+        state = f"fitted, {len(self.weights_)} components" if self._fitted else "warming up"
+        return (
+            f"OnlineGaussianMixture(n_components={self.n_components!r}, "
+            f"covariance_type={self.covariance_type!r}; {state}, "
+            f"{self.n_events_learned_} events learned)"
+        )
