@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 from kafka import TopicPartition
 
 from streamgmm.checkpoint import CheckpointError, read_state, write_state
@@ -72,6 +71,7 @@ from streamgmm.io.kafka import (
     ensure_topics,
     read_published_sources,
 )
+from streamgmm.messages import anomaly_message
 
 __all__ = ["Daemon", "DaemonStats", "CHECKPOINT_KIND", "CHECKPOINT_VERSION"]
 
@@ -396,7 +396,7 @@ class Daemon:
 
     def _anomaly(self, rec, event: dict, result, row: int) -> OutgoingRecord:
         value = anomaly_message(event, result, row, source=(rec.topic, rec.partition, rec.offset),
-                                events_learned=self.detector.n_events_learned)
+                                model_events=self.detector.n_events_learned)
         return OutgoingRecord(self.config.kafka.output_topic, value, rec.key,
                               source=(rec.topic, rec.partition, rec.offset))
 
@@ -499,47 +499,6 @@ class Daemon:
         self.metrics.dead_letters(extraction.reason_counts())
         self.metrics.set_model(self.detector)
         self._report_lag()
-
-
-def _finite_or_none(value: float) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
-
-
-def anomaly_message(
-    event: dict, result: Any, row: int, source: tuple[str, int, int], events_learned: int,
-    detected_at: float | None = None,
-) -> bytes:
-    """The output message (JSON bytes) for row ``row`` of a detector result.
-
-    It holds the original event, ``score`` (−log p(x)), ``anomaly_score`` (> 1 is anomalous),
-    ``threshold``, ``log_likelihood``, ``tail_probability``, the most likely ``component``, the
-    ``explanation`` (features that drove the score), ``source`` {topic, partition, offset} — which
-    recovery uses to avoid duplicates —, ``detected_at`` (Unix seconds) and ``events_learned``.
-    """
-    explanation = []
-    try:
-        explanation = [
-            {k: (_finite_or_none(v) if isinstance(v, float | np.floating) else v)
-             for k, v in item.items()}
-            for item in result.explain(row)
-        ]
-    except Exception as exc:  # an explanation is a courtesy; the anomaly is published anyway
-        logger.debug("no explanation for row %d: %s", row, exc)
-    message = {
-        "event": event,
-        "score": _finite_or_none(result.score[row]),
-        "anomaly_score": _finite_or_none(result.anomaly_score[row]),
-        "threshold": _finite_or_none(result.threshold[row]),
-        "log_likelihood": _finite_or_none(result.log_likelihood[row]),
-        "tail_probability": _finite_or_none(result.tail_probability[row]),
-        "component": int(result.component[row]),
-        "explanation": explanation,
-        "source": {"topic": source[0], "partition": int(source[1]), "offset": int(source[2])},
-        "detected_at": time.time() if detected_at is None else detected_at,
-        "events_learned": int(events_learned),
-    }
-    return orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def offsets_as_dict(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
