@@ -497,6 +497,11 @@ class AdaptiveThreshold(_ScoreScale):
         meta["kind"] = self.kind
         meta["rejection_ratio"] = self.rejection_ratio
         meta["rejection_gap"] = self.rejection_gap
+        finite_level = math.isfinite(self.rejection_level)
+        meta["rejection_level"] = self.rejection_level if finite_level else None
+        meta["tail"] = None if self._tail is None else {
+            name: getattr(self._tail, name) for name in _Tail.__slots__
+        }
         return {"window": self._window.copy()}, meta
 
     @classmethod
@@ -510,14 +515,13 @@ class AdaptiveThreshold(_ScoreScale):
             rejection_gap=meta["rejection_gap"],
         )
         obj._restore_base(arrays, meta)
-        if not obj.warming_up and obj._sorted.size:
-            # The previous cut is recovered from the stored window's own fit.
-            level = math.inf
-            for _ in range(3):
-                fit = obj._fit(obj._sorted, level)
-                level = fit[2]
-            obj._set(*fit)
-            obj.threshold = float(meta["threshold"])
+        level = meta.get("rejection_level")
+        obj.rejection_level = math.inf if level is None else float(level)
+        if meta.get("tail") is not None:
+            tail = _Tail.__new__(_Tail)
+            for name, value in meta["tail"].items():
+                setattr(tail, name, float(value))
+            obj._tail = tail
         return obj
 
 
