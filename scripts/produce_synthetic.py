@@ -56,6 +56,12 @@ DRIFT_KINDS = ("shift", "scale", "mode")
 INVALID_KINDS = ("invalid_json", "missing_field", "non_numeric", "non_finite", "not_object")
 
 
+class UnscorableMessage(bytes):
+    """The raw bytes of a message the detector cannot score, with the ``source`` it came from."""
+
+    source: str | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class DriftStep:
     """One change of the normal data: a ``kind`` of ``amount`` ramped in over [start, end).
@@ -187,8 +193,8 @@ def synthetic_events(
 
     Yields
     ------
-    dict or bytes
-        One event per iteration.
+    dict or UnscorableMessage
+        One event per iteration; unscorable ones as bytes (with their ``source`` attribute).
 
     Examples
     --------
@@ -253,7 +259,9 @@ def synthetic_events(
             _set_path(event, name, float(value))
         event["label"] = {"anomaly": is_anomaly, "phase": sum(index >= s.start for s in drift)}
         if invalid_rate and rng.random() < invalid_rate:
-            yield _make_invalid(event, names[0], next(invalid_kinds))
+            message = UnscorableMessage(_make_invalid(event, names[0], next(invalid_kinds)))
+            message.source = source
+            yield message
         else:
             yield event
 
@@ -297,7 +305,8 @@ def encode_event(event: dict | bytes) -> tuple[bytes, bytes | None]:
     (b'[1,2]', None)
     """
     if isinstance(event, bytes):
-        return event, None
+        source = getattr(event, "source", None)
+        return bytes(event), source.encode() if source is not None else None
     return orjson.dumps(event), event["source"].encode()
 
 
