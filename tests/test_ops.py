@@ -305,9 +305,9 @@ def test_prometheus_scrapes_every_daemon_replica_on_the_configured_metrics_port(
     (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "streamgmm"]
     (dns,) = job["dns_sd_configs"]
     assert dns["type"] == "A" and dns["port"] == _metrics_port()
-    compose = _compose()
-    aliases = compose["services"]["streamgmm"]["networks"]["default"]["aliases"]
-    assert dns["names"] == ["streamgmm"] and "streamgmm" in aliases
+    assert dns["names"] == ["streamgmm"]
+    for daemon in _daemon_services().values():
+        assert daemon["networks"]["default"]["aliases"] == dns["names"]
     # The rules find the daemons by this job name.
     assert all('job="streamgmm"' in r["expr"] for r in _alert_rules() if "up{" in r["expr"])
 
@@ -454,10 +454,16 @@ def test_compose_creates_the_configured_topics_before_the_daemon_starts():
     assert f"--fields={','.join(_config()['features']['fields'])}" in producer
 
 
-def test_compose_daemon_runs_the_mounted_config_with_valid_overrides():
+def _daemon_services() -> dict[str, dict]:
+    return {name: service for name, service in _compose()["services"].items()
+            if service.get("command", [None])[0] == "run"}
+
+
+@pytest.mark.parametrize("name", ["streamgmm", "streamgmm-2"])
+def test_compose_daemon_runs_the_mounted_config_with_valid_overrides(name):
     from streamgmm.config import load_config
 
-    daemon = _compose()["services"]["streamgmm"]
+    daemon = _daemon_services()[name]
     command = daemon["command"]
     assert command[:2] == ["run", "--config"]
     mounts = dict((target, source) for source, target in _bind_mounts(daemon))
@@ -477,6 +483,23 @@ def test_compose_daemon_runs_the_mounted_config_with_valid_overrides():
     assert daemon["init"] is True
     assert int(daemon["stop_grace_period"].rstrip("s")) >= 10
     assert "container_name" not in daemon and "ports" not in daemon, "would prevent replicas"
+
+
+def test_compose_daemon_replicas_can_share_the_input():
+    daemons = _daemon_services()
+    assert set(daemons) == {"streamgmm", "streamgmm-2"}
+    assert "profiles" not in daemons["streamgmm"], "the first replica always runs"
+    transactional_ids = [d["environment"]["STREAMGMM_KAFKA__TRANSACTIONAL_ID"]
+                         for d in daemons.values()]
+    assert len(set(transactional_ids)) == len(daemons), "replicas would fence each other"
+    state = [v.split(":")[0] for d in daemons.values() for v in d["volumes"]
+             if v.endswith(":/var/lib/streamgmm")]
+    assert len(set(state)) == len(daemons), "replicas would overwrite each other's checkpoint"
+    assert all(d["networks"]["default"]["aliases"] == ["streamgmm"] for d in daemons.values())
+    assert all("STREAMGMM_KAFKA__GROUP_ID" not in d["environment"] for d in daemons.values()), \
+        "replicas share the consumer group of the config"
+    partitions = int(_compose()["services"]["kafka-init"]["environment"]["PARTITIONS"])
+    assert len(daemons) <= partitions, "a replica beyond the partition count idles"
 
 
 def test_dockerfile_builds_a_slim_non_root_image_with_the_daemon_as_main_process():
@@ -859,6 +882,10 @@ def test_rules_and_dashboard_hold_on_the_real_daemon(running_daemon, tmp_path):
                   ["data"]["alerts"] if a["state"] == "firing"}
         assert not firing & {"StreamgmmDaemonDown", "StreamgmmDaemonAbsent",
                              "StreamgmmBrokerUnreachable", "StreamgmmNotConsuming"}
+
+        # What `docker stop` does to the image's exec-form entrypoint: SIGTERM to the daemon.
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
     finally:
         prometheus.terminate()
         try:
