@@ -107,45 +107,77 @@ def log_det_precision_cholesky(
 
 
 def log_gaussian_prob(
-    covariance_type: str, X: np.ndarray, means: np.ndarray, prec_chol: np.ndarray
+    covariance_type: str,
+    X: np.ndarray,
+    means: np.ndarray,
+    prec_chol: np.ndarray,
+    log_weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``log N(x_i | mu_k, Sigma_k)`` for every row and component, shape ``(n, K)``.
+    """``log N(x_i | mu_k, Sigma_k)`` (plus ``log_weights[k]`` if given), shape ``(n, K)``.
 
     Fused: one stacked matrix product yields all components' whitened residuals, instead of
-    scikit-learn's loop over components.
+    scikit-learn's loop over components. The work is laid out component-major (``(K, n)``, so
+    every reduction runs along contiguous memory); the result is a transposed view of it.
     """
     n, d = X.shape
     k = means.shape[0]
     log_det = log_det_precision_cholesky(covariance_type, prec_chol, d)
     if covariance_type == "full":
-        stacked = prec_chol.transpose(1, 0, 2).reshape(d, k * d)
-        offsets = np.einsum("kd,kde->ke", means, prec_chol).reshape(k * d)
-        y = X @ stacked
-        y -= offsets
+        # [L_k^T | -L_k^T mu_k] @ [x; 1] = L_k^T (x - mu_k): the offsets ride in the product.
+        augmented = np.empty((k * d, d + 1))
+        augmented[:, :d] = prec_chol.transpose(0, 2, 1).reshape(k * d, d)
+        augmented[:, d] = -np.matmul(means[:, None, :], prec_chol).reshape(k * d)
+        XT = np.empty((d + 1, n))
+        XT[:d] = X.T
+        XT[d] = 1.0
+        y = augmented @ XT
         y *= y
-        maha = y.reshape(n, k, d).sum(axis=2)
+        maha = y.reshape(k, d, n).sum(axis=1)
     elif covariance_type == "tied":
-        y = X @ prec_chol
+        XT = np.ascontiguousarray(X.T)
+        y = prec_chol.T @ XT
         m = means @ prec_chol
-        maha = (y * y).sum(axis=1)[:, None] - 2.0 * (y @ m.T) + (m * m).sum(axis=1)
+        maha = (y * y).sum(axis=0) - 2.0 * (m @ y) + (m * m).sum(axis=1)[:, None]
     elif covariance_type == "diag":
+        XT = np.ascontiguousarray(X.T)
         prec = prec_chol**2
-        maha = (X * X) @ prec.T - 2.0 * (X @ (means * prec).T) + (means**2 * prec).sum(axis=1)
+        maha = prec @ (XT * XT) - 2.0 * ((means * prec) @ XT) + (means**2 * prec).sum(1)[:, None]
     else:
-        prec = prec_chol**2
-        maha = (
-            (X * X).sum(axis=1)[:, None] - 2.0 * (X @ means.T) + (means**2).sum(axis=1)
-        ) * prec
+        XT = np.ascontiguousarray(X.T)
+        prec = (prec_chol**2)[:, None]
+        maha = ((XT * XT).sum(axis=0) - 2.0 * (means @ XT) + (means**2).sum(1)[:, None]) * prec
     np.maximum(maha, 0.0, out=maha)
-    return -0.5 * (d * _LOG_2PI + maha) + log_det
+    maha *= -0.5
+    constant = np.reshape(log_det, (-1, 1)) - 0.5 * d * _LOG_2PI
+    if log_weights is not None:
+        constant = constant + log_weights[:, None]
+    maha += constant
+    return maha.T
 
 
 def log_sum_exp(a: np.ndarray) -> np.ndarray:
     """Row-wise ``log(sum(exp(a)))``, stable; rows of all ``-inf`` give ``-inf``."""
-    top = a.max(axis=1)
+    return posterior(a)[0]
+
+
+def posterior(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-likelihood of each row and responsibilities, from ``log pi_k + log N(x | k)`` (n, K).
+
+    One ``exp`` pass serves both; rows whose every entry is ``-inf`` get ``-inf`` and uniform
+    responsibilities.
+    """
+    top = weighted_log_prob.max(axis=1)
     safe = np.where(np.isfinite(top), top, 0.0)
+    e = np.exp(weighted_log_prob - safe[:, None])
+    total = e.sum(axis=1)
     with np.errstate(divide="ignore"):
-        return np.log(np.exp(a - safe[:, None]).sum(axis=1)) + safe
+        ll = np.log(total) + safe
+    empty = total <= 0
+    if empty.any():
+        e[empty] = 1.0
+        total[empty] = e.shape[1]
+    e /= total[:, None]
+    return ll, e
 
 
 # --------------------------------------------------------------------------- M-step statistics
@@ -170,24 +202,23 @@ def batch_statistics(
     mass : (K,), means : (K, d), scatter : (K, d, d) or (K, d) — scatter per unit mass.
     """
     n, d = X.shape
-    mass = resp.sum(axis=0)
+    rT = np.ascontiguousarray(resp.T)
+    mass = rT.sum(axis=1)
     has = mass > 10.0 * np.finfo(float).eps
     safe = np.where(has, mass, 1.0)
-    means = np.where(has[:, None], (resp.T @ X) / safe[:, None], fallback_means)
+    means = np.where(has[:, None], (rT @ X) / safe[:, None], fallback_means)
     if is_matrix_type(covariance_type):
-        if n * d * d <= _FUSED_SCATTER_LIMIT:
-            outer = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)
-            second = (resp.T @ outer).reshape(-1, d, d) / safe[:, None, None]
-            scatter = second - means[:, :, None] * means[:, None, :]
+        XT = np.ascontiguousarray(X.T)
+        if rT.size * d <= _FUSED_SCATTER_LIMIT:
+            weighted = (rT[:, None, :] * XT[None]).reshape(-1, n)
+            second = (weighted @ X).reshape(-1, d, d) / safe[:, None, None]
         else:
-            scatter = np.empty((len(mass), d, d))
-            for j in range(len(mass)):
-                diff = X - means[j]
-                scatter[j] = (diff * resp[:, j : j + 1]).T @ diff / safe[j]
+            second = np.stack([(XT * r) @ X for r in rT]) / safe[:, None, None]
+        scatter = second - means[:, :, None] * means[:, None, :]
         scatter = 0.5 * (scatter + np.swapaxes(scatter, 1, 2))
         scatter[~has] = 0.0
     else:
-        scatter = (resp.T @ (X * X)) / safe[:, None] - means**2
+        scatter = (rT @ (X * X)) / safe[:, None] - means**2
         np.maximum(scatter, 0.0, out=scatter)
         scatter[~has] = 0.0
     return mass, means, scatter

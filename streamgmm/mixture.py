@@ -298,19 +298,18 @@ class OnlineGaussianMixture:
 
     # ------------------------------------------------------------------ E-step
 
-    def _weighted_log_prob(self, X: np.ndarray) -> np.ndarray:
-        """``log pi_k + log N(x | k)`` for raw rows ``X`` (shape ``(n, K)``)."""
-        Xc = X - self._shift
-        return (
-            cv.log_gaussian_prob(self.covariance_type, Xc, self._means, self.precisions_cholesky_)
-            + self._log_weights
+    def _weighted_log_prob(self, X: np.ndarray, centred: bool = False) -> np.ndarray:
+        """``log pi_k + log N(x | k)`` for rows ``X`` (shape ``(n, K)``)."""
+        return cv.log_gaussian_prob(
+            self.covariance_type,
+            X if centred else X - self._shift,
+            self._means,
+            self.precisions_cholesky_,
+            self._log_weights,
         )
 
     def _estep(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        wlp = self._weighted_log_prob(X)
-        ll = cv.log_sum_exp(wlp)
-        resp = np.exp(wlp - ll[:, None])
-        return ll, resp
+        return cv.posterior(self._weighted_log_prob(X))
 
     # ------------------------------------------------------------------ scikit-learn surface
 
@@ -425,8 +424,7 @@ class OnlineGaussianMixture:
                 )
                 + self._log_weights
             )
-            ll = cv.log_sum_exp(wlp)
-            resp = np.exp(wlp - ll[:, None])
+            ll, resp = cv.posterior(wlp)
             new_lower = float(w @ ll / wsum)
             self._mstep_replace(Xc, resp * w[:, None])
             self._update_parameters()
@@ -485,8 +483,7 @@ class OnlineGaussianMixture:
                 cov = np.ones((k, d))
             prec_chol = cv.precision_cholesky(self.covariance_type, cov)
         wlp = cv.log_gaussian_prob(self.covariance_type, Xc, means, prec_chol) + np.log(weights)
-        ll = cv.log_sum_exp(wlp)
-        return np.exp(wlp - ll[:, None])
+        return cv.posterior(wlp)[1]
 
     def _choose_k(self, X: np.ndarray, w: np.ndarray) -> int:
         """Number of components by BIC on ``X`` (stops after two rises in a row)."""
@@ -547,15 +544,14 @@ class OnlineGaussianMixture:
         eta = max((self._steps + 2.0) ** -self.step_exponent, self.min_step)
         return 1.0 - (1.0 - eta) ** (n_rows / self.batch_size)
 
-    def _learn(self, X: np.ndarray, w: np.ndarray, resp: np.ndarray) -> None:
-        """One stepwise-EM update from raw rows, their weights and their responsibilities."""
-        wsum = w.sum()
+    def _learn(self, Xc: np.ndarray, w: np.ndarray | None, resp: np.ndarray) -> None:
+        """One stepwise-EM update from centred rows, their weights (None: all 1) and posteriors."""
+        wsum = float(len(Xc)) if w is None else w.sum()
         if wsum <= 0:
             return
         gamma = self._step_size(wsum)
-        Xc = X - self._shift
         mass, means, scatter = cv.batch_statistics(
-            self.covariance_type, Xc, resp * w[:, None], self._means
+            self.covariance_type, Xc, resp if w is None else resp * w[:, None], self._means
         )
         weights = self._weight_stat / self._weight_stat.sum()
         share = mass / wsum
@@ -592,8 +588,12 @@ class OnlineGaussianMixture:
         the new data would otherwise fade for thousands of batches while one component stretches
         over several new modes.
         """
+        k = len(self._weight_stat)
+        if self._activity.min() >= _STARVED_ACTIVITY and self._weight_stat.min() >= (
+            _DEAD_WEIGHT_FRACTION / k * self._weight_stat.sum()
+        ):
+            return
         weights = self._weight_stat / self._weight_stat.sum()
-        k = len(weights)
         dead = np.flatnonzero(
             (weights < _DEAD_WEIGHT_FRACTION / k) | (self._activity < _STARVED_ACTIVITY)
         )
@@ -668,11 +668,12 @@ class OnlineGaussianMixture:
         if n == 0:
             ll = np.empty(0)
             return (ll, np.empty((0, len(self.weights_)))) if return_resp else ll
-        ll, resp = self._estep(X)
-        w = self._validate_weights(
-            sample_weight(ll) if callable(sample_weight) else sample_weight, n
-        )
-        self._learn(X, w, resp)
+        Xc = X - self._shift
+        ll, resp = cv.posterior(self._weighted_log_prob(Xc, centred=True))
+        if callable(sample_weight):
+            sample_weight = sample_weight(ll)
+        w = None if sample_weight is None else self._validate_weights(sample_weight, n)
+        self._learn(Xc, w, resp)
         self.n_events_learned_ += n
         return (ll, resp) if return_resp else ll
 
@@ -740,8 +741,7 @@ class OnlineGaussianMixture:
                     )
                     + self._log_weights
                 )
-            ll[rows] = cv.log_sum_exp(wlp)
-            resp[rows] = np.exp(wlp - ll[rows, None])
+            ll[rows], resp[rows] = cv.posterior(wlp)
         return ll, resp
 
     # ------------------------------------------------------------------ structure changes
