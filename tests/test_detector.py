@@ -1,0 +1,178 @@
+"""Detector: warm-up, decisions, missing features (exact marginal), explanations, state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+from streamgmm import _synthetic as syn
+from streamgmm.checkpoint import CheckpointError
+from streamgmm.detector import Detector
+
+
+def _stream(n=6000, seed=0):
+    X, _ = syn.mixture_with_outliers(n, n_features=3, contamination=0.0, seed=seed)
+    return X
+
+
+def _warm(det, X, batch=200):
+    results = [det.process(b) for b in np.array_split(X, max(len(X) // batch, 1))]
+    return results
+
+
+def test_warm_up_is_visible_and_nothing_is_flagged_meanwhile():
+    det = Detector(n_components=2, warmup_events=1000, false_alarm_rate=0.01, random_state=0)
+    X = _stream(3000)
+    X[100] = 1e6  # an absurd event inside the model's warm-up
+    X[700] = 1e6  # and one inside the threshold's warm-up
+    results = _warm(det, X, batch=100)
+    warming = np.concatenate([r.warming_up for r in results])
+    flags = np.concatenate([r.is_anomaly for r in results])
+    score = np.concatenate([r.score for r in results])
+    component = np.concatenate([r.component for r in results])
+    assert warming[:1000].all() and not warming[1000:].any()
+    assert not flags[:1000].any()
+    assert np.isnan(score[:500]).all() and np.isfinite(score[500:]).all()
+    assert (component[:500] == -1).all() and (component[500:] >= 0).all()
+    assert np.isnan(results[0].anomaly_score).all() and results[0].explain(0) == []
+    assert not det.warming_up
+    assert det.process(np.full((1, 3), 1e6)).is_anomaly.all()
+
+
+def test_result_fields_are_consistent():
+    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+    _warm(det, _stream(5000))
+    res = det.process(_stream(500, seed=1))
+    assert np.allclose(res.score, -res.log_likelihood)
+    assert np.array_equal(res.is_anomaly, res.score > res.threshold)
+    assert np.array_equal(res.is_anomaly, res.anomaly_score > 1.0)
+    assert ((res.tail_probability > 0) & (res.tail_probability <= 1)).all()
+    order = np.argsort(res.score)
+    assert np.all(np.diff(res.tail_probability[order]) <= 1e-12)
+    assert res.drift.target_anomaly_rate == 0.01 and res.drift.n_drifts >= 0
+    assert len(res) == 500 and det.n_events_learned == 5500
+
+
+def test_missing_features_are_marginalised_exactly():
+    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=2)
+    _warm(det, _stream(5000))
+    w, mu, cov = det.model.weights_, det.model.means_, det.model.covariances_
+    learned = det.n_events_learned
+    X = _stream(20, seed=3)
+    X[0, 1] = np.nan
+    X[1, [0, 2]] = np.nan
+    X[2] = [np.nan, mu[0, 1], np.nan]
+    res = det.process(X)
+    for i in range(3):
+        o = ~np.isnan(X[i])
+        exact = logsumexp([
+            math.log(w[k]) + multivariate_normal(mu[k][o], cov[k][np.ix_(o, o)]).logpdf(X[i, o])
+            for k in range(len(w))
+        ])
+        assert res.log_likelihood[i] == pytest.approx(exact, rel=1e-9, abs=1e-9)
+    assert det.n_events_learned == learned + 17  # incomplete events are not learned
+    # On the complete-event scale: a far value in the one observed feature is flagged.
+    far = det.process(np.array([[np.nan, mu[0, 1] + 50 * math.sqrt(cov[0, 1, 1]), np.nan]]))
+    assert far.is_anomaly[0] and far.score[0] > far.threshold[0]
+    assert far.explain(0)[0]["feature"] == "x1"
+    assert {e["direction"] for e in far.explain(0)} == {"high", "missing"}
+
+
+def test_incomplete_scores_share_the_threshold_calibration():
+    # Normal events with a feature missing are flagged at about the rate complete ones are.
+    det = Detector(n_components=3, false_alarm_rate=0.02, random_state=3)
+    X = _stream(46_000)
+    _warm(det, X[:6000])
+    X = X[6000:].copy()
+    incomplete = np.random.default_rng(4).random(len(X)) < 0.5
+    X[incomplete, 2] = np.nan
+    flags = np.concatenate([det.process(b).is_anomaly for b in np.array_split(X, 200)])
+    assert 0.012 < flags[~incomplete].mean() < 0.03
+    assert 0.012 < flags[incomplete].mean() < 0.03
+
+
+def test_explanations_add_up_and_give_conditional_expectations():
+    det = Detector(n_components=2, false_alarm_rate=0.01, random_state=4,
+                   feature_names=["a", "b", "c"])
+    _warm(det, _stream(5000))
+    mu_before, cov_before = det.model.means_.copy(), det.model.covariances_.copy()
+    x = mu_before[0] + np.array([0.0, 8.0, -1.0]) * np.sqrt(np.diag(cov_before[0]))
+    res = det.process(np.vstack([x, mu_before[1]]))
+    for i in range(2):
+        items = res.explain(i)
+        assert [it["feature"] for it in items] != [] and len(items) == 3
+        total = sum(it["contribution"] for it in items)
+        assert total == pytest.approx(res.score[i] - res.typical_score[i], abs=1e-9)
+        assert all(abs(items[j]["contribution"]) >= abs(items[j + 1]["contribution"])
+                   for j in range(2))
+    k = res.component[0]
+    mu, cov = mu_before[k], cov_before[k]
+    for item in res.explain(0):
+        j = ["a", "b", "c"].index(item["feature"])
+        rest = [r for r in range(3) if r != j]
+        cond = mu[j] + cov[j, rest] @ np.linalg.solve(cov[np.ix_(rest, rest)], x[rest] - mu[rest])
+        assert item["expected"] == pytest.approx(cond)
+        assert item["value"] == x[j]
+    assert res.explain(0)[0]["feature"] == "b" and res.explain(0)[0]["direction"] == "high"
+    assert res.is_anomaly[0] and not res.is_anomaly[1]
+
+
+def test_fixed_threshold():
+    det = Detector(n_components=3, fixed_threshold=15.0, random_state=5)
+    results = _warm(det, _stream(4000))
+    res = results[-1]
+    assert (res.threshold == 15.0).all()
+    assert np.array_equal(res.is_anomaly, res.score > 15.0)
+
+
+def test_state_round_trip_continues_identically(tmp_path):
+    X, _ = syn.abrupt_drift(12_000, n_features=3, at=0.6, seed=6)
+    det = Detector(n_components="auto", false_alarm_rate=0.01, random_state=6)
+    _warm(det, X[:7000])
+    det.save(tmp_path / "det.npz")
+    clone = Detector.load(tmp_path / "det.npz")
+    for batch in np.array_split(X[7000:], 25):
+        a, b = det.process(batch), clone.process(batch)
+        assert np.array_equal(a.score, b.score, equal_nan=True)
+        assert np.array_equal(a.is_anomaly, b.is_anomaly)
+        assert a.drift == b.drift
+    assert det.n_adoptions == clone.n_adoptions
+    (tmp_path / "bad.npz").write_bytes(b"not a state")
+    with pytest.raises(CheckpointError):
+        Detector.load(tmp_path / "bad.npz")
+
+
+def test_state_round_trip_during_warm_up():
+    det = Detector(n_components=2, random_state=7)
+    det.process(_stream(300))
+    clone = Detector.from_state(*det.get_state())
+    X = _stream(3000, seed=8)
+    for batch in np.array_split(X, 10):
+        assert np.array_equal(det.process(batch).score, clone.process(batch).score,
+                              equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "X, message",
+    [
+        (np.zeros((2, 2, 2)), "2-D"),
+        (np.array([[1.0, np.inf]]), "inf"),
+        (np.array([["a", "b"]]), "numeric"),
+    ],
+)
+def test_bad_input_is_refused_with_a_reason(X, message):
+    with pytest.raises(ValueError, match=message):
+        Detector().process(X)
+
+
+def test_feature_count_must_not_change():
+    det = Detector(n_components=1, warmup_events=20)
+    det.process(np.random.default_rng(0).normal(size=(30, 2)))
+    with pytest.raises(ValueError, match="3 features"):
+        det.process(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="feature_names"):
+        Detector(feature_names=["a"]).process(np.zeros((1, 2)))
