@@ -612,11 +612,11 @@ class ModelConfig(_Section):
     covariance_type: str = _key("full", _Choice("full", "diag", "spherical", "tied"))
     reg_covar: float = _key(1e-6, _Float(), _between(0, 1e6),
                             "added to covariance diagonals for stability, e.g. 1e-6")
-    forgetting: float | None = _key(
-        None, _Optional(_Float()), _between(0, 0.5),
-        "the smallest learning step: 0 never forgets, 1e-3 adapts over ~1000 events; "
-        "omit it to use the detector's default")
-    step_exponent: float = _key(0.6, _Float(), _between(0.5, 1, low_open=True),
+    forgetting: float = _key(
+        0.002, _Float(), _between(0, 0.5),
+        "the smallest learning step: 0 never forgets; the model remembers about "
+        "256 / forgetting events (128,000 at 0.002)")
+    step_exponent: float = _key(0.7, _Float(), _between(0.5, 1, low_open=True),
                                 "the stepwise-EM step size exponent, in (0.5, 1]")
     max_components: int = _key(10, _Int(), _between(1, 1000))
     n_init: int = _key(3, _Int(), _between(1, 100))
@@ -643,7 +643,7 @@ class ThresholdConfig(_Section):
     false_alarm_rate: float = _key(
         1e-3, _Float(), _between(0, 0.5, low_open=True),
         "it is the fraction of normal events allowed to be flagged, e.g. 0.001")
-    warmup_events: int = _key(1000, _Int(), _between(1, 100_000_000),
+    warmup_events: int = _key(1000, _Int(), _between(2, 100_000_000),
                               "events learned before the first decision, e.g. 1000")
     fixed: float | None = _key(
         None, _Optional(_Float()),
@@ -712,8 +712,7 @@ class Config:
     def detector_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`streamgmm.detector.Detector`.
 
-        ``forgetting`` and ``random_state`` are only passed when set, so the detector's defaults
-        apply otherwise.
+        ``random_state`` is only passed when set (a fresh seed otherwise).
         """
         m, t = self.model, self.threshold
         kwargs: dict[str, Any] = {
@@ -722,6 +721,7 @@ class Config:
             "false_alarm_rate": t.false_alarm_rate,
             "warmup_events": t.warmup_events,
             "fixed_threshold": t.fixed,
+            "forgetting": m.forgetting,
             "protect": m.protect,
             "feature_names": list(self.features.fields),
             "reg_covar": m.reg_covar,
@@ -731,8 +731,6 @@ class Config:
             "max_iter": m.max_iter,
             "tol": m.tol,
         }
-        if m.forgetting is not None:
-            kwargs["forgetting"] = m.forgetting
         if m.random_state is not None:
             kwargs["random_state"] = m.random_state
         return kwargs

@@ -8,6 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamgmm.config import (
@@ -162,10 +163,10 @@ def test_the_issue_example_message(tmp_path):
         ('[model]\ncovariance_type = "ful"', {}, "model.covariance_type", 'did you mean "full"'),
         ("[model]\nreg_covar = -1.0", {}, "model.reg_covar", "between 0 and"),
         ("[model]\nforgetting = 0.9", {}, "model.forgetting", "between 0 and 0.5"),
+        ("[threshold]\nwarmup_events = 1", {}, "threshold.warmup_events", "between 2 and"),
         ("[model]\nstep_exponent = 0.5", {}, "model.step_exponent", "between 0.5 and 1"),
         ("[model]\nreg_covar = nan", {}, "model.reg_covar", "expected a finite number"),
         ("[threshold]\nfalse_alarm_rate = 0", {}, "threshold.false_alarm_rate", "between 0 and"),
-        ("[threshold]\nwarmup_events = 0", {}, "threshold.warmup_events", "between 1 and"),
         ("[metrics]\nport = 70000", {}, "metrics.port", "TCP port between 0 and 65535"),
         ("[checkpoint]\ninterval_seconds = 0", {}, "checkpoint.interval_seconds", "between 0.1"),
         ('[checkpoint]\npath = ""', {}, "checkpoint.path", "must not be empty"),
@@ -233,7 +234,8 @@ def test_effective_config_round_trips_through_toml(tmp_path):
            "STREAMGMM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
            "STREAMGMM_KAFKA__SASL_MECHANISM": "PLAIN",
            "STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "6000",
-           "STREAMGMM_MODEL__FORGETTING": "0.001", "STREAMGMM_THRESHOLD__FIXED": "20"}
+           "STREAMGMM_MODEL__FORGETTING": "0.01", "STREAMGMM_THRESHOLD__FIXED": "20",
+           "STREAMGMM_MODEL__RANDOM_STATE": "3"}
     config = load_config(write(tmp_path, toml), env=env)
     redacted = config.to_toml()
     assert "hunter2" not in redacted and 'sasl_plain_password = "***"' in redacted
@@ -242,22 +244,36 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     assert again == config
 
 
-def test_detector_kwargs_match_the_detector_contract():
+def test_detector_kwargs_build_a_real_detector():
+    from streamgmm.detector import Detector
+
     config = Config(features=FeaturesConfig(fields=["a", "b"]),
                     threshold=ThresholdConfig(false_alarm_rate=0.02, warmup_events=50, fixed=9.0))
     kwargs = config.detector_kwargs()
     assert kwargs["feature_names"] == ["a", "b"]
     assert kwargs["fixed_threshold"] == 9.0
-    assert "forgetting" not in kwargs and "random_state" not in kwargs
-    contract = {"n_components", "covariance_type", "false_alarm_rate", "warmup_events",
-                "fixed_threshold", "forgetting", "protect", "feature_names", "random_state"}
-    engine = {"reg_covar", "step_exponent", "max_components", "n_init", "max_iter", "tol"}
-    assert set(kwargs) <= contract | engine
-    detector = pytest.importorskip("streamgmm.detector", reason="the detector has not landed yet")
-    signature = inspect.signature(detector.Detector)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    assert accepts_any or set(kwargs) <= set(signature.parameters)
-    detector.Detector(**kwargs)
+    assert "random_state" not in kwargs
+    detector = Detector(**kwargs)
+    assert detector.false_alarm_rate == 0.02
+    assert detector.forgetting == config.model.forgetting
+    result = detector.process(np.random.default_rng(0).normal(size=(60, 2)))
+    assert result.score.shape == (60,)
+
+
+def test_config_defaults_are_the_library_defaults():
+    """The defaults shown by --print-config are those the detector and engine would use."""
+    from streamgmm.detector import Detector
+    from streamgmm.mixture import OnlineGaussianMixture
+
+    kwargs = Config(features=FeaturesConfig(fields=["a"])).detector_kwargs()
+    defaults = {name: p.default for cls in (OnlineGaussianMixture, Detector)
+                for name, p in inspect.signature(cls).parameters.items()
+                if p.default is not p.empty}
+    for name, value in kwargs.items():
+        if name in ("feature_names", "n_components"):  # no default / the detector's is used
+            continue
+        assert value == defaults[name], name
+    assert kwargs["n_components"] == inspect.signature(Detector).parameters["n_components"].default
 
 
 def test_sections_validate_when_built_in_code():
