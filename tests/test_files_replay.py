@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -10,7 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from streamgmm.config import Config, FeaturesConfig, ModelConfig, ThresholdConfig
+from streamgmm.config import BatchConfig, Config, FeaturesConfig, ModelConfig, ThresholdConfig
+from streamgmm.detector import Detector
 from streamgmm.features import DeadLetter, FeatureExtractor
 from streamgmm.io.files import CsvSource, JsonlSink, JsonlSource, open_source
 from streamgmm.messages import (
@@ -174,15 +176,16 @@ def write_events(path, n=4000, anomalies=(), bad=(), seed=0):
             f.write(json.dumps({"id": i, "m": {"x": x}, "y": y}) + "\n")
 
 
-def replay_config(**threshold):
+def replay_config(max_records=200, **threshold):
+    """Small batches: the detector warms up batch by batch (a batch is scored before learning)."""
     return Config(features=FeaturesConfig(fields=["m.x", "y"]),
+                  batch=BatchConfig(max_records=max_records),
                   model=ModelConfig(n_components=2, random_state=0),
                   threshold=ThresholdConfig(**{"false_alarm_rate": 1e-3, "warmup_events": 500,
                                                **threshold}))
 
 
 def test_replay_writes_anomalies_and_dead_letters_and_accounts_for_every_line(tmp_path):
-    pytest.importorskip("streamgmm.detector", reason="the detector has not landed yet")
     events = tmp_path / "events.jsonl"
     injected = {1500, 2600, 3900}
     bad = {7: "not json", 1000: '{"id": 1000, "m": {"x": "high"}, "y": 1}',
@@ -224,16 +227,12 @@ def test_replay_writes_anomalies_and_dead_letters_and_accounts_for_every_line(tm
 
 def test_replay_is_the_same_detector_as_the_daemon_batch_by_batch(tmp_path):
     """Replaying equals feeding the same micro-batches to a fresh detector by hand."""
-    detector_module = pytest.importorskip("streamgmm.detector",
-                                          reason="the detector has not landed yet")
     events = tmp_path / "events.jsonl"
     write_events(events, n=1500, anomalies={1200})
-    config = replay_config(warmup_events=300)
-    config = Config(features=config.features, model=config.model, threshold=config.threshold,
-                    batch=type(config.batch)(max_records=250))
+    config = replay_config(max_records=250, warmup_events=300)
     summary = replay(config, events, tmp_path / "out.jsonl", progress=False)
 
-    detector = detector_module.Detector(**config.detector_kwargs())
+    detector = Detector(**config.detector_kwargs())
     extractor = FeatureExtractor(["m.x", "y"])
     lines = events.read_bytes().splitlines()
     flagged = []
@@ -249,25 +248,24 @@ def test_replay_is_the_same_detector_as_the_daemon_batch_by_batch(tmp_path):
 
 
 def test_replay_marginalizes_missing_fields_when_configured(tmp_path):
-    pytest.importorskip("streamgmm.detector", reason="the detector has not landed yet")
     events = tmp_path / "events.jsonl"
     write_events(events, n=1200, bad={1100: '{"id": 1100, "y": 0.1}'})
     config = replay_config(warmup_events=300)
-    config = Config(features=FeaturesConfig(fields=["m.x", "y"], missing="marginalize"),
-                    model=config.model, threshold=config.threshold)
+    config = dataclasses.replace(
+        config, features=FeaturesConfig(fields=["m.x", "y"], missing="marginalize"))
     summary = replay(config, events, tmp_path / "out.jsonl", progress=False)
     assert summary.dead_letters == 0 and summary.events_scored == 1200
 
 
 def test_replay_from_csv_with_a_progress_bar(tmp_path, capsys):
-    pytest.importorskip("streamgmm.detector", reason="the detector has not landed yet")
     pytest.importorskip("tqdm")
     events = tmp_path / "events.csv"
     rng = np.random.default_rng(1)
     rows = ["id,m.x,y"] + [f"{i},{rng.normal():.4f},{rng.normal():.4f}" for i in range(800)]
     rows[700] = "699,60,60"
     events.write_text("\n".join(rows) + "\n")
-    summary = replay(replay_config(warmup_events=200), events, tmp_path / "out.jsonl")
+    summary = replay(replay_config(max_records=100, warmup_events=200), events,
+                     tmp_path / "out.jsonl")
     assert summary.events_scored == 800
     ids = [json.loads(line)["event"]["id"]
            for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -276,7 +274,6 @@ def test_replay_from_csv_with_a_progress_bar(tmp_path, capsys):
 
 
 def test_replay_refuses_to_overwrite_its_input(tmp_path):
-    pytest.importorskip("streamgmm.detector", reason="the detector has not landed yet")
     events = tmp_path / "events.jsonl"
     write_events(events, n=10)
     before = events.read_bytes()
@@ -286,7 +283,6 @@ def test_replay_refuses_to_overwrite_its_input(tmp_path):
 
 
 def test_main_prints_the_summary_or_the_problem(tmp_path, capsys):
-    pytest.importorskip("streamgmm.detector", reason="the detector has not landed yet")
     assert main(replay_config(), tmp_path / "missing.jsonl", tmp_path / "out.jsonl") == 1
     assert "does not exist" in capsys.readouterr().err
     events = tmp_path / "events.jsonl"
