@@ -165,6 +165,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(config.to_toml())
         return EXIT_OK
     _setup_logging(args.log_level)
+    import signal
+
+    # Handle SIGTERM/SIGINT from the start: a stop that arrives while connecting is honoured.
+    stop_requested: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
     from streamgmm.checkpoint import CheckpointError
     from streamgmm.metrics import Metrics
     from streamgmm.service import Daemon
@@ -188,6 +194,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_CONFIG
     daemon.install_signal_handlers()
+    if stop_requested:
+        daemon.request_stop()
     try:
         return daemon.run()
     finally:

@@ -67,7 +67,6 @@ from streamgmm.io.kafka import (
     OutgoingRecord,
     broker_reachable,
     dead_letter_headers,
-    end_offsets,
     ensure_topics,
     read_published_sources,
 )
@@ -283,20 +282,15 @@ class Daemon:
         source, kafka = self._source, self.config.kafka
         assigned = source.wait_for_assignment()
         committed = source.committed()
-        beginnings, ends = source.beginning_offsets(), source.end_offsets()
+        beginnings = source.beginning_offsets()
         for tp in sorted(assigned):
             c, learned = committed.get(tp), self._learned.get(tp)
-            begin, end = beginnings.get(tp, 0), ends.get(tp, 0)
-            if learned is not None and learned > end:
-                logger.warning("%s ends at %d but the model learned up to %d: the topic was "
-                               "recreated or truncated; continuing from its start", _tp_key(tp),
-                               end, learned)
-                learned = None
+            begin = beginnings.get(tp, 0)
             if learned is None:
-                if c is not None and begin <= c <= end:
+                if c is not None and c >= begin:
                     start = c
                 else:
-                    start = begin if kafka.auto_offset_reset == "earliest" else end
+                    start = begin if kafka.auto_offset_reset == "earliest" else source.position(tp)
                 learned = start
             if c is not None and c > learned:
                 logger.info("%s: re-learning offsets %d..%d (after the checkpoint, already "
@@ -306,7 +300,8 @@ class Daemon:
             source.seek(tp, learned)
         published, ends_out = read_published_sources(
             self._bootstrap, kafka.output_topic, kafka.dead_letter_topic,
-            start_positions=self._output_positions, **kafka.security_kwargs(),
+            start_positions=self._output_positions,
+            **kafka.security_kwargs(),
         )
         self._already_published |= published
         if not self._output_positions:
@@ -418,9 +413,10 @@ class Daemon:
         }
         if not self._already_published and not self._publish_from:
             try:
-                self._output_positions = end_offsets(
-                    self._source.consumer,
+                self._output_positions = self._source.high_watermarks(
                     (self.config.kafka.output_topic, self.config.kafka.dead_letter_topic))
+            except KafkaUnavailable:
+                raise
             except Exception as exc:
                 raise KafkaUnavailable(f"cannot read output positions: {exc}") from exc
         arrays, meta = self.detector.get_state()

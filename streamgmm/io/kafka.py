@@ -54,6 +54,7 @@ __all__ = [
     "source_of_output",
     "read_published_sources",
     "end_offsets",
+    "high_watermarks",
     "ensure_topics",
     "broker_reachable",
 ]
@@ -213,25 +214,47 @@ def end_offsets(consumer: KafkaConsumer, topics: Iterable[str]) -> dict[TopicPar
     return dict(consumer.end_offsets(parts)) if parts else {}
 
 
+def high_watermarks(
+    bootstrap_servers: str, topics: Iterable[str], **client_options: Any
+) -> dict[TopicPartition, int]:
+    """High watermarks (end offsets, ``read_uncommitted``) of every partition of ``topics``."""
+    options = {**CONSUMER_DEFAULTS, **client_options}
+    for managed in ("session_timeout_ms", "heartbeat_interval_ms", "group_id",
+                    "auto_offset_reset", "isolation_level"):
+        options.pop(managed, None)
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
+                                 isolation_level="read_uncommitted", **options)
+    except kafka_errors.KafkaError as exc:
+        raise _client_error("cannot connect to read end offsets", exc) from exc
+    try:
+        return end_offsets(consumer, topics)
+    except kafka_errors.KafkaError as exc:
+        raise _client_error("reading end offsets failed", exc) from exc
+    finally:
+        consumer.close()
+
+
 def read_published_sources(
     bootstrap_servers: str,
     output_topic: str,
     dead_letter_topic: str,
     start_positions: Mapping[TopicPartition, int] | None = None,
-    timeout: float = 30.0,
+    timeout: float = 60.0,
+    idle_seconds: float = 1.0,
     **client_options: Any,
 ) -> tuple[set[tuple[str, int, int]], dict[TopicPartition, int]]:
     """Sources of everything already published on the output and dead-letter topics.
 
     Reads both topics with ``read_committed`` from ``start_positions`` (partitions not listed are
-    read from their beginning) up to their current end.
+    read from their beginning) until nothing new arrives for ``idle_seconds``.
 
     Returns
     -------
     sources : set of (topic, partition, offset)
         The input events that already have an anomaly message or a dead letter.
-    ends : dict of TopicPartition to int
-        Where reading stopped, per partition: the positions to save in the next checkpoint.
+    reached : dict of TopicPartition to int
+        Where reading stopped, per partition.
     """
     start_positions = dict(start_positions or {})
     options = {**CONSUMER_DEFAULTS, **client_options}
@@ -244,24 +267,27 @@ def read_published_sources(
     )
     sources: set[tuple[str, int, int]] = set()
     try:
-        ends = end_offsets(consumer, (output_topic, dead_letter_topic))
-        todo = {}
-        for tp, end in ends.items():
-            start = min(start_positions.get(tp, 0), end)
-            if start < end:
-                todo[tp] = (start, end)
-        if todo:
-            consumer.assign(list(todo))
-            for tp, (start, _) in todo.items():
-                consumer.seek(tp, start)
+        parts = []
+        for topic in (output_topic, dead_letter_topic):
+            ids = consumer.partitions_for_topic(topic) or set()
+            parts += [TopicPartition(topic, p) for p in sorted(ids)]
+        reached: dict[TopicPartition, int] = {}
+        if parts:
+            consumer.assign(parts)
+            for tp in parts:
+                consumer.seek(tp, start_positions.get(tp, 0))
             deadline = time.monotonic() + timeout
-            remaining = set(todo)
-            while remaining:
+            last_record = time.monotonic()
+            # Read until nothing more comes: end offsets from ListOffsets are not trusted
+            # (Tansu 0.6 reports them too low), and stopping early would republish outputs.
+            while time.monotonic() - last_record < idle_seconds:
                 if time.monotonic() > deadline:
                     raise KafkaUnavailable(
-                        f"could not read back {sorted(map(tuple, remaining))} within {timeout:g} s"
-                    )
-                for tp, records in consumer.poll(timeout_ms=200, max_records=5000).items():
+                        f"reading back the output topics took over {timeout:g} s")
+                batches = consumer.poll(timeout_ms=100, max_records=5000)
+                if batches:
+                    last_record = time.monotonic()
+                for tp, records in batches.items():
                     for rec in records:
                         if tp.topic == output_topic:
                             src = source_of_output(rec.value)
@@ -269,12 +295,10 @@ def read_published_sources(
                             src = source_of_dead_letter(rec.headers)
                         if src is not None:
                             sources.add(src)
-                for tp in list(remaining):
-                    if consumer.position(tp) >= todo[tp][1]:
-                        remaining.discard(tp)
+            reached = {tp: consumer.position(tp) for tp in parts}
         logger.info("read back %d published sources from %s and %s",
                     len(sources), output_topic, dead_letter_topic)
-        return sources, ends
+        return sources, reached
     except kafka_errors.KafkaError as exc:
         raise _client_error("reading back the output topics failed", exc) from exc
     finally:
@@ -316,6 +340,13 @@ class KafkaSource:
                 auto_offset_reset=auto_offset_reset, isolation_level="read_committed", **options,
             )
             self._consumer.subscribe([topic])
+            # End offsets come from a read_uncommitted client: Tansu 0.6 reports a last stable
+            # offset (what a read_committed client gets) below data that is committed.
+            meta_options = {k: v for k, v in options.items()
+                            if k not in ("session_timeout_ms", "heartbeat_interval_ms")}
+            self._offsets_client = KafkaConsumer(
+                bootstrap_servers=bootstrap_servers, group_id=None,
+                isolation_level="read_uncommitted", **meta_options)
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
 
@@ -376,7 +407,18 @@ class KafkaSource:
         return dict(self._consumer.beginning_offsets(list(self._consumer.assignment())))
 
     def end_offsets(self) -> dict[TopicPartition, int]:
-        return dict(self._consumer.end_offsets(list(self._consumer.assignment())))
+        """High watermarks of the assigned partitions."""
+        try:
+            return dict(self._offsets_client.end_offsets(list(self._consumer.assignment())))
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("reading end offsets failed", exc) from exc
+
+    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
+        try:
+            return end_offsets(self._offsets_client, topics)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("reading end offsets failed", exc) from exc
 
     def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
         """Events behind the last known end of the assigned partitions.
@@ -403,6 +445,7 @@ class KafkaSource:
 
     def close(self) -> None:
         try:
+            self._offsets_client.close()
             self._consumer.close(autocommit=False)
         except Exception as exc:  # closing a consumer of a dead broker may fail; nothing to do
             logger.debug("closing the consumer: %s", exc)
