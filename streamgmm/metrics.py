@@ -250,7 +250,8 @@ class Metrics:
         Parameters
         ----------
         model : OnlineGaussianMixture or Detector
-            A detector is read through its ``model`` and ``n_events_learned``. While the mixture
+            A detector is read through its ``model``, ``n_events_learned`` and ``warming_up``
+            (the threshold may still calibrate after the mixture is fitted). While the mixture
             is warming up (``is_fitted`` false) it has no weights; the component series are then
             removed.
         """
@@ -260,7 +261,8 @@ class Metrics:
             learned = getattr(mixture, "n_events_learned_", 0)
         self.model_events_learned.set(int(learned))
         fitted = bool(getattr(mixture, "is_fitted", True))
-        self.warming_up.set(0 if fitted else 1)
+        warming = getattr(model, "warming_up", None) if mixture is not model else None
+        self.warming_up.set(1 if (not fitted if warming is None else warming) else 0)
         weights = np.asarray(getattr(mixture, "weights_", []) if fitted else [], dtype=float)
         labels = {str(k) for k in range(weights.size)}
         for stale in self._component_labels - labels:

@@ -222,3 +222,43 @@ def test_serve_on_a_busy_port_names_it():
         port = busy.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             Metrics().serve("127.0.0.1", port)
+
+
+def test_metrics_from_a_real_detector_stream():
+    """The daemon's calls, fed by the real Detector: values equal what the detector reports."""
+    from streamgmm.detector import Detector
+
+    detector = Detector(n_components=2, warmup_events=200, random_state=0)
+    rng = np.random.default_rng(0)
+    metrics = Metrics()
+    metrics.set_model(detector)
+    assert detector.warming_up and metrics.value("streamgmm_warming_up") == 1
+    n_anomalies = 0
+    for k in range(6):
+        X = rng.normal(size=(200, 2))
+        if k == 5:
+            X[:3] = 50.0
+        result = detector.process(X)
+        n_anomalies += int(result.is_anomaly.sum())
+        metrics.observe_batch(result, 0.01)
+        metrics.set_model(detector)
+    assert n_anomalies >= 3
+    assert metrics.value("streamgmm_events_total") == 1200
+    assert metrics.value("streamgmm_anomalies_total") == n_anomalies
+    assert metrics.value("streamgmm_threshold") == result.threshold[-1]
+    assert not detector.warming_up
+    assert metrics.value("streamgmm_warming_up") == 0
+    assert metrics.value("streamgmm_model_events_learned") == detector.n_events_learned
+    weights = detector.model.weights_
+    assert metrics.value("streamgmm_components") == len(weights)
+    for k, w in enumerate(weights):
+        assert metrics.value("streamgmm_component_weight", component=str(k)) == w
+    drift = result.drift
+    assert metrics.value("streamgmm_drift_kl_divergence") == drift.kl_divergence
+    assert metrics.value("streamgmm_log_likelihood_mean") == drift.mean_log_likelihood
+    assert metrics.value("streamgmm_anomaly_rate_target") == drift.target_anomaly_rate
+    assert metrics.value("streamgmm_drift_detected_total") == drift.n_drifts
+    if shutil.which("promtool"):
+        done = subprocess.run(["promtool", "check", "metrics"], input=metrics.exposition(),
+                              capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()

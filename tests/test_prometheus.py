@@ -11,11 +11,11 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from streamgmm.detector import Detector
 from streamgmm.embedded import free_port
 from streamgmm.metrics import Metrics
 
@@ -25,37 +25,6 @@ pytestmark = [
         shutil.which("prometheus") is None,
         reason="the prometheus binary is not installed (apt-get install prometheus)"),
 ]
-
-
-@dataclass
-class _Drift:
-    mean_log_likelihood: float = -4.25
-    log_likelihood_ewma: float = -4.0
-    reference_log_likelihood: float = -3.75
-    kl_divergence: float = 0.125
-    mean_displacement: float = 0.5
-    weight_entropy: float = 0.6931
-    anomaly_rate: float = 0.002
-    target_anomaly_rate: float = 0.001
-    drift_detected: bool = True
-    n_drifts: int = 1
-
-
-@dataclass
-class _Batch:
-    score: np.ndarray
-    is_anomaly: np.ndarray
-    threshold: np.ndarray
-    warming_up: np.ndarray
-    drift: _Drift
-
-
-@dataclass
-class _Mixture:
-    weights_: np.ndarray
-    n_events_learned_: int
-    is_fitted: bool = True
-    n_components_: int = 2
 
 
 def _get_json(url: str, timeout: float = 5.0) -> dict:
@@ -123,14 +92,19 @@ def _query(base: str, promql: str) -> dict[tuple, float]:
 
 def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
     metrics, base = prometheus
-    n = 500
-    is_anomaly = np.zeros(n, bool)
-    is_anomaly[[10, 20, 30]] = True
-    metrics.observe_batch(_Batch(score=np.linspace(0, 9, n), is_anomaly=is_anomaly,
-                                 threshold=np.full(n, 8.5), warming_up=np.zeros(n, bool),
-                                 drift=_Drift()), duration_s=0.0123)
+    detector = Detector(n_components=2, warmup_events=200, random_state=0)
+    rng = np.random.default_rng(0)
+    n_anomalies = 0
+    for k in range(5):
+        X = rng.normal(size=(100, 2))
+        if k == 4:
+            X[:3] = 40.0
+        result = detector.process(X)
+        n_anomalies += int(result.is_anomaly.sum())
+        metrics.observe_batch(result, duration_s=0.0123)
+        metrics.set_model(detector)
+    assert n_anomalies >= 3
     metrics.dead_letters({"invalid_json": 4, "non_numeric": 1})
-    metrics.set_model(_Mixture(weights_=np.array([0.75, 0.25]), n_events_learned_=4321))
     metrics.set_consumer_lag(77)
     metrics.set_broker_up(True)
     metrics.checkpoint_written()
@@ -142,23 +116,25 @@ def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
     _wait_for(scraped, "Prometheus to scrape the metrics endpoint")
     assert _query(base, 'up{job="streamgmm"}') == {(): 1.0}
     assert _query(base, "streamgmm_events_total") == {(): 500.0}
-    assert _query(base, "streamgmm_anomalies_total") == {(): 3.0}
+    assert _query(base, "streamgmm_anomalies_total") == {(): float(n_anomalies)}
     dead = _query(base, "streamgmm_dead_letters_total")
     assert dead[(("reason", "invalid_json"),)] == 4.0
     assert dead[(("reason", "non_numeric"),)] == 1.0
     assert dead[(("reason", "oversize"),)] == 0.0 and len(dead) == 6
-    assert _query(base, "streamgmm_threshold") == {(): 8.5}
-    assert _query(base, "streamgmm_drift_kl_divergence") == {(): 0.125}
-    assert _query(base, "streamgmm_log_likelihood_mean") == {(): -4.25}
-    assert _query(base, "streamgmm_drift_detected_total") == {(): 1.0}
-    assert _query(base, "streamgmm_component_weight") == {(("component", "0"),): 0.75,
-                                                          (("component", "1"),): 0.25}
-    assert _query(base, "streamgmm_model_events_learned") == {(): 4321.0}
+    assert _query(base, "streamgmm_threshold") == {(): result.threshold[-1]}
+    assert _query(base, "streamgmm_drift_kl_divergence") == {(): result.drift.kl_divergence}
+    assert _query(base, "streamgmm_log_likelihood_mean") == {
+        (): result.drift.mean_log_likelihood}
+    weights = detector.model.weights_
+    assert _query(base, "streamgmm_component_weight") == {
+        (("component", str(k)),): w for k, w in enumerate(weights)}
+    assert _query(base, "streamgmm_components") == {(): float(len(weights))}
+    assert _query(base, "streamgmm_model_events_learned") == {(): 500.0}
     assert _query(base, "streamgmm_warming_up") == {(): 0.0}
     assert _query(base, "streamgmm_broker_up") == {(): 1.0}
-    assert _query(base, "streamgmm_batch_duration_seconds_count") == {(): 1.0}
+    assert _query(base, "streamgmm_batch_duration_seconds_count") == {(): 5.0}
     assert _query(base, 'streamgmm_batch_duration_seconds_bucket{le="0.025"}') == {
-        (("le", "0.025"),): 1.0}
+        (("le", "0.025"),): 5.0}
     age = _query(base, "streamgmm_checkpoint_age_seconds")[()]
     assert 0.0 <= age < 60.0
     assert list(_query(base, "streamgmm_build_info")) == [(("version", "0.1.0"),)]
