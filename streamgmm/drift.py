@@ -60,7 +60,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import linalg
 
 __all__ = [
     "DriftMonitor",
@@ -123,15 +122,19 @@ def full_covariances(
 
 
 def _inverses_and_logdets(covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    k, d, _ = covs.shape
-    inv = np.empty_like(covs)
-    logdet = np.empty(k)
-    eye = np.eye(d)
-    for i in range(k):
-        chol = linalg.cholesky(covs[i], lower=True)
-        inv[i] = linalg.cho_solve((chol, True), eye)
-        logdet[i] = 2.0 * np.log(np.diag(chol)).sum()
-    return inv, logdet
+    """Batched inverses and log-determinants of ``(K, d, d)`` covariances."""
+    chol = np.linalg.cholesky(covs)
+    logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    inv_chol = np.linalg.inv(chol)
+    return np.swapaxes(inv_chol, 1, 2) @ inv_chol, logdet
+
+
+def _kl_from_parts(means_a, covs_a, logdet_a, means_b, inv_b, logdet_b) -> np.ndarray:
+    d = means_a.shape[1]
+    trace = np.einsum("bij,aji->ab", inv_b, covs_a)
+    diff = means_b[None, :, :] - means_a[:, None, :]  # (Ka, Kb, d)
+    maha = np.einsum("abi,bij,abj->ab", diff, inv_b, diff)
+    return 0.5 * (trace + maha - d + logdet_b[None, :] - logdet_a[:, None])
 
 
 def gaussian_kl_matrix(
@@ -148,11 +151,14 @@ def gaussian_kl_matrix(
     """
     inv_b, logdet_b = _inverses_and_logdets(covs_b)
     _, logdet_a = _inverses_and_logdets(covs_a)
-    d = means_a.shape[1]
-    trace = np.einsum("bij,aji->ab", inv_b, covs_a)
-    diff = means_b[None, :, :] - means_a[:, None, :]  # (Ka, Kb, d)
-    maha = np.einsum("abi,bij,abj->ab", diff, inv_b, diff)
-    return 0.5 * (trace + maha - d + logdet_b[None, :] - logdet_a[:, None])
+    return _kl_from_parts(means_a, covs_a, logdet_a, means_b, inv_b, logdet_b)
+
+
+def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
+    top = a.max(axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return top + np.log(np.exp(a - top[:, None]).sum(axis=1))
 
 
 def mixture_kl_variational(
@@ -162,6 +168,7 @@ def mixture_kl_variational(
     weights_g: np.ndarray,
     means_g: np.ndarray,
     covs_g: np.ndarray,
+    _g_parts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
     """Variational approximation of KL(f || g) between two Gaussian mixtures (Hershey & Olsen).
 
@@ -174,22 +181,26 @@ def mixture_kl_variational(
     >>> mixture_kl_variational(w, m, c, w, m + 1.0, c)
     1.0
     """
-    from scipy.special import logsumexp
-
     wf = np.asarray(weights_f, dtype=np.float64)
     wg = np.asarray(weights_g, dtype=np.float64)
-    kl_ff = gaussian_kl_matrix(means_f, covs_f, means_f, covs_f)
-    kl_fg = gaussian_kl_matrix(means_f, covs_f, means_g, covs_g)
+    inv_f, logdet_f = _inverses_and_logdets(covs_f)
+    inv_g, logdet_g = _g_parts if _g_parts is not None else _inverses_and_logdets(covs_g)
+    kl_ff = _kl_from_parts(means_f, covs_f, logdet_f, means_f, inv_f, logdet_f)
+    kl_fg = _kl_from_parts(means_f, covs_f, logdet_f, means_g, inv_g, logdet_g)
     with np.errstate(divide="ignore"):
         log_wf, log_wg = np.log(wf), np.log(wg)
-    num = logsumexp(log_wf[None, :] - kl_ff, axis=1)
-    den = logsumexp(log_wg[None, :] - kl_fg, axis=1)
+    num = _logsumexp_rows(log_wf[None, :] - kl_ff)
+    den = _logsumexp_rows(log_wg[None, :] - kl_fg)
     mask = wf > 0
     return float(np.sum(wf[mask] * (num[mask] - den[mask])))
 
 
 def mean_displacement(
-    weights_f: np.ndarray, means_f: np.ndarray, means_g: np.ndarray, covs_g: np.ndarray
+    weights_f: np.ndarray,
+    means_f: np.ndarray,
+    means_g: np.ndarray,
+    covs_g: np.ndarray,
+    _inv_g: np.ndarray | None = None,
 ) -> float:
     """Weighted mean over live components of the Mahalanobis distance to the nearest reference.
 
@@ -199,7 +210,7 @@ def mean_displacement(
     ...                   np.array([[[4.0]]]))
     1.5
     """
-    inv_g, _ = _inverses_and_logdets(covs_g)
+    inv_g = _inv_g if _inv_g is not None else _inverses_and_logdets(covs_g)[0]
     diff = means_f[:, None, :] - means_g[None, :, :]
     maha = np.einsum("abi,bij,abj->ab", diff, inv_g, diff)
     return float(np.sum(weights_f * np.sqrt(np.maximum(maha.min(axis=1), 0.0))))
@@ -284,6 +295,7 @@ class DriftMonitor:
         self._cusum_neg = 0.0
         self._resnapshot_in: int | None = None
         self._reference: dict[str, np.ndarray] | None = None
+        self._reference_parts: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- reference --------------------------------------------------------------------------
     def snapshot(self, weights, means, covariances, covariance_type: str) -> None:
@@ -296,6 +308,7 @@ class DriftMonitor:
             "means": m.copy(),
             "covariances": full_covariances(covariances, covariance_type, k, d),
         }
+        self._reference_parts = None
         self.reference_ll = self.ll_ewma
         self._resnapshot_in = None
 
@@ -374,14 +387,19 @@ class DriftMonitor:
             assert ref is not None
             entropy = weight_entropy(w)
             try:
+                if self._reference_parts is None:
+                    self._reference_parts = _inverses_and_logdets(ref["covariances"])
+                parts = self._reference_parts
                 kl = max(
                     mixture_kl_variational(
-                        w, mu, covs, ref["weights"], ref["means"], ref["covariances"]
+                        w, mu, covs, ref["weights"], ref["means"], ref["covariances"], parts
                     ),
                     0.0,
                 )
-                displacement = mean_displacement(w, mu, ref["means"], ref["covariances"])
-            except (linalg.LinAlgError, ValueError):
+                displacement = mean_displacement(
+                    w, mu, ref["means"], ref["covariances"], parts[0]
+                )
+            except (np.linalg.LinAlgError, ValueError):
                 kl = displacement = math.nan
         return DriftReport(
             mean_log_likelihood=batch_mean,

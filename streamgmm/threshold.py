@@ -216,11 +216,21 @@ class _ScoreScale:
 
     # -- window -----------------------------------------------------------------------------
     def _push(self, values: np.ndarray) -> None:
+        """Append to the ring buffer, keeping a sorted copy up to date incrementally."""
         values = values[-self.window_size :]
         m = values.size
         if m == 0:
             return
         end = self._cursor + m
+        if self._filled + m > self.window_size:  # some old values are overwritten
+            n_old = self._filled + m - self.window_size
+            start = self._cursor if self._filled == self.window_size else 0
+            idx = (start + np.arange(n_old)) % self.window_size
+            old = np.sort(self._window[idx])
+            pos = np.searchsorted(self._sorted, old, side="left")
+            # equal values: step past the ones already chosen
+            pos = pos + (np.arange(n_old) - np.searchsorted(old, old, side="left"))
+            self._sorted = np.delete(self._sorted, pos)
         if end <= self.window_size:
             self._window[self._cursor : end] = values
         else:
@@ -229,7 +239,8 @@ class _ScoreScale:
             self._window[: m - first] = values[first:]
         self._cursor = end % self.window_size
         self._filled = min(self._filled + m, self.window_size)
-        self._sorted = np.sort(self._window[: self._filled])
+        new = np.sort(values)
+        self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
 
     @property
     def warming_up(self) -> bool:
@@ -442,7 +453,8 @@ class AdaptiveThreshold(_ScoreScale):
             beyond = min(float(tail.survival(rejection_level)), 0.5 * alpha)
             tail = _Tail(srt, (alpha - beyond) / (1.0 - beyond), anchor, robust)
             tail.p = alpha
-        median = float(np.median(srt))
+        half = srt.size // 2
+        median = float(srt[half] if srt.size % 2 else 0.5 * (srt[half - 1] + srt[half]))
         level = max(
             tail.quantile(self.rejection_ratio * alpha),
             tail.t + self.rejection_gap * max(tail.t - median, 0.0),
@@ -482,6 +494,7 @@ class AdaptiveThreshold(_ScoreScale):
         keep = keep[keep <= fit[2]]
         self._filled = 0
         self._cursor = 0
+        self._sorted = np.empty(0, dtype=np.float64)
         self._push(keep)
         self._set(*fit)
         logger.info(
