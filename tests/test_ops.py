@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose and rule files")
+import yaml  # PyYAML (dev extra): compose, Prometheus and Grafana files are YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
