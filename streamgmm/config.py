@@ -504,14 +504,15 @@ class KafkaConfig(_Section):
                  "ssl_password", "ssl_check_hostname")
 
     def _validate(self) -> None:
-        consumer_defaults, producer_defaults = _kafka_python_defaults()
-        common = set(consumer_defaults) & set(producer_defaults)
-        object.__setattr__(self, "client", _check_passthrough(
-            "client", self.client, common))
-        object.__setattr__(self, "consumer", _check_passthrough(
-            "consumer", self.consumer, set(consumer_defaults)))
-        object.__setattr__(self, "producer", _check_passthrough(
-            "producer", self.producer, set(producer_defaults)))
+        if self.client or self.consumer or self.producer:  # kafka-python only when needed
+            consumer_defaults, producer_defaults = _kafka_python_defaults()
+            common = set(consumer_defaults) & set(producer_defaults)
+            object.__setattr__(self, "client", _check_passthrough(
+                "client", self.client, common))
+            object.__setattr__(self, "consumer", _check_passthrough(
+                "consumer", self.consumer, set(consumer_defaults)))
+            object.__setattr__(self, "producer", _check_passthrough(
+                "producer", self.producer, set(producer_defaults)))
         for name in self._SECURITY:
             for table in ("client", "consumer", "producer"):
                 if name in getattr(self, table):
@@ -860,7 +861,6 @@ def load_config(path: str | os.PathLike | None = None,
                 for sub in values[key]:
                     sources[f"{section}.{key}.{sub}"] = f"from {file_label}"
 
-    consumer_defaults, producer_defaults = _kafka_python_defaults()
     for parts, text, variable in _env_overrides(env):
         dotted = ".".join(parts)
         where = f"from environment variable {variable}"
@@ -869,6 +869,7 @@ def load_config(path: str | os.PathLike | None = None,
         cls = _SECTIONS[parts[0]]
         fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
         if parts[0] == "kafka" and len(parts) == 3 and parts[1] in _PASSTHROUGH_TABLES:
+            consumer_defaults, producer_defaults = _kafka_python_defaults()
             default = {**producer_defaults, **consumer_defaults}.get(parts[2])
             try:
                 value = _parse_passthrough_env(parts[2], text, default)
