@@ -286,6 +286,13 @@ class Daemon:
         for tp in sorted(assigned):
             c, learned = committed.get(tp), self._learned.get(tp)
             begin = beginnings.get(tp, 0)
+            if learned is not None and c is None and learned > begin:
+                # A checkpoint is only written once what it learned is committed, so a group
+                # without commits means the broker lost its state (or the group was deleted).
+                logger.warning("%s: the group has no committed offset although the model learned "
+                               "up to %d; the broker lost its data or the group was deleted. "
+                               "Continuing from auto_offset_reset", _tp_key(tp), learned)
+                learned = None
             if learned is None:
                 if c is not None and c >= begin:
                     start = c
