@@ -428,6 +428,28 @@ class Detector:
             _log_resp=log_resp_best,
         )
 
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Scores ``-log p(x)`` without learning or deciding (NaN while the model warms up).
+
+        Incomplete events get the complete-event scale, as in :meth:`process`; an event with no
+        observed feature scores NaN.
+        """
+        X = self._validate(X)
+        out = np.full(len(X), np.nan)
+        if not self.model.is_fitted or len(X) == 0:
+            return out
+        complete = ~np.isnan(X).any(axis=1)
+        if complete.all():
+            return -self.model.score_samples(X)
+        if complete.any():
+            out[complete] = -self.model.score_samples(X[complete])
+        inc = np.flatnonzero(~complete)
+        params = (self.model.weights_, self.model.means_, self.model.covariances_)
+        covs = full_covariances(params[2], self.covariance_type, len(params[0]), X.shape[1])
+        ll_inc, resp_inc = self.model.marginal_score_samples(X[inc])
+        out[inc] = self._full_scale_scores(X[inc], ll_inc, resp_inc.argmax(axis=1), params, covs)
+        return out
+
     # -- helpers --------------------------------------------------------------------------------
     def _typical_scores(self, comp: np.ndarray, params, covs: np.ndarray) -> np.ndarray:
         """``E[-log pi_k N(x|k)]`` for x from component k: ``-log pi_k + (d + log|2 pi S|) / 2``."""

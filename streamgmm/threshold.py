@@ -277,11 +277,27 @@ class _ScoreScale:
         return out
 
     def tail_probability(self, scores: Any) -> np.ndarray:
-        """Probability that a normal event scores at least this high (NaN while warming up)."""
+        """Probability that a normal event scores at least this high.
+
+        Estimated from the recent scores (during the warm-up too, from those gathered so far);
+        NaN before at least 10 scores have been seen.
+        """
         s = _as_scores(scores)
-        if self.warming_up or self._sorted.size == 0:
+        if self._sorted.size < 10:
             return np.full(s.shape, np.nan)
         return self._tail_probability(s)
+
+    def tail_probability_one(self, score: float) -> float:
+        """:meth:`tail_probability` of one score, without array overhead (for per-event APIs)."""
+        srt = self._sorted
+        n = srt.size
+        if n < 10 or math.isnan(score):
+            return math.nan
+        tail = self._tail_model()
+        if score > tail.t:
+            return min(float(tail.survival(score)), 1.0)
+        above = n - int(np.searchsorted(srt, score, side="left"))
+        return min((above + 1.0) / (n + 1.0), 1.0)
 
     def _tail_model(self) -> _Tail:
         n = self._sorted.size

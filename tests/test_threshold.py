@@ -87,7 +87,8 @@ def test_nothing_is_flagged_while_warming_up():
     flags = thr.update(np.r_[rng.standard_exponential(998), 1e9])
     assert thr.warming_up and not flags.any() and thr.threshold == np.inf
     assert np.isnan(thr.anomaly_score([1.0])).all()
-    assert np.isnan(thr.tail_probability([1.0])).all()
+    assert np.isnan(AdaptiveThreshold().tail_probability([1.0])).all()  # no scores yet
+    assert 0.0 < thr.tail_probability([1.0]).item() < 1.0  # from the warm-up scores
     # the batch that completes the warm-up is still decided without a threshold
     assert not thr.update(np.array([1e9, 1e9])).any()
     assert not thr.warming_up and np.isfinite(thr.threshold)

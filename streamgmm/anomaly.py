@@ -1,0 +1,378 @@
+"""A River anomaly detector backed by streamgmm's :class:`~streamgmm.detector.Detector`.
+
+:class:`GMMDetector` speaks River's ``base.AnomalyDetector`` protocol on dict events and adds
+the mini-batch methods ``learn_many`` / ``score_many`` on pandas DataFrames.
+
+Examples
+--------
+>>> from river import anomaly, compose, datasets, metrics, preprocessing
+>>> from streamgmm.anomaly import GMMDetector
+>>> model = preprocessing.StandardScaler() | GMMDetector(seed=0)
+>>> auc = metrics.ROCAUC()
+>>> for x, y in datasets.synth.AnomalySine(n_samples=3000, n_anomalies=100, seed=1):
+...     auc.update(y, model.score_one(x))
+...     model.learn_one(x)
+>>> bool(auc.get() > 0.9)
+True
+
+Under River's filters. GMMDetector protects its own learning (flagged events are not learned as
+normal), so let it learn every event: ``QuantileFilter(..., protect_anomaly_detector=False)``
+does. ``ThresholdFilter.learn_one`` in River 0.26 either withholds flagged events from the
+detector (``protect_anomaly_detector=True``, which hides the upper tail of the scores from its
+calibration: 22 % flagged instead of 2 % in our test) or, with ``False``, learns nothing at all;
+so classify with the filter and learn on the detector. At ``1 - false_alarm_rate`` it then flags
+at about that rate:
+
+>>> flt = anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=0.01, seed=0), threshold=0.99)
+>>> flags = []
+>>> for x, _ in datasets.synth.AnomalySine(n_samples=5000, n_anomalies=1, seed=2):
+...     flags.append(flt.classify(flt.score_one(x)))
+...     flt.anomaly_detector.learn_one(x)
+>>> bool(0.007 < sum(flags[1000:]) / 4000 < 0.013)
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from river import base
+from scipy import special
+
+from streamgmm.detector import Detector
+from streamgmm.drift import full_covariances
+
+__all__ = ["GMMDetector"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_WARNED_FEATURES = 100
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class GMMDetector(base.AnomalyDetector):
+    """Online Gaussian-mixture anomaly detector for River (score = ``-log p(x)``, in nats).
+
+    Parameters
+    ----------
+    n_components
+        Mixture components, or ``"auto"`` (chosen by BIC when the model initialises).
+    covariance_type
+        ``"full"``, ``"diag"``, ``"spherical"`` or ``"tied"``.
+    false_alarm_rate
+        Target rate of the detector's adaptive threshold, used to protect learning (flagged events
+        are not learned) and exposed as :attr:`threshold`.
+    warmup_events
+        Complete events learned before the first decision: the first half initialise the mixture,
+        the second half calibrate the threshold.
+    batch_size
+        ``learn_one`` gathers events into micro-batches of this size (see *Buffering*).
+    forgetting
+        Forgetting of the mixture (the engine's ``min_step``).
+    protect
+        Do not learn from flagged events (and adopt persistent new modes, see
+        :mod:`streamgmm.detector`).
+    seed
+        Random seed of the mixture's initialisation.
+
+    Buffering
+    ---------
+    ``learn_one`` copies the event into a buffer; every ``batch_size``-th call (the one that fills
+    the buffer) hands the whole buffer to the detector, which learns it. So an event starts to
+    affect ``score_one`` at most ``batch_size - 1`` ``learn_one`` calls after its own, and at once
+    if :meth:`flush` is called. ``learn_many`` flushes the buffer and learns its DataFrame as one
+    batch; ``score_one`` and ``score_many`` never learn.
+
+    Scores
+    ------
+    ``score_one`` returns the fraction of recent normal events that score lower than ``x`` under
+    the mixture -- ``1 - tail_probability`` of :mod:`streamgmm.threshold`, in [0, 1], higher =
+    more anomalous. Its ranking is that of ``-log p(x)``; for normal events it is roughly uniform,
+    so River's ``metrics.ROCAUC`` (which assumes scores in [0, 1]) works, and
+    ``anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=r), threshold=1 - r)`` flags at about
+    the rate ``r``. Until the mixture has initialised (``warmup_events // 2`` complete events) the
+    score is the chi-square CDF of the Mahalanobis distance under a diagonal Gaussian of the events
+    learned so far, and 0.0 before any event was learned. :meth:`Detector.score_samples
+    <streamgmm.detector.Detector.score_samples>` on :attr:`detector` gives ``-log p(x)`` itself.
+
+    Features that appear or disappear
+    ---------------------------------
+    Following River's conventions a missing key is a missing value, never an error. The feature
+    set is fixed when the first micro-batch is learned: the sorted union of that batch's keys.
+    Afterwards a missing feature is marginalised out exactly (scored by the density of the
+    observed features, on the same scale as complete events; such events are not learned by the
+    mixture), and a key not in the set is ignored (logged once per name). ``None`` is a missing
+    value; values must be numbers (encode categories first, e.g. ``preprocessing.OneHotEncoder``).
+    """
+
+    def __init__(
+        self,
+        n_components: int | str = "auto",
+        covariance_type: str = "full",
+        false_alarm_rate: float = 0.01,
+        warmup_events: int = 256,
+        batch_size: int = 256,
+        forgetting: float = 0.002,
+        protect: bool = True,
+        seed: int | None = None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.false_alarm_rate = false_alarm_rate
+        self.warmup_events = warmup_events
+        self.batch_size = batch_size
+        self.forgetting = forgetting
+        self.protect = protect
+        self.seed = seed
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.detector: Detector | None = None
+        self.features: list[Any] | None = None
+        self._index: dict[Any, int] = {}
+        self._pending: list[dict[Any, float]] = []  # before the feature set is fixed
+        self._rows: list[np.ndarray] = []
+        self._warned: set[Any] = set()
+        # diagonal Gaussian used until the mixture is initialised: name -> [n, mean, m2]
+        self._fallback: dict[Any, list[float]] = {}
+        self._fast: tuple[np.ndarray, ...] | None = None
+
+    @classmethod
+    def _unit_test_params(cls):
+        yield {}
+        yield {"n_components": 2, "covariance_type": "diag", "warmup_events": 100,
+               "batch_size": 16}
+
+    # -- conversion ------------------------------------------------------------------------
+    @staticmethod
+    def _value(name: Any, value: Any) -> float:
+        if value is None:
+            return math.nan
+        try:
+            out = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"feature {name!r} has the non-numeric value {value!r}; GMMDetector needs numbers "
+                "(encode categories first, e.g. with preprocessing.OneHotEncoder)"
+            ) from exc
+        if math.isinf(out):
+            raise ValueError(f"feature {name!r} is infinite ({value!r}); use None for missing")
+        return out
+
+    def _row(self, x: dict) -> np.ndarray:
+        if len(x) == len(self._index):  # the usual case: exactly the known features
+            try:
+                row = np.array([x[name] for name in self._index], dtype=np.float64)
+            except (KeyError, TypeError, ValueError):
+                pass
+            else:
+                if not np.isinf(row).any():
+                    return row
+        row = np.full(len(self._index), np.nan)
+        for name, value in x.items():
+            j = self._index.get(name)
+            if j is None:
+                if name not in self._warned and len(self._warned) < _MAX_WARNED_FEATURES:
+                    self._warned.add(name)
+                    logger.warning(
+                        "feature %r was not among the features fixed at the first batch; ignored",
+                        name,
+                    )
+                continue
+            row[j] = self._value(name, value)
+        return row
+
+    def _fix_features(self, names) -> None:
+        self.features = sorted(names, key=lambda n: (str(type(n)), n))
+        self._index = {name: j for j, name in enumerate(self.features)}
+
+    def _make_detector(self) -> Detector:
+        return Detector(
+            n_components=self.n_components,
+            covariance_type=self.covariance_type,
+            false_alarm_rate=self.false_alarm_rate,
+            warmup_events=self.warmup_events,
+            forgetting=self.forgetting,
+            protect=self.protect,
+            feature_names=[str(f) for f in self.features or []],
+            random_state=self.seed,
+        )
+
+    # -- learning ----------------------------------------------------------------------------
+    def learn_one(self, x: dict) -> None:
+        """Buffer ``x``; every ``batch_size``-th call learns the buffer (see *Buffering*)."""
+        if self.detector is None or not self.detector.model.is_fitted:
+            self._learn_fallback(x)
+        if self.features is None:
+            self._pending.append({k: self._value(k, v) for k, v in x.items()})
+            size = len(self._pending)
+        else:
+            self._rows.append(self._row(x))
+            size = len(self._rows)
+        if size >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Learn the buffered events now."""
+        if self.features is None:
+            if not self._pending:
+                return
+            names = set().union(*self._pending)
+            if not names:
+                self._pending = []
+                return
+            self._fix_features(names)
+            self._rows = [self._row(x) for x in self._pending]
+            self._pending = []
+        if not self._rows:
+            return
+        batch = np.vstack(self._rows)
+        self._rows = []
+        self._process(batch)
+
+    def _process(self, batch: np.ndarray) -> None:
+        if self.detector is None:
+            self.detector = self._make_detector()
+        usable = ~np.isnan(batch).all(axis=1)
+        if usable.any():
+            self.detector.process(batch[usable])
+        self._fast = None
+
+    def _fast_parts(self):
+        """The mixture as one stacked whitening map: ``z = A x - b`` holds every component's
+        ``L_k^-1 (x - mu_k)``; ``sums`` adds each component's squares; ``log_const`` holds
+        ``log w_k - (d log 2 pi + log |S_k|) / 2``."""
+        if self._fast is None:
+            assert self.detector is not None
+            model = self.detector.model
+            k, d = model.means_.shape
+            covs = full_covariances(model.covariances_, self.covariance_type, k, d)
+            chol = np.linalg.cholesky(covs)
+            inv_chol = np.linalg.inv(chol)
+            logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+            log_const = np.log(np.maximum(model.weights_, 1e-300)) - 0.5 * (
+                d * _LOG_2PI + logdet
+            )
+            stacked = inv_chol.reshape(k * d, d)
+            offset = np.einsum("kij,kj->ki", inv_chol, model.means_).reshape(k * d)
+            sums = np.kron(np.eye(k), np.ones(d))
+            self._fast = (stacked, offset, sums, log_const)
+        return self._fast
+
+    def _score_complete_row(self, row: np.ndarray) -> float:
+        """``-log p(x)`` of one complete row (same number as ``Detector.score_samples``)."""
+        stacked, offset, sums, log_const = self._fast_parts()
+        z = stacked @ row - offset
+        return -float(np.logaddexp.reduce(log_const - 0.5 * (sums @ (z * z))))
+
+    def learn_many(self, X) -> None:
+        """Flush the buffer, then learn the rows of the DataFrame ``X`` as one batch."""
+        self.flush()
+        if len(X) == 0:
+            return
+        if self.features is None:
+            self._fix_features(list(X.columns))
+        if self.detector is None or not self.detector.model.is_fitted:
+            for x in X.to_dict(orient="records"):
+                self._learn_fallback(x)
+        self._process(self._frame(X))
+
+    def _frame(self, X) -> np.ndarray:
+        for name in X.columns:
+            if name not in self._index and name not in self._warned:
+                if len(self._warned) < _MAX_WARNED_FEATURES:
+                    self._warned.add(name)
+                    logger.warning("column %r is not among the fixed features; ignored", name)
+        frame = X.reindex(columns=self.features)
+        try:
+            return frame.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"GMMDetector needs numeric columns ({exc}); encode categories first"
+            ) from exc
+
+    # -- the diagonal Gaussian used before the mixture exists --------------------------------
+    def _learn_fallback(self, x: dict) -> None:
+        for name, value in x.items():
+            v = self._value(name, value)
+            if math.isnan(v):
+                continue
+            stat = self._fallback.get(name)
+            if stat is None:
+                if len(self._fallback) >= 10_000:
+                    continue
+                stat = self._fallback[name] = [0.0, 0.0, 0.0]
+            stat[0] += 1.0
+            delta = v - stat[1]
+            stat[1] += delta / stat[0]
+            stat[2] += delta * (v - stat[1])
+
+    def _fallback_score(self, x: dict) -> float:
+        """Chi-square CDF of the diagonal Mahalanobis distance (0.0 with nothing learned)."""
+        maha2 = 0.0
+        dims = 0
+        for name, value in x.items():
+            stat = self._fallback.get(name)
+            if stat is None or stat[0] < 2:
+                continue
+            v = self._value(name, value)
+            if math.isnan(v):
+                continue
+            var = stat[2] / (stat[0] - 1.0)
+            var = max(var, 1e-12 * (1.0 + stat[1] * stat[1]))
+            maha2 += (v - stat[1]) ** 2 / var
+            dims += 1
+        if dims == 0:
+            return 0.0
+        return float(special.gammainc(0.5 * dims, 0.5 * maha2))
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @property
+    def is_warm(self) -> bool:
+        """Whether the mixture is initialised (scores are then ``-log p(x)`` under it)."""
+        return self.detector is not None and self.detector.model.is_fitted
+
+    @property
+    def threshold(self) -> float:
+        """The detector's current adaptive threshold on the score (``inf`` while warming up)."""
+        return math.inf if self.detector is None else float(self.detector.threshold.threshold)
+
+    def _unit_scores(self, scores: np.ndarray) -> np.ndarray | None:
+        """``1 - tail probability`` from the detector's recent scores (None if too few)."""
+        if self.detector is None or self.detector.threshold.n_events_seen < 10:
+            return None
+        p = self.detector.threshold.tail_probability(scores)
+        return np.where(np.isnan(scores), 0.0, 1.0 - p)
+
+    def score_one(self, x: dict) -> float:
+        """Fraction of normal events that score lower than ``x`` (in [0, 1]); never learns."""
+        if self.is_warm:
+            assert self.detector is not None
+            threshold = self.detector.threshold
+            row = self._row(x)
+            if threshold.n_events_seen >= 10:
+                total = float(row.sum())
+                if total == total:  # no NaN: the fast path
+                    score = self._score_complete_row(row)
+                elif np.isnan(row).all():
+                    return self._fallback_score(x)
+                else:
+                    score = float(self.detector.score_samples(row[None, :])[0])
+                return 1.0 - threshold.tail_probability_one(score)
+        return self._fallback_score(x)
+
+    def score_many(self, X):
+        """:meth:`score_one` of the rows of the DataFrame ``X``, as a pandas Series."""
+        import pandas as pd
+
+        if self.is_warm:
+            assert self.detector is not None
+            unit = self._unit_scores(self.detector.score_samples(self._frame(X)))
+            if unit is not None:
+                return pd.Series(unit, index=X.index, dtype=float)
+        return pd.Series(
+            [self._fallback_score(x) for x in X.to_dict(orient="records")],
+            index=X.index, dtype=float,
+        )

@@ -1,0 +1,192 @@
+"""GMMDetector under River: River's own checks (offline data), pipelines, filters, conventions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from river import anomaly, checks, compose, datasets, metrics, preprocessing
+
+from streamgmm import _synthetic as syn
+from streamgmm.anomaly import GMMDetector
+
+
+class _OfflineMixture:
+    """A labelled stream that needs no download: 6 features, 3 modes, 5 % outliers.
+
+    (River's own AnomalySine has only 2 features, and River's HalfSpaceTrees fails
+    check_emerging_features on it, which drops 3 features from every event.)
+    """
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        X, y = syn.mixture_with_outliers(self.n, n_features=6, contamination=0.05, seed=7)
+        for row, label in zip(X, y, strict=True):
+            yield {f"x{j}": float(v) for j, v in enumerate(row)}, bool(label)
+
+
+def _offline_datasets(model, scale: int = 1):
+    """Stands in for River's dataset generator (its CreditCard needs a download)."""
+    yield _OfflineMixture(1000 * scale)
+
+
+def _river_checks(model):
+    return [(check.__name__, check) for check in checks.yield_checks(model)]
+
+
+def _skips(model):
+    return model._unit_test_skips() if hasattr(model, "_unit_test_skips") else set()
+
+
+@pytest.fixture
+def offline_river_data(monkeypatch):
+    monkeypatch.setattr(checks, "_yield_datasets", _offline_datasets)
+
+
+def _estimators():
+    for params in GMMDetector._unit_test_params():
+        yield GMMDetector(**params)
+
+
+@pytest.mark.parametrize(
+    "model", list(_estimators()), ids=["defaults", "unit-test-params"]
+)
+def test_river_checks_pass_with_none_skipped(model, offline_river_data):
+    assert _skips(model) == set()  # we opt out of nothing
+    names = [name for name, _ in _river_checks(model)]
+    assert "check_roc_auc" in names and "check_emerging_features" in names
+    failures = {}
+    for name, check in _river_checks(model):
+        try:
+            check(model.clone())
+        except Exception as exc:  # noqa: BLE001 - report every failing check at once
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    assert not failures, failures
+    # River's own detector passes the same checks on the same data, so the swap is fair.
+    hst = anomaly.HalfSpaceTrees(seed=1)
+    assert _skips(hst) == set()
+    # (GMMDetector is seeded, so it also gets check_seeding_is_idempotent: 27 checks vs 26)
+    assert set(n for n, _ in _river_checks(hst)) <= set(names)
+    for _, check in _river_checks(hst):
+        check(hst.clone())
+
+
+def _sine(n=3000, anomalies=100, seed=1):
+    return list(datasets.synth.AnomalySine(n_samples=n, n_anomalies=anomalies, seed=seed))
+
+
+def test_works_with_defaults_in_a_pipeline_and_beats_half_space_trees():
+    aucs = {}
+    for name, model in {
+        "gmm": preprocessing.StandardScaler() | GMMDetector(seed=0),
+        "hst": preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(seed=0),
+    }.items():
+        auc = metrics.ROCAUC()
+        for x, y in _sine():
+            score = model.score_one(x)
+            assert 0.0 <= score <= 1.0
+            auc.update(y, score)
+            model.learn_one(x)
+        aucs[name] = auc.get()
+    assert aucs["gmm"] > 0.9 and aucs["gmm"] > aucs["hst"]
+
+
+def test_threshold_filter_at_one_minus_target_flags_at_the_target_rate():
+    # GMMDetector protects its own learning, so it learns every event (the filter only
+    # classifies). In River 0.26 the filter's own learn_one either withholds flagged events
+    # (protect_anomaly_detector=True, which hides the scores' upper tail from the calibration)
+    # or learns nothing at all (False).
+    flt = anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=0.02, seed=0), threshold=0.98)
+    flags = []
+    for x, _ in _sine(n=20_000, anomalies=1, seed=3):
+        flags.append(flt.classify(flt.score_one(x)))
+        flt.anomaly_detector.learn_one(x)
+    rate = np.mean(flags[2000:])
+    assert 0.016 < rate < 0.024
+
+
+def test_quantile_filter():
+    flt = anomaly.QuantileFilter(GMMDetector(seed=0), q=0.95, protect_anomaly_detector=False)
+    flagged = []
+    for x, y in _sine(n=4000, anomalies=100, seed=4):
+        score = flt.score_one(x)
+        flagged.append((flt.classify(score), y))
+        flt.learn_one(x)
+    hits = [f for f, y in flagged[1000:] if y]
+    assert np.mean(hits) > 0.5
+
+
+def test_buffering_learned_events_count_after_the_batch_fills():
+    model = GMMDetector(batch_size=50, warmup_events=100, seed=0)
+    data = [x for x, _ in _sine(n=400, anomalies=1)]
+    for x in data[:49]:
+        model.learn_one(x)
+    assert model.detector is None  # still buffered
+    model.learn_one(data[49])
+    assert model.detector is not None and model.detector.n_events_seen == 50
+    for x in data[50:300]:
+        model.learn_one(x)
+    assert model.is_warm
+    probe = data[300]
+    before = model.score_one(probe)
+    for x in data[301:349]:  # 48 more: the buffer holds 49 of 50
+        model.learn_one(x)
+    assert model.score_one(probe) == before
+    model.flush()
+    assert model.score_one(probe) != before
+
+
+def test_features_appearing_and_disappearing():
+    model = GMMDetector(batch_size=32, warmup_events=200, seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(600):
+        a, b = rng.normal(size=2)
+        model.learn_one({"a": a, "b": b + a})
+    assert model.features == ["a", "b"]
+    # a missing feature is marginalised: a typical "a" alone is unremarkable, a far one is not
+    assert model.score_one({"a": 0.0}) < 0.9
+    assert model.score_one({"a": 8.0}) > 0.999
+    # b is judged against a: b = 5 is anomalous when a = 0 (the mixture learned b ~ a)
+    assert model.score_one({"a": 0.0, "b": 5.0}) > 0.99
+    # a new feature is ignored (the model's dimension is fixed at the first batch)
+    assert model.score_one({"a": 0.0, "b": 0.0, "c": 1e9}) == model.score_one({"a": 0.0, "b": 0.0})
+    assert model.score_one({}) == 0.0 and model.score_one({"c": 1.0}) == 0.0
+    model.learn_one({"a": None, "b": 1.0})  # None is missing
+    with pytest.raises(ValueError, match="non-numeric"):
+        model.learn_one({"a": "high", "b": 1.0})
+
+
+def test_learn_many_and_score_many_match_the_one_at_a_time_scores():
+    data = [x for x, _ in _sine(n=2000, anomalies=50)]
+    frame = pd.DataFrame(data)
+    model = GMMDetector(seed=0)
+    model.learn_many(frame.iloc[:1500])
+    many = model.score_many(frame.iloc[1500:])
+    one = [model.score_one(x) for x in data[1500:]]
+    assert isinstance(many, pd.Series) and list(many.index) == list(frame.index[1500:])
+    assert np.allclose(many.to_numpy(), one, atol=1e-12)
+    frame.loc[1600, "sine"] = np.nan  # a missing value in a frame: marginalised
+    assert math.isfinite(model.score_many(frame.iloc[1600:1601]).iloc[0])
+
+
+def test_scores_before_the_mixture_exists():
+    model = GMMDetector(seed=0)
+    assert model.score_one({"a": 1.0}) == 0.0
+    for x, _ in itertools.islice(_sine(), 20):
+        model.learn_one(x)
+    assert not model.is_warm
+    assert 0.0 <= model.score_one({"sine": 0.0, "cosine": 0.0}) < 0.9
+    assert model.score_one({"sine": 50.0, "cosine": 0.0}) > 0.999
+    assert model.threshold == math.inf
+
+
+def test_pipeline_learn_many_with_a_batch_scaler():
+    frame = pd.DataFrame([x for x, _ in _sine(n=1000, anomalies=1)])
+    model = compose.Pipeline(preprocessing.StandardScaler(), GMMDetector(seed=0))
+    model.learn_many(frame)
+    assert model.steps["GMMDetector"].is_warm
