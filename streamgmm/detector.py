@@ -30,16 +30,18 @@ Missing features
     features with the same chi-square tail probability. Incomplete events are not learned.
 
 Protected learning and adoption of new normal behaviour
-    Flagged events get weight 0 in the M-step, so isolated anomalies and short bursts never
-    teach the model that they are normal. A *persistent* new mode, or a sustained shift of the
-    whole stream, would then be flagged forever (River's protected filters lock in this way), so
-    flagged complete events are also kept in a bounded buffer (``adoption_buffer`` events, thinned
-    uniformly at random when full, those older than ``adoption_window`` events dropped) and the
-    detector **adopts** them when all of the following hold:
+    Flagged events get weight ``flagged_weight`` (default 0) in the M-step, so isolated anomalies
+    and short bursts never teach the model that they are normal. A *persistent* new mode, or a
+    sustained shift of the whole stream, would then be flagged forever (River's protected filters
+    lock in this way), so flagged complete events are also kept in a bounded buffer
+    (``adoption_buffer`` events, thinned uniformly at random when full, those older than
+    ``adoption_window`` events dropped) and the detector **adopts** them when all of the
+    following hold:
 
     * at least ``adoption_min_events`` (default ``max(30, 2 (d + 1))``) flagged events are
-      buffered, and the flagged rate over the last ``adoption_window`` events is at least
-      ``adoption_rate_factor`` times the target (false alarms alone rarely get there);
+      buffered, and the flagged rate over the last ``adoption_window`` events (or since the last
+      adoption, if more recent) is at least ``adoption_rate_factor`` times the target (false
+      alarms alone rarely get there);
     * clustering them with a small mixture (K <= 4 by BIC) yields a cluster whose Gaussian makes
       at least ``adoption_min_events`` of its points *normal* -- their score under it, weighted
       by the share of the traffic the cluster represents, is below the current threshold: they
@@ -205,7 +207,8 @@ class Detector:
         The engine's ``min_step``: memory of about ``batch_size / forgetting`` events (256 / 0.002
         = 128,000 with the defaults); the one knob for how fast the model adapts.
     protect
-        Give flagged events zero weight when learning (and adopt persistent new modes).
+        Give flagged events the weight ``flagged_weight`` when learning (and adopt persistent
+        new modes).
     feature_names
         Names used in explanations (default ``x0, x1, ...``).
     random_state
@@ -213,6 +216,8 @@ class Detector:
     adoption_buffer, adoption_window, adoption_min_events, adoption_rate_factor,
     adoption_persistence, adoption_boost
         The adoption rule's parameters (module notes).
+    flagged_weight
+        Weight of flagged events in the M-step when ``protect`` (0: not learned at all).
     **engine_params
         Passed to :class:`~streamgmm.mixture.OnlineGaussianMixture` (e.g. ``max_components``,
         ``reg_covar``, ``step_exponent``, ``warmup_size``).
@@ -235,6 +240,7 @@ class Detector:
         adoption_rate_factor: float = 3.0,
         adoption_persistence: int | None = None,
         adoption_boost: float = 0.05,
+        flagged_weight: float = 0.0,
         **engine_params: Any,
     ):
         if int(warmup_events) < 2:
@@ -260,6 +266,9 @@ class Detector:
             adoption_persistence if adoption_persistence is not None else self.warmup_events
         )
         self.adoption_boost = float(adoption_boost)
+        if not 0.0 <= flagged_weight <= 1.0:
+            raise ValueError(f"flagged_weight must be in [0, 1], got {flagged_weight!r}")
+        self.flagged_weight = float(flagged_weight)
         self.engine_params = dict(engine_params)
         model_warmup = int(self.engine_params.pop("warmup_size", max(self.warmup_events // 2, 1)))
         self.model = OnlineGaussianMixture(
@@ -285,6 +294,7 @@ class Detector:
         self._flagged_at = np.empty(0, dtype=np.int64)
         self._flag_times = np.empty(0, dtype=np.int64)  # arrival index of every recent flag
         self._flagged_since_attempt = 0
+        self._rate_since = 0  # the flag rate is measured from here (reset at each adoption)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -364,7 +374,7 @@ class Detector:
                     decided["flags"] = flags
                     if not self.protect:
                         return np.ones(log_lik.size)
-                    return (~flags).astype(np.float64)
+                    return np.where(flags, self.flagged_weight, 1.0)
 
                 ll_c, resp_c = self.model.score_partial_fit(
                     X[rows], sample_weight=weights_for, return_resp=True
@@ -515,7 +525,7 @@ class Detector:
         recent = self._flagged_at >= now - self.adoption_window
         self._flagged_X, self._flagged_at = self._flagged_X[recent], self._flagged_at[recent]
         need = self._min_adoption_events(d)
-        window = min(self.adoption_window, max(now, 1))
+        window = max(min(self.adoption_window, now - self._rate_since), 1)
         rate = self._flag_times.size / window
         if (
             self._flagged_X.shape[0] < need
@@ -545,6 +555,7 @@ class Detector:
             self._flagged_X = self._flagged_X[~adopted]
             self._flagged_at = self._flagged_at[~adopted]
             self._flag_times = np.empty(0, dtype=np.int64)
+            self._rate_since = now
             self._boost_remaining = self.adoption_persistence
 
     def _candidate_groups(self, points: np.ndarray, window: int) -> list[np.ndarray]:
@@ -615,6 +626,7 @@ class Detector:
             "adoption_rate_factor": self.adoption_rate_factor,
             "adoption_persistence": self.adoption_persistence,
             "adoption_boost": self.adoption_boost,
+            "flagged_weight": self.flagged_weight,
             "warmup_size": self.model.warmup_size,
             **self.engine_params,
         }
@@ -636,6 +648,7 @@ class Detector:
             "n_adoptions": self.n_adoptions,
             "boost_remaining": self._boost_remaining,
             "flagged_since_attempt": self._flagged_since_attempt,
+            "rate_since": self._rate_since,
             "model_min_step": self.model.min_step,
         }
         return arrays, meta
@@ -661,6 +674,7 @@ class Detector:
             det.n_adoptions = int(info["n_adoptions"])
             det._boost_remaining = int(info["boost_remaining"])
             det._flagged_since_attempt = int(info["flagged_since_attempt"])
+            det._rate_since = int(info["rate_since"])
             det.model.min_step = float(info["model_min_step"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"invalid Detector state: missing or malformed {exc}") from exc

@@ -416,19 +416,22 @@ class DriftMonitor:
 
     def _feed_cusum(self, values: np.ndarray) -> bool:
         """Add per-event values; True if a drift was detected in this batch."""
+        # Complete the pending block, then take whole blocks at once.
+        take = min(self.block_size - self._block_count, values.size)
+        self._block_sum += float(values[:take].sum())
+        self._block_count += take
+        if self._block_count < self.block_size:
+            return False
+        rest = values[take:]
+        whole = rest.size // self.block_size
+        means = [self._block_sum / self.block_size]
+        if whole:
+            means.extend(rest[: whole * self.block_size].reshape(whole, -1).mean(axis=1).tolist())
+        tail = rest[whole * self.block_size :]
+        self._block_sum = float(tail.sum())
+        self._block_count = tail.size
         detected = False
-        i = 0
-        n = values.size
-        while i < n:
-            take = min(self.block_size - self._block_count, n - i)
-            self._block_sum += float(values[i : i + take].sum())
-            self._block_count += take
-            i += take
-            if self._block_count < self.block_size:
-                break
-            block_mean = self._block_sum / self.block_size
-            self._block_sum = 0.0
-            self._block_count = 0
+        for block_mean in means:
             if self._burn_n < self.burn_in_blocks:
                 self._burn_n += 1
                 delta = block_mean - self._burn_mean

@@ -123,21 +123,23 @@ def test_quantile_filter():
 
 def test_buffering_learned_events_count_after_the_batch_fills():
     model = GMMDetector(batch_size=50, warmup_events=100, seed=0)
-    data = [x for x, _ in _sine(n=400, anomalies=1)]
-    for x in data[:49]:
+    data = [x for x, _ in _sine(n=1000, anomalies=1)]
+    for x in data[:15]:
         model.learn_one(x)
-    assert model.detector is None  # still buffered
-    model.learn_one(data[49])
-    assert model.detector is not None and model.detector.n_events_seen == 50
-    for x in data[50:300]:
+    assert model.detector is None  # still buffered: the first batch holds 16 events
+    model.learn_one(data[15])
+    assert model.detector is not None and model.detector.n_events_seen == 16
+    for x in data[16:400]:  # from 8 * 50 learned events on, batches hold 50
         model.learn_one(x)
-    assert model.is_warm
-    probe = data[300]
+    model.flush()
+    assert model.is_warm and model.detector.n_events_seen == 400
+    probe = data[400]
     before = model.score_one(probe)
-    for x in data[301:349]:  # 48 more: the buffer holds 49 of 50
+    for x in data[401:450]:  # 49 more: the buffer holds 49 of 50
         model.learn_one(x)
     assert model.score_one(probe) == before
-    model.flush()
+    model.learn_one(data[450])
+    assert model.detector.n_events_seen == 450
     assert model.score_one(probe) != before
 
 
