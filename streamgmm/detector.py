@@ -579,8 +579,7 @@ class Detector:
         except (ValueError, np.linalg.LinAlgError) as exc:
             logger.debug("adoption clustering failed: %s", exc)
             return []
-        _, resp = clusters._estep(points)
-        label = resp.argmax(axis=1)
+        label = clusters.predict(points)
         d = points.shape[1]
         covs = full_covariances(clusters.covariances_, self.covariance_type,
                                 len(clusters.weights_), d)
