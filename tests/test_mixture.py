@@ -155,7 +155,7 @@ def test_partial_fit_warms_up_then_initialises():
     assert np.isfinite(model.score_partial_fit(X[700:800])).all()
 
 
-def test_auto_chooses_the_number_of_components_by_bic():
+def test_auto_chooses_the_number_of_components_on_held_out_likelihood():
     X = random_mixture(8, 4, 2, separation=10.0)(4000)
     model = OnlineGaussianMixture("auto", random_state=0).fit(X)
     assert model.n_components_ == 4
