@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from river import base
-from scipy import special
+from scipy import special, stats
 
 from streamgmm.detector import Detector
 from streamgmm.drift import full_covariances
@@ -51,6 +51,27 @@ logger = logging.getLogger(__name__)
 
 _MAX_WARNED_FEATURES = 100
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+# Below this tail probability, ``1 - p`` would run out of float resolution (all far anomalies
+# would tie at 1.0); the score then continues as a slowly rising function of ``-log p``.
+_LINEAR_TAIL = 1e-6
+_LOG_LINEAR_TAIL = -math.log(_LINEAR_TAIL)
+
+
+def _unit_from_log_tail(log_tail: np.ndarray | float) -> np.ndarray | float:
+    """Map ``log P(normal score >= s)`` to [0, 1), increasing, without saturating.
+
+    ``1 - p`` while ``p >= 1e-6`` (so a score of 0.99 means exactly "1 % of normal events score
+    higher"), then ``1 - 1e-6 (1 + L0) / (1 + L)`` with ``L = -log p``: continuous, and distinct
+    for anomalies whose ``p`` underflows.
+    """
+    log_tail = np.minimum(np.asarray(log_tail, dtype=np.float64), 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        linear = 1.0 - np.exp(log_tail)
+        far = 1.0 - _LINEAR_TAIL * (1.0 + _LOG_LINEAR_TAIL) / (1.0 - log_tail)
+    out = np.where(log_tail >= -_LOG_LINEAR_TAIL, linear, far)
+    return out if out.ndim else float(out)
 
 
 class GMMDetector(base.AnomalyDetector):
@@ -83,6 +104,10 @@ class GMMDetector(base.AnomalyDetector):
         0.1 by default (the :class:`~streamgmm.detector.Detector` uses 0): rare normal modes too
         sparse to be adopted as a cluster are still learned, slowly. It raised ROC-AUC on Shuttle
         and after abrupt shifts in ``scripts/evaluate.py`` without costing elsewhere.
+    adoption_persistence
+        How many events a cluster of flagged events must span before it is adopted as a new
+        normal mode (default 1000): shorter bursts stay anomalies, a regime that lasts is
+        accepted. The one knob for "how fast should a new behaviour become normal".
     seed
         Random seed of the mixture's initialisation.
 
@@ -129,6 +154,7 @@ class GMMDetector(base.AnomalyDetector):
         forgetting: float = 0.002,
         protect: bool = True,
         flagged_weight: float = 0.1,
+        adoption_persistence: int = 1000,
         seed: int | None = None,
     ):
         self.n_components = n_components
@@ -140,6 +166,7 @@ class GMMDetector(base.AnomalyDetector):
         self.forgetting = forgetting
         self.protect = protect
         self.flagged_weight = flagged_weight
+        self.adoption_persistence = adoption_persistence
         self.seed = seed
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -214,6 +241,7 @@ class GMMDetector(base.AnomalyDetector):
             flagged_weight=self.flagged_weight,
             feature_names=[str(f) for f in self.features or []],
             random_state=self.seed,
+            adoption_persistence=self.adoption_persistence,
         )
 
     # -- learning ----------------------------------------------------------------------------
@@ -348,7 +376,11 @@ class GMMDetector(base.AnomalyDetector):
             dims += 1
         if dims == 0:
             return 0.0
-        return float(special.gammainc(0.5 * dims, 0.5 * maha2))
+        tail = float(special.gammaincc(0.5 * dims, 0.5 * maha2))
+        if tail < _LINEAR_TAIL:
+            tail = float(stats.chi2.logsf(maha2, dims))
+            return _unit_from_log_tail(tail)
+        return 1.0 - tail
 
     # -- scoring ---------------------------------------------------------------------------------
     @property
@@ -365,8 +397,8 @@ class GMMDetector(base.AnomalyDetector):
         """``1 - tail probability`` from the detector's recent scores (None if too few)."""
         if self.detector is None or self.detector.threshold.n_events_seen < 10:
             return None
-        p = self.detector.threshold.tail_probability(scores)
-        return np.where(np.isnan(scores), 0.0, 1.0 - p)
+        unit = _unit_from_log_tail(self.detector.threshold.log_tail_probability(scores))
+        return np.where(np.isnan(scores), 0.0, unit)
 
     def score_one(self, x: dict) -> float:
         """Fraction of normal events that score lower than ``x`` (in [0, 1]); never learns."""
@@ -382,7 +414,10 @@ class GMMDetector(base.AnomalyDetector):
                     return self._fallback_score(x)
                 else:
                     score = float(self.detector.score_samples(row[None, :])[0])
-                return 1.0 - threshold.tail_probability_one(score)
+                tail = threshold.tail_probability_one(score)
+                if tail < _LINEAR_TAIL:  # far out: keep the ranking beyond float resolution
+                    return float(_unit_from_log_tail(threshold.log_tail_probability(score)[0]))
+                return 1.0 - tail
         return self._fallback_score(x)
 
     def score_many(self, X):

@@ -169,12 +169,16 @@ class _Tail:
 
     def survival(self, x: np.ndarray | float) -> np.ndarray:
         """P(score > x) for x >= t."""
+        return np.exp(self.log_survival(x))
+
+    def log_survival(self, x: np.ndarray | float) -> np.ndarray:
+        """log P(score > x) for x >= t; finite far beyond where P itself underflows."""
         z = np.maximum(np.asarray(x, dtype=np.float64) - self.t, 0.0) / self.sigma
         if abs(self.gamma) < 1e-6:
-            return self.p * np.exp(-z)
+            return math.log(self.p) - z
         base = np.maximum(1.0 + self.gamma * z, 0.0)
         with np.errstate(divide="ignore"):
-            return self.p * base ** (-1.0 / self.gamma)
+            return math.log(self.p) - np.log(base) / self.gamma
 
     def quantile(self, q: float) -> float:
         """Score exceeded with probability ``q <= p``."""
@@ -286,6 +290,22 @@ class _ScoreScale:
         if self._sorted.size < 10:
             return np.full(s.shape, np.nan)
         return self._tail_probability(s)
+
+    def log_tail_probability(self, scores: Any) -> np.ndarray:
+        """Natural log of :meth:`tail_probability`, finite even where the probability underflows.
+
+        Far anomalies keep distinct values (their ranking survives), e.g. for AUC or sorting.
+        """
+        s = _as_scores(scores)
+        if self._sorted.size < 10:
+            return np.full(s.shape, np.nan)
+        with np.errstate(divide="ignore"):
+            out = np.log(self._tail_probability(s))
+        tail = self._tail_model()
+        beyond = s > tail.t
+        if beyond.any():
+            out[beyond] = np.minimum(tail.log_survival(s[beyond]), 0.0)
+        return out
 
     def tail_probability_one(self, score: float) -> float:
         """:meth:`tail_probability` of one score, without array overhead (for per-event APIs)."""
