@@ -1,5 +1,7 @@
 # Shared set-up for scripts/test and scripts/demo: a virtual environment in .venv with streamgmm
 # installed (editable, with extras). Idempotent and quiet when everything is already there.
+# With NEED_PROMETHEUS=1 (scripts/test) it also installs Debian's prometheus/promtool for the
+# integration tests; under CI=true a failed install stops the run instead of skipping tests.
 VENV=${STREAMGMM_VENV:-.venv}
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "== creating virtual environment in $VENV"
@@ -13,10 +15,18 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   "$PY" -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
-# Prometheus (Debian package) for the integration test that scrapes the daemon; optional elsewhere.
-if ! command -v prometheus >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-  echo "== installing prometheus (Debian package)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-    || echo "warning: could not install prometheus; its integration tests will be skipped"
+if [[ "${NEED_PROMETHEUS:-0}" == 1 ]] && ! command -v promtool >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "== installing prometheus and promtool (Debian package)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+      || echo "warning: could not install prometheus"
+  fi
+  if ! command -v promtool >/dev/null 2>&1; then
+    if [[ "${CI:-}" == true ]]; then
+      echo "error: prometheus/promtool are required in CI and could not be installed" >&2
+      exit 1
+    fi
+    echo "warning: no prometheus/promtool: their tests will be skipped (apt-get install prometheus)"
+  fi
 fi
 export PY

@@ -330,12 +330,14 @@ class GMMDetector(base.AnomalyDetector):
         self._process(self._frame(X))
 
     def _frame(self, X) -> np.ndarray:
-        for name in X.columns:
-            if name not in self._index and name not in self._warned:
-                if len(self._warned) < _MAX_WARNED_FEATURES:
-                    self._warned.add(name)
-                    logger.warning("column %r is not among the fixed features; ignored", name)
-        frame = X.reindex(columns=self.features)
+        frame = X
+        if list(X.columns) != self.features:  # reindex only when the columns differ
+            for name in X.columns:
+                if name not in self._index and name not in self._warned:
+                    if len(self._warned) < _MAX_WARNED_FEATURES:
+                        self._warned.add(name)
+                        logger.warning("column %r is not among the fixed features; ignored", name)
+            frame = X.reindex(columns=self.features)
         try:
             return frame.to_numpy(dtype=np.float64, na_value=np.nan)
         except (TypeError, ValueError) as exc:
