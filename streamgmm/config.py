@@ -609,7 +609,7 @@ class ModelConfig(_Section):
     _name = "model"
 
     n_components: int | str = _key("auto", _IntOrAuto(), _n_components_check,
-                                   '"auto" chooses by BIC on the warm-up events')
+                                   '"auto" chooses by held-out likelihood on the warm-up events')
     covariance_type: str = _key("full", _Choice("full", "diag", "spherical", "tied"))
     reg_covar: float = _key(1e-6, _Float(), _between(0, 1e6),
                             "added to covariance diagonals for stability, e.g. 1e-6")

@@ -42,11 +42,11 @@ Protected learning and adoption of new normal behaviour
       buffered, and the flagged rate over the last ``adoption_window`` events (or since the last
       adoption, if more recent) is at least ``adoption_rate_factor`` times the target (false
       alarms alone rarely get there);
-    * clustering them with a small mixture (K <= 4 by BIC) yields a cluster whose Gaussian makes
-      at least ``adoption_min_events`` of its points *normal* -- their score under it, weighted
-      by the share of the traffic the cluster represents, is below the current threshold: they
-      form a mode as dense as normal data, unlike anomalies scattered all over (checked at most
-      once per ``adoption_min_events`` new flags);
+    * clustering them with a small mixture (K <= 4, by held-out likelihood) yields a cluster
+      whose Gaussian makes at least ``adoption_min_events`` of its points *normal* -- their
+      score under it, weighted by the share of the traffic the cluster represents, is below the
+      current threshold: they form a mode as dense as normal data, unlike anomalies scattered
+      all over (checked at most once per ``adoption_min_events`` new flags);
     * those members arrived over at least ``adoption_persistence`` events (default:
       ``warmup_events``), so a burst that is over quickly is not adopted.
 
@@ -561,9 +561,9 @@ class Detector:
     def _candidate_groups(self, points: np.ndarray, window: int) -> list[np.ndarray]:
         """Clusters of buffered points that a Gaussian of their own would make normal.
 
-        The points are clustered by a small mixture (K by BIC, at most 4); a cluster's members
-        are the points whose score under its component -- weighted by the share of the traffic
-        the cluster represents -- is below the current threshold.
+        The points are clustered by a small mixture (K <= 4, by held-out likelihood); a cluster's
+        members are the points whose score under its component -- weighted by the share of the
+        traffic the cluster represents -- is below the current threshold.
         """
         need = self._min_adoption_events(points.shape[1])
         max_k = int(max(1, min(4, len(points) // need)))
