@@ -569,8 +569,8 @@ class BatchConfig(_Section):
 
     _name = "batch"
 
-    max_records: int = _key(1000, _Int(), _between(1, 1_000_000),
-                            "larger batches raise throughput and latency, e.g. 1000")
+    max_records: int = _key(5000, _Int(), _between(1, 1_000_000),
+                            "larger batches raise throughput and latency, e.g. 5000")
     max_wait_ms: int = _key(200, _Int(), _between(0, 600_000),
                             "the longest a record waits to be scored, in milliseconds")
 

@@ -84,6 +84,35 @@ def _tp_key(tp: TopicPartition) -> str:
     return f"{tp.topic}:{tp.partition}"
 
 
+def _next_offsets(records) -> dict[TopicPartition, int]:
+    """The next offset to read per partition after ``records`` (grouped per partition, in order).
+
+    Looks at the last record of each partition's run only: no per-record Python work.
+    """
+    offsets: dict[TopicPartition, int] = {}
+    start, n = 0, len(records)
+    while start < n:
+        first = records[start]
+        topic, partition = first.topic, first.partition
+        # Records of one partition are contiguous and ascending; find where the run ends.
+        end = n
+        last = records[-1]
+        if last.partition != partition or last.topic != topic:
+            lo, hi = start, n - 1
+            while lo < hi:  # the last index of the run, by bisection
+                mid = (lo + hi + 1) // 2
+                rec = records[mid]
+                if rec.partition == partition and rec.topic == topic:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            end = lo + 1
+        tp = TopicPartition(topic, partition)
+        offsets[tp] = max(offsets.get(tp, 0), records[end - 1].offset + 1)
+        start = end
+    return offsets
+
+
 def _tp_from_key(key: str) -> TopicPartition:
     topic, _, partition = key.rpartition(":")
     return TopicPartition(topic, int(partition))
@@ -349,18 +378,15 @@ class Daemon:
             for row in flagged:
                 rec = records[int(extraction.indices[row])]
                 outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
-        offsets: dict[TopicPartition, int] = {}
-        for rec in records:
-            tp = TopicPartition(rec.topic, rec.partition)
-            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+        offsets = _next_offsets(records)
         self._learned.update(offsets)
         to_publish = [r for r in outgoing if self._should_publish(r.source)]
         self.stats.skipped_duplicates += len(outgoing) - len(to_publish)
         commit = {tp: o for tp, o in offsets.items() if o > self._publish_from.get(tp, -1)}
-        n_relearned = sum(1 for r in records
-                          if r.offset < self._publish_from.get((TopicPartition(r.topic,
-                                                                               r.partition)), -1))
-        self.stats.relearned += n_relearned
+        if self._publish_from:
+            self.stats.relearned += sum(
+                1 for r in records
+                if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
         self._pending = (to_publish, commit)
         self._sink.publish(to_publish, commit, self._source)
         self._pending = None

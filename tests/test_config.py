@@ -62,7 +62,7 @@ def test_the_shipped_file_loads_and_mentions_every_key():
 def test_defaults_and_types(tmp_path):
     config = load_config(write(tmp_path, '[features]\nfields = ["x"]\n'), env={})
     assert config.kafka.bootstrap_servers == ("localhost:9092",)
-    assert config.batch.max_records == 1000 and isinstance(config.batch.max_records, int)
+    assert config.batch.max_records == 5000 and isinstance(config.batch.max_records, int)
     assert config.model.n_components == "auto"
     assert config.threshold.fixed is None
     assert config.checkpoint.interval_seconds == 30.0

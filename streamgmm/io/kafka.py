@@ -71,6 +71,11 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "request_timeout_ms": 10000,
     "bootstrap_timeout_ms": 5000,
     "reconnect_backoff_max_ms": 2000,
+    # How long the broker may hold a fetch that found too little data. kafka-python's 500 ms
+    # default stalled a group member's polls for ~400 ms every few batches on the embedded broker
+    # (a third of the daemon's time; measured with scripts/bench_daemon.py); short waits remove
+    # the stalls and cost a few idle fetch requests per second.
+    "fetch_max_wait_ms": 20,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
@@ -527,27 +532,41 @@ class KafkaSink:
         except kafka_errors.KafkaError as exc:
             raise _client_error("publishing a batch failed", exc) from exc
 
-    def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
-        futures = [
+    def _send(self, records: Sequence[OutgoingRecord]) -> list:
+        return [
             self._producer.send(r.topic, value=r.value, key=r.key, headers=r.headers or None)
             for r in records
         ]
-        for fut in futures:  # flush() does not raise on failure; the futures do
+
+    def _await_sends(self, futures: list) -> None:
+        if not futures:
+            return
+        # flush() sends at once instead of after linger_ms; it does not raise on failure, the
+        # futures do.
+        self._producer.flush(timeout=self.operation_timeout)
+        for fut in futures:
             fut.get(timeout=self.operation_timeout)
+
+    def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
+        self._await_sends(self._send(records))
 
     def _publish_transaction(self, records, offsets, source) -> None:
         tm = self._producer._transaction_manager
         self._producer.begin_transaction()
         try:
-            self._send_all(records)
+            futures = self._send(records)
+            # The offsets travel to the group coordinator while the records are produced;
+            # nothing is visible before the commit, and a failed send aborts both.
+            offsets_sent = None
             if offsets:
-                self._wait(
-                    tm.send_offsets_to_transaction(
-                        {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
-                        source.group_metadata(),
-                    ),
-                    "send_offsets_to_transaction",
+                offsets_sent = tm.send_offsets_to_transaction(
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+                    source.group_metadata(),
                 )
+                self._producer._sender.wakeup()
+            self._await_sends(futures)
+            if offsets_sent is not None:
+                self._wait(offsets_sent, "send_offsets_to_transaction")
             self._wait(tm.begin_commit(), "commit_transaction")
         except Exception:
             try:
