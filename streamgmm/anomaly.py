@@ -80,7 +80,8 @@ class GMMDetector(base.AnomalyDetector):
     Parameters
     ----------
     n_components
-        Mixture components, or ``"auto"`` (chosen by held-out likelihood when the model initialises).
+        Mixture components, or ``"auto"`` (chosen by held-out likelihood when the model
+        initialises).
     max_components
         Upper bound for ``"auto"`` and for components adopted later. 3 by default: on the small
         warm-up buffers of River streams, BIC chose too many components for high-dimensional or

@@ -135,6 +135,16 @@ class DetectionResult:
     def __len__(self) -> int:
         return len(self.score)
 
+    @classmethod
+    def concatenate(cls, parts: list[DetectionResult]) -> DetectionResult:
+        """One result for consecutive parts of a batch (drift and parameters of the last part)."""
+        per_event = (
+            "score", "log_likelihood", "threshold", "anomaly_score", "tail_probability",
+            "is_anomaly", "warming_up", "component", "typical_score", "X", "_log_resp",
+        )
+        joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in per_event}
+        return dataclasses.replace(parts[-1], **joined)
+
     def explain(self, i: int) -> list[dict[str, Any]]:
         """Why event ``i`` scored as it did: one dict per feature, largest contribution first.
 
@@ -340,9 +350,30 @@ class Detector:
             ``(n, d)`` array of events in arrival order; ``NaN`` marks a missing feature.
         """
         X = self._validate(X)
+        # A batch that crosses the end of a warm-up is cut there, so that the events after it
+        # are scored and decided: warm-up stays as short as stated, whatever the batch size.
+        parts = []
+        while True:
+            left = self._events_until_warm()
+            if left is None or left >= len(X):
+                parts.append(self._process_batch(X))
+                break
+            parts.append(self._process_batch(X[:left]))
+            X = X[left:]
+        return parts[0] if len(parts) == 1 else DetectionResult.concatenate(parts)
+
+    def _events_until_warm(self) -> int | None:
+        """Events left in the current warm-up phase (model, then threshold); None when warm."""
+        if not self.model.is_fitted:
+            return max(1, self.model.warmup_remaining)
+        if self.threshold.warming_up:
+            return max(1, self.threshold.warmup_events - self.threshold.n_events_seen)
+        return None
+
+    def _process_batch(self, X: np.ndarray) -> DetectionResult:
         n, d = X.shape
         names = self.feature_names or [f"x{j}" for j in range(d)]
-        complete = ~np.isnan(X).any(axis=1)
+        complete = ~np.isnan(X.sum(axis=1))  # NaN marks a missing feature; X has no inf
         score = np.full(n, np.nan)
         ll = np.full(n, np.nan)
         component = np.full(n, -1, dtype=np.int64)
@@ -448,7 +479,7 @@ class Detector:
         out = np.full(len(X), np.nan)
         if not self.model.is_fitted or len(X) == 0:
             return out
-        complete = ~np.isnan(X).any(axis=1)
+        complete = ~np.isnan(X.sum(axis=1))  # NaN marks a missing feature; X has no inf
         if complete.all():
             return -self.model.score_samples(X)
         if complete.any():

@@ -230,6 +230,16 @@ def weight_entropy(weights: np.ndarray) -> float:
 
 
 # -- the monitor ----------------------------------------------------------------------------------
+def _lindley(start: float, increments: np.ndarray) -> np.ndarray:
+    """All values of ``S_t = max(0, S_{t-1} + u_t)`` from ``S_0 = start``, without a loop.
+
+    ``S_t = C_t - min(-S_0, min_{j<=t} C_j)`` with ``C`` the cumulative sum of the increments.
+    """
+    c = np.cumsum(increments)
+    floor = np.minimum.accumulate(np.minimum(c, -start))
+    return np.maximum(c - floor, 0.0)
+
+
 class DriftMonitor:
     """Tracks drift of the live mixture and of the log-likelihood stream; one report per batch.
 
@@ -431,8 +441,10 @@ class DriftMonitor:
         self._block_sum = float(tail.sum())
         self._block_count = tail.size
         detected = False
-        for block_mean in means:
+        blocks = np.asarray(means, dtype=np.float64)
+        while blocks.size:
             if self._burn_n < self.burn_in_blocks:
+                block_mean, blocks = float(blocks[0]), blocks[1:]
                 self._burn_n += 1
                 delta = block_mean - self._burn_mean
                 self._burn_mean += delta / self._burn_n
@@ -440,12 +452,16 @@ class DriftMonitor:
                 continue
             std = math.sqrt(self._burn_m2 / (self._burn_n - 1))
             std = max(std, 1e-9 * (abs(self._burn_mean) + 1.0))
-            z = (block_mean - self._burn_mean) / std
-            self._cusum_pos = max(0.0, self._cusum_pos + z - self.cusum_k)
-            self._cusum_neg = max(0.0, self._cusum_neg - z - self.cusum_k)
-            if self._cusum_pos > self.cusum_h or self._cusum_neg > self.cusum_h:
-                detected = True
-                self._reset_cusum()
+            z = (blocks - self._burn_mean) / std
+            pos = _lindley(self._cusum_pos, z - self.cusum_k)
+            neg = _lindley(self._cusum_neg, -z - self.cusum_k)
+            alarms = np.flatnonzero((pos > self.cusum_h) | (neg > self.cusum_h))
+            if alarms.size == 0:
+                self._cusum_pos, self._cusum_neg = float(pos[-1]), float(neg[-1])
+                break
+            detected = True
+            self._reset_cusum()
+            blocks = blocks[alarms[0] + 1 :]
         return detected
 
     def _reset_cusum(self) -> None:

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 _STATE_KIND = "OnlineGaussianMixture"
 _STATE_VERSION = 1
+# score_samples remembers its last E-step for batches at least this large, so that scoring a
+# batch and then learning it (score_many then learn_many in River) runs the E-step once.
+_MEMO_MIN_ROWS = 256
 # A component whose weight falls below this fraction of 1/K is re-seeded...
 _DEAD_WEIGHT_FRACTION = 1e-3
 # ...and so is one that, over the last ~1/_ACTIVITY_RATE batches, received less than this
@@ -164,6 +167,7 @@ class OnlineGaussianMixture:
         self._steps = 0.0
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
+        self._memo: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ validation
 
@@ -277,6 +281,7 @@ class OnlineGaussianMixture:
 
     def _update_parameters(self) -> None:
         """Derive weights, means, covariances and precision Cholesky factors from statistics."""
+        self._memo = None
         self.weights_ = self._weight_stat / self._weight_stat.sum()
         self.means_ = self._means + self._shift
         self.covariances_ = cv.covariances_from_scatter(
@@ -317,7 +322,18 @@ class OnlineGaussianMixture:
         """Log-likelihood ``log p(x)`` of each row under the mixture, shape ``(n,)``."""
         self._check_fitted()
         X = self._validate_X(X)
-        return cv.log_sum_exp(self._weighted_log_prob(X))
+        wlp = self._weighted_log_prob(X)
+        if len(X) >= _MEMO_MIN_ROWS:
+            self._memo = (X.copy(), wlp)
+        return cv.log_sum_exp(wlp)
+
+    def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
+        """The weighted log-probabilities of ``X`` if ``score_samples`` just computed them under
+        the current parameters (the memo is dropped whenever the parameters change)."""
+        memo = self._memo
+        if memo is not None and memo[0].shape == X.shape and np.array_equal(memo[0], X):
+            return memo[1]
+        return None
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood per row."""
@@ -674,7 +690,10 @@ class OnlineGaussianMixture:
             ll = np.empty(0)
             return (ll, np.empty((0, len(self.weights_)))) if return_resp else ll
         Xc = X - self._shift
-        ll, resp = cv.posterior(self._weighted_log_prob(Xc, centred=True))
+        wlp = self._recall_estep(X)
+        if wlp is None:
+            wlp = self._weighted_log_prob(Xc, centred=True)
+        ll, resp = cv.posterior(wlp)
         if callable(sample_weight):
             sample_weight = sample_weight(ll)
         w = None if sample_weight is None else self._validate_weights(sample_weight, n)

@@ -43,6 +43,17 @@ def test_warm_up_is_visible_and_nothing_is_flagged_meanwhile():
     assert det.process(np.full((1, 3), 1e6)).is_anomaly.all()
 
 
+def test_a_batch_larger_than_the_warm_up_is_decided_after_it():
+    X, _ = syn.mixture_with_outliers(5000, seed=3)
+    det = Detector(n_components=2, warmup_events=1000, random_state=0)
+    res = det.process(X)  # one batch of 5000: warm-up must not swallow it all
+    assert len(res) == 5000 and res.warming_up[:900].all()
+    assert not res.warming_up[1000:].any()
+    assert np.isfinite(res.score[1000:]).all() and np.isfinite(res.threshold[1000:]).all()
+    assert res.is_anomaly[1000:].sum() > 0 and not res.is_anomaly[:900].any()
+    assert det.n_events_learned == 5000
+
+
 def test_result_fields_are_consistent():
     det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
     _warm(det, _stream(5000))
