@@ -91,7 +91,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,7 +119,6 @@ class DetectionResult:
     log_likelihood: np.ndarray
     threshold: np.ndarray
     anomaly_score: np.ndarray
-    tail_probability: np.ndarray
     is_anomaly: np.ndarray
     warming_up: np.ndarray
     component: np.ndarray
@@ -131,19 +130,39 @@ class DetectionResult:
     _means: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _covariances: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _log_resp: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    _tail_function: Callable[[np.ndarray], np.ndarray] | None = dataclasses.field(
+        default=None, repr=False
+    )
+    _tail_cache: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.score)
+
+    @property
+    def tail_probability(self) -> np.ndarray:
+        """Probability that a normal event scores at least as high (NaN while warming up).
+
+        Computed on first access, against the recent normal scores as they were right after
+        this batch: a caller that only reads it for its anomalies pays only for those.
+        """
+        if self._tail_cache is None:
+            out = np.full(len(self.score), np.nan)
+            if self._tail_function is not None:
+                live = ~self.warming_up
+                out[live] = self._tail_function(self.score[live])
+            self._tail_cache = out
+        return self._tail_cache
 
     @classmethod
     def concatenate(cls, parts: list[DetectionResult]) -> DetectionResult:
         """One result for consecutive parts of a batch (drift and parameters of the last part)."""
         per_event = (
-            "score", "log_likelihood", "threshold", "anomaly_score", "tail_probability",
-            "is_anomaly", "warming_up", "component", "typical_score", "X", "_log_resp",
+            "score", "log_likelihood", "threshold", "anomaly_score", "is_anomaly",
+            "warming_up", "component", "typical_score", "X", "_log_resp",
         )
         joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in per_event}
-        return dataclasses.replace(parts[-1], **joined)
+        joined["_tail_cache"] = np.concatenate([p.tail_probability for p in parts])
+        return dataclasses.replace(parts[-1], _tail_function=None, **joined)
 
     def explain(self, i: int) -> list[dict[str, Any]]:
         """Why event ``i`` scored as it did: one dict per feature, largest contribution first.
@@ -444,18 +463,16 @@ class Detector:
 
         thr = np.full(n, thr_before)
         a_score = np.full(n, np.nan)
-        tail = np.full(n, np.nan)
+        tail_function = None
         if math.isfinite(thr_before):
             a_score = self.threshold.anomaly_score(score)
-            tail = self.threshold.tail_probability(score)
             a_score[warming] = np.nan
-            tail[warming] = np.nan
+            tail_function = self.threshold.frozen_tail_probability()
         return DetectionResult(
             score=score,
             log_likelihood=ll,
             threshold=thr,
             anomaly_score=a_score,
-            tail_probability=tail,
             is_anomaly=is_anomaly,
             warming_up=warming,
             component=component,
@@ -467,6 +484,7 @@ class Detector:
             _means=None if params is None else params[1],
             _covariances=None if params is None else covs,
             _log_resp=log_resp_best,
+            _tail_function=tail_function,
         )
 
     def score_samples(self, X: Any) -> np.ndarray:

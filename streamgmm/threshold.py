@@ -188,6 +188,23 @@ class _Tail:
         return self.t + self.sigma * (ratio**self.gamma - 1.0) / self.gamma
 
 
+def _tail_probability_in(srt: np.ndarray, tail: _Tail, s: np.ndarray) -> np.ndarray:
+    """Tail probability of scores ``s`` under a sorted window and its fitted upper tail."""
+    n = srt.size
+    if s.size > 64:  # sorted queries search much faster
+        order = np.argsort(s)
+        pos = np.empty(s.size, dtype=np.int64)
+        pos[order] = np.searchsorted(srt, s[order], side="left")
+    else:
+        pos = np.searchsorted(srt, s, side="left")
+    p = (n - pos + 1.0) / (n + 1.0)
+    beyond = s > tail.t
+    if beyond.any():
+        p[beyond] = tail.survival(s[beyond])
+    p[np.isnan(s)] = np.nan
+    return np.minimum(p, 1.0)
+
+
 class _ScoreScale:
     """Shared behaviour: bounded window of normal scores, realised rate, score normalisation."""
 
@@ -323,22 +340,20 @@ class _ScoreScale:
         n = self._sorted.size
         return _Tail(self._sorted, min(max(20.0 / (n + 1), 0.001), 0.05))
 
+    def frozen_tail_probability(self):
+        """:meth:`tail_probability` as it is now, as a function of scores.
+
+        The window is replaced, never modified in place, so the function keeps answering for
+        this moment after later updates: a batch's tail probabilities can be computed only for
+        the events someone asks about (the daemon: its anomalies).
+        """
+        if self._sorted.size < 10:
+            return lambda scores: np.full(_as_scores(scores).shape, np.nan)
+        srt, tail = self._sorted, self._tail_model()
+        return lambda scores: _tail_probability_in(srt, tail, _as_scores(scores))
+
     def _tail_probability(self, s: np.ndarray) -> np.ndarray:
-        srt = self._sorted
-        n = srt.size
-        if s.size > 64:  # sorted queries search much faster
-            order = np.argsort(s)
-            pos = np.empty(s.size, dtype=np.int64)
-            pos[order] = np.searchsorted(srt, s[order], side="left")
-        else:
-            pos = np.searchsorted(srt, s, side="left")
-        p = (n - pos + 1.0) / (n + 1.0)
-        tail = self._tail_model()
-        beyond = s > tail.t
-        if beyond.any():
-            p[beyond] = tail.survival(s[beyond])
-        p[np.isnan(s)] = np.nan
-        return np.minimum(p, 1.0)
+        return _tail_probability_in(self._sorted, self._tail_model(), s)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _count(self, finite: np.ndarray, flags: np.ndarray, was_warming: bool) -> None:
