@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml  # PyYAML (dev extra): compose, Prometheus and Grafana files are YAML
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -167,23 +168,6 @@ def _import_producer():
     return module
 
 
-def _wait_for(condition, what: str, timeout: float, processes=()):
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        for name, process in processes:
-            if process.poll() is not None:
-                raise AssertionError(f"{name} exited with {process.returncode} while waiting "
-                                     f"for {what}")
-        try:
-            value = condition()
-            if value:
-                return value
-        except OSError as exc:  # not listening yet
-            last_error = exc
-        time.sleep(0.2)  # polling interval of a condition with a deadline
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,7 +775,7 @@ def running_daemon(bootstrap, tmp_path):
             return events and events[0].value >= 2900 and families
 
         try:
-            families = _wait_for(learned_everything, "the daemon to process the stream",
+            families = wait_for(learned_everything, "the daemon to process the stream",
                                  timeout=120, processes=[("the daemon", daemon)])
         except AssertionError:
             log.flush()
@@ -845,7 +829,7 @@ def test_rules_and_dashboard_hold_on_the_real_daemon(running_daemon, tmp_path):
     base = f"http://127.0.0.1:{web_port}"
     watched = [("prometheus", prometheus), ("the daemon", daemon)]
     try:
-        _wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
+        wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
                   "Prometheus to be ready", timeout=60, processes=watched)
 
         def rules_evaluated():
@@ -856,7 +840,7 @@ def test_rules_and_dashboard_hold_on_the_real_daemon(running_daemon, tmp_path):
                 r.get("lastEvaluation", "").startswith("20") and r["health"] != "unknown"
                 for r in rules) and rules
 
-        rules = _wait_for(rules_evaluated, "every rule to be evaluated", 60, watched)
+        rules = wait_for(rules_evaluated, "every rule to be evaluated", 60, watched)
         assert [r["name"] for r in rules if r["health"] != "ok" or r.get("lastError")] == []
 
         substitutions = {"$__rate_interval": "30s", "$instance": ".*"}
@@ -870,7 +854,7 @@ def test_rules_and_dashboard_hold_on_the_real_daemon(running_daemon, tmp_path):
             return all(_prometheus_query(base, q) for q in queries)
 
         try:
-            _wait_for(every_query_answers, "every dashboard query to return data", 60, watched)
+            wait_for(every_query_answers, "every dashboard query to return data", 60, watched)
         except AssertionError:
             empty = [q for q in queries if not _prometheus_query(base, q)]
             raise AssertionError(f"dashboard queries without data: {empty}") from None

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from streamgmm.detector import Detector
 from streamgmm.embedded import free_port
@@ -32,21 +32,6 @@ def _get_json(url: str, timeout: float = 5.0) -> dict:
         return json.loads(response.read())
 
 
-def _wait_for(condition, what: str, timeout: float = 60.0, process=None):
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"prometheus exited with {process.returncode} while waiting "
-                                 f"for {what}")
-        try:
-            value = condition()
-            if value:
-                return value
-        except OSError as exc:  # not listening yet
-            last_error = exc
-        time.sleep(0.2)  # polling interval of a condition with a deadline
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} ({last_error})")
 
 
 @pytest.fixture
@@ -67,8 +52,8 @@ def prometheus(tmp_path):
         stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{web_port}"
     try:
-        _wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
-                  "Prometheus to be ready", process=process)
+        wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
+                  "Prometheus to be ready", processes=[("prometheus", process)])
         yield metrics, base
     finally:
         process.terminate()
@@ -113,7 +98,7 @@ def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
         values = _query(base, "streamgmm_consumer_lag_events")
         return values.get(()) == 77
 
-    _wait_for(scraped, "Prometheus to scrape the metrics endpoint")
+    wait_for(scraped, "Prometheus to scrape the metrics endpoint")
     assert _query(base, 'up{job="streamgmm"}') == {(): 1.0}
     assert _query(base, "streamgmm_events_total") == {(): 500.0}
     assert _query(base, "streamgmm_anomalies_total") == {(): float(n_anomalies)}
@@ -141,7 +126,7 @@ def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
 
     # A later change shows up in a later scrape, and rate() works on the counters.
     metrics.dead_letters({"invalid_json": 6})
-    _wait_for(lambda: _query(base, 'streamgmm_dead_letters_total{reason="invalid_json"}')
+    wait_for(lambda: _query(base, 'streamgmm_dead_letters_total{reason="invalid_json"}')
               == {(("reason", "invalid_json"),): 10.0}, "the next scrape")
     rate = _query(base, 'increase(streamgmm_dead_letters_total{reason="invalid_json"}[1m])')
     assert list(rate.values())[0] > 0

@@ -23,6 +23,7 @@ import orjson
 import pytest
 from conftest import produce, read_topic, unique_name
 from kafka import TopicPartition
+from waiting import wait_for
 
 from streamgmm.checkpoint import read_state
 from streamgmm.io.kafka import ensure_topics, source_of_dead_letter, source_of_output
@@ -84,27 +85,11 @@ def start_daemon(config, log) -> subprocess.Popen:
         stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with {proc.returncode} while waiting: {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        try:
-            (proc.wait(timeout=0.1) if proc is not None else time.sleep(0.1))
-        except subprocess.TimeoutExpired:
-            pass
-
-
 def wait_until_recovered(checkpoint, proc) -> None:
     """The daemon writes a checkpoint as soon as it has recovered: then it is processing."""
     since = time.time()
-    wait_for(lambda: checkpoint.exists() and checkpoint.stat().st_mtime >= since, 60,
-             "the daemon to recover", proc)
+    wait_for(lambda: checkpoint.exists() and checkpoint.stat().st_mtime >= since,
+             "the daemon to recover", 60, [("the daemon", proc)])
 
 
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 2) -> int:
@@ -144,8 +129,8 @@ def run_with_kills(tmp_path, bootstrap, delivery: str, seed: int):
         proc = start_daemon(config, log)
         try:
             wait_until_recovered(checkpoint, proc)
-            wait_for(lambda: committed_total(bootstrap, group, topics[0]) >= N_EVENTS, 120,
-                     "every event committed", proc)
+            wait_for(lambda: committed_total(bootstrap, group, topics[0]) >= N_EVENTS,
+                     "every event committed", 120, [("the daemon", proc)])
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0, "SIGTERM must exit 0 within seconds"
         finally:
