@@ -92,3 +92,28 @@ def test_sigterm_finishes_the_batch_commits_checkpoints_and_exits_0(tmp_path, bo
     learned = sum(meta["learned_offsets"].values())
     assert meta["events_learned"] == learned  # all valid here: learned once each
     assert read_topic(bootstrap, topics[1], idle=0.5) is not None
+
+
+def test_next_offsets_per_partition_from_each_runs_last_record():
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from streamgmm.service import _next_offsets
+
+    def recs(topic, partition, offsets):
+        return [SimpleNamespace(topic=topic, partition=partition, offset=o) for o in offsets]
+
+    assert _next_offsets([]) == {}
+    assert _next_offsets(recs("t", 0, [5])) == {TopicPartition("t", 0): 6}
+    batch = recs("t", 0, range(10, 20)) + recs("t", 1, [3]) + recs("t", 2, range(7, 9))
+    assert _next_offsets(batch) == {TopicPartition("t", 0): 20, TopicPartition("t", 1): 4,
+                                    TopicPartition("t", 2): 9}
+    # The same answer as looking at every record, for runs of every length.
+    for sizes in ([1, 1, 1], [3, 1, 4], [1, 5], [6]):
+        batch = [r for p, k in enumerate(sizes) for r in recs("t", p, range(100, 100 + k))]
+        expected = {}
+        for r in batch:
+            tp = TopicPartition(r.topic, r.partition)
+            expected[tp] = max(expected.get(tp, 0), r.offset + 1)
+        assert _next_offsets(batch) == expected
