@@ -10,7 +10,8 @@ import time
 import orjson
 import pytest
 from conftest import produce, read_topic, unique_name
-from test_recovery import wait_for, wait_until_recovered, write_config
+from test_recovery import wait_until_recovered, write_config
+from waiting import wait_for
 
 from streamgmm.checkpoint import read_state
 from streamgmm.embedded import EmbeddedBroker, free_port
@@ -43,17 +44,17 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path):
                              str(config), "--create-topics"], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_recovered(checkpoint, proc)
-        wait_for(lambda: len(read_topic(bootstrap, "dlq", idle=0.3, timeout=2)) == 1, 60,
-                 "the first dead letter", proc)
+        wait_for(lambda: len(read_topic(bootstrap, "dlq", idle=0.3, timeout=2)) == 1,
+                 "the first dead letter", 60, [("the daemon", proc)])
         broker.kill()  # Tansu keeps nothing: the broker that comes back is empty
-        wait_for(lambda: b"Kafka unavailable" in log_path.read_bytes(), 60,
-                 "the daemon to notice", proc)
+        wait_for(lambda: b"Kafka unavailable" in log_path.read_bytes(),
+                 "the daemon to notice", 60, [("the daemon", proc)])
         assert proc.poll() is None, "the daemon must not exit when the broker goes away"
         broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
         produce(bootstrap, "in", _events(300, start=1000) + [b"bad json 2"])
         wait_for(lambda: any(m.value() == b"bad json 2"
                              for m in read_topic(bootstrap, "dlq", idle=0.3, timeout=2)),
-                 90, "the daemon to consume from the returned broker", proc)
+                 "the daemon to consume from the returned broker", 90, [("the daemon", proc)])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         _, meta = read_state(checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
