@@ -118,3 +118,96 @@ def test_next_offsets_per_partition_from_each_runs_last_record():
             tp = TopicPartition(r.topic, r.partition)
             expected[tp] = max(expected.get(tp, 0), r.offset + 1)
         assert _next_offsets(batch) == expected
+
+
+class _FakeSource:
+    """Hands out the given batches of raw records, then nothing (no broker needed)."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def poll(self, max_records, timeout_ms):
+        return self.batches.pop(0) if self.batches else []
+
+    def high_watermarks(self, topics):
+        return {}
+
+
+class _FakeSink:
+    """Records what is started and confirmed; ``fail`` makes the n-th confirmation fail."""
+
+    def __init__(self, fail=()):
+        self.fail, self.log, self.started = set(fail), [], 0
+
+    def publish_async(self, records, offsets, source):
+        from streamgmm.io.kafka import KafkaUnavailable
+
+        n, self.started = self.started, self.started + 1
+        self.log.append(("start", n, dict(offsets)))
+        sink = self
+
+        class Pending:
+            def wait(self):
+                sink.log.append(("wait", n))
+                if n in sink.fail:
+                    raise KafkaUnavailable("commit failed")
+
+        return Pending()
+
+
+def _pipelined_daemon(tmp_path, batches, sink):
+    from types import SimpleNamespace
+
+    from streamgmm.config import load_config
+    from streamgmm.service import Daemon
+
+    config = load_config(None, env={
+        "STREAMGMM_FEATURES__FIELDS": "x,y", "STREAMGMM_MODEL__N_COMPONENTS": "1",
+        "STREAMGMM_CHECKPOINT__PATH": str(tmp_path / "ck.npz"),
+        "STREAMGMM_CHECKPOINT__INTERVAL_SECONDS": "3600"})
+    seen = []
+    daemon = Daemon(config, on_batch=lambda d, records, *_: seen.append(
+        [r.offset for r in records]))
+    records = [[SimpleNamespace(topic="in", partition=0, offset=o, value=v, key=None, headers=[])
+                for o, v in batch] for batch in batches]
+    daemon._source, daemon._sink = _FakeSource(records), sink
+    return daemon, seen
+
+
+def test_a_batch_is_published_only_once_its_transaction_commits_one_at_a_time(tmp_path):
+    from kafka import TopicPartition
+
+    values = _events(20)
+    batches = [list(enumerate(values[:10])), [(10, b"bad json")] + list(enumerate(values[11:],
+                                                                                   11))]
+    sink = _FakeSink()
+    daemon, seen = _pipelined_daemon(tmp_path, batches, sink)
+    daemon._step()
+    assert seen == [] and sink.log == [("start", 0, {TopicPartition("in", 0): 10})]
+    daemon._step()  # processed while batch 0 was in flight; 0 confirmed before 1 starts
+    assert sink.log[1:] == [("wait", 0), ("start", 1, {TopicPartition("in", 0): 20})]
+    assert seen == [list(range(10))]
+    assert not (tmp_path / "ck.npz").exists()  # batch 1 is not committed yet
+    daemon._finish()  # the clean stop waits for it, then checkpoints
+    assert sink.log[-1] == ("wait", 1) and seen[1] == list(range(10, 20))
+    assert daemon.stats.published == 1 and not daemon._pending
+    _, meta = read_state(tmp_path / "ck.npz", CHECKPOINT_KIND, CHECKPOINT_VERSION)
+    assert meta["learned_offsets"] == {"in:0": 20} and meta["events_learned"] == 19
+
+
+def test_a_failed_commit_keeps_both_learned_batches_pending_in_order(tmp_path):
+    from streamgmm.io.kafka import KafkaUnavailable
+
+    values = _events(20)
+    batches = [list(enumerate(values[:10])), [(10, b"bad json")] + list(enumerate(values[11:],
+                                                                                   11))]
+    daemon, seen = _pipelined_daemon(tmp_path, batches, _FakeSink(fail={0}))
+    daemon._step()
+    with pytest.raises(KafkaUnavailable):
+        daemon._step()  # batch 1 is learned when batch 0's commit turns out to have failed
+    assert [[r.offset for r in b.records] for b in daemon._pending] == [
+        list(range(10)), list(range(10, 20))]
+    assert [len(b.outgoing) for b in daemon._pending] == [0, 1]  # the dead letter waits too
+    assert seen == [] and daemon.stats.published == 0
+    daemon._write_checkpoint()  # refused: learned events are not committed
+    assert not (tmp_path / "ck.npz").exists()
