@@ -11,15 +11,6 @@ One iteration of :meth:`Daemon.run`:
    (:class:`streamgmm.io.kafka.KafkaSink`: one transaction in exactly-once mode);
 5. update the metrics, and now and then write a checkpoint.
 
-Pipelining: a transaction is several broker round trips (produce, offsets, commit) during which
-the daemon would sit idle, so step 4 only *starts* it (the producer's I/O thread carries it on:
-:meth:`streamgmm.io.kafka.KafkaSink.publish_async`) and the next iteration polls and processes
-the next batch meanwhile. Before that batch's transaction begins, the previous one must have
-committed (``_confirm_published``); a batch counts as published, and ``on_batch`` sees it, only
-then. At most one transaction is in flight, and batches still commit one by one, in order, each
-with its own records and offsets. A checkpoint waits for the transaction in flight first, so it
-never describes events that are not committed.
-
 Recovery
 --------
 The checkpoint holds the detector, the input offsets it has learned up to, and the positions of the
@@ -37,12 +28,10 @@ event the detector has learned has also been published and committed. After a cr
 
 So every valid event is learned exactly once and every anomaly and dead letter appears once.
 
-Broker loss: any Kafka failure closes the clients, keeps the unpublished batches in memory (at
-most two: the one in flight and the one processed after it), and reconnects with an exponential
-back-off (capped at :attr:`Daemon.max_backoff` seconds), then republishes them after the
-read-back, one transaction each; the daemon never exits because the broker is away.
-``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish the current batch, publish, wait for
-its commit, checkpoint and return.
+Broker loss: any Kafka failure closes the clients, keeps the unpublished batch in memory, and
+reconnects with an exponential back-off (capped at :attr:`Daemon.max_backoff` seconds); the daemon
+never exits because the broker is away. ``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish
+the current batch, publish, commit, checkpoint and return.
 
 Examples
 --------
@@ -76,7 +65,6 @@ from streamgmm.io.kafka import (
     KafkaSource,
     KafkaUnavailable,
     OutgoingRecord,
-    PendingPublish,
     broker_reachable,
     dead_letter_headers,
     ensure_topics,
@@ -131,20 +119,6 @@ def _tp_from_key(key: str) -> TopicPartition:
 
 
 @dataclass
-class _Batch:
-    """A batch the detector has learned from, kept until its transaction is confirmed."""
-
-    records: list
-    """The raw input records (for ``on_batch``)."""
-    extraction: Any
-    result: Any
-    outgoing: list[OutgoingRecord]
-    """Its anomalies and dead letters still to publish (duplicates already left out)."""
-    offsets: dict[TopicPartition, int]
-    """The input offsets to commit with them (next offset per partition)."""
-
-
-@dataclass
 class DaemonStats:
     """Counters of one daemon run (also exported as Prometheus metrics)."""
 
@@ -173,8 +147,8 @@ class Daemon:
         ``() -> Detector`` for a fresh start; defaults to
         ``Detector(**config.detector_kwargs())``.
     on_batch : callable, optional
-        ``on_batch(daemon, records, extraction, result)`` after each published batch, once its
-        transaction is committed (the demo's live console uses it); must be quick.
+        ``on_batch(daemon, records, extraction, result)`` after each published batch (the demo's
+        live console uses it); must be quick.
     create_topics : bool
         Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
 
@@ -220,11 +194,8 @@ class Daemon:
         self._already_published: set[tuple[str, int, int]] = set()
         # Where the next read-back of the output topics starts (saved in the checkpoint).
         self._output_positions: dict[TopicPartition, int] = {}
-        # Batches learned but not confirmed published, oldest first: the one whose transaction
-        # is in flight, and after a broker failure also the one processed meanwhile.
-        self._pending: list[_Batch] = []
-        # The transaction of self._pending[0], under way in the producer's I/O thread.
-        self._in_flight: PendingPublish | None = None
+        # A batch learned but not yet published (the broker failed while publishing it).
+        self._pending: tuple[list[OutgoingRecord], dict[TopicPartition, int]] | None = None
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_wall: float | None = None
         self._broker_up = False
@@ -294,13 +265,8 @@ class Daemon:
         return 0
 
     def _finish(self) -> None:
-        """Clean stop: wait for the last batch's commit; write the final checkpoint."""
-        if self._in_flight is not None:
-            try:
-                self._confirm_published()
-            except KafkaUnavailable as exc:
-                logger.warning("the last batch's transaction failed: %s", exc)
-        if self._pending:
+        """Clean stop: the last batch is published already; write the final checkpoint."""
+        if self._pending is not None:
             logger.warning("stopping with an unpublished batch (the broker is away); the last "
                            "checkpoint stays, the batch is re-processed on the next start")
             return
@@ -333,9 +299,6 @@ class Daemon:
         self._set_broker_up(True)
 
     def _close_clients(self) -> None:
-        # A transaction still in flight is not waited for: its batch stays pending, and the
-        # read-back on reconnection tells whether its records made it.
-        self._in_flight = None
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -379,14 +342,14 @@ class Daemon:
         self._already_published |= published
         if not self._output_positions:
             self._output_positions = {tp: 0 for tp in ends_out}
-        while self._pending:  # oldest first, one transaction each, as they would have been
-            batch = self._pending[0]
-            fresh = [r for r in batch.outgoing if r.source not in self._already_published]
-            self.stats.skipped_duplicates += len(batch.outgoing) - len(fresh)
-            self._sink.publish(fresh, batch.offsets, source)
+        if self._pending is not None:
+            records, offsets = self._pending
+            fresh = [r for r in records if r.source not in self._already_published]
+            self.stats.skipped_duplicates += len(records) - len(fresh)
+            self._sink.publish(fresh, offsets, source)
             self.stats.published += len(fresh)
-            self._pending.pop(0)
-            logger.info("published a batch that was pending when the broker failed")
+            self._pending = None
+            logger.info("published the batch that was pending when the broker failed")
         # A checkpoint right away: from now on recovery starts from here.
         self._write_checkpoint()
 
@@ -396,7 +359,6 @@ class Daemon:
         batch = self.config.batch
         records = self._source.poll(batch.max_records, batch.max_wait_ms)
         if not records:
-            self._confirm_published()  # nothing to overlap it with
             self._probe_broker()
             self._maybe_checkpoint()
             self._report_lag()
@@ -425,45 +387,26 @@ class Daemon:
             self.stats.relearned += sum(
                 1 for r in records
                 if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
-        # Later batches of these partitions are past the re-learned range (all their offsets are
-        # >= this batch's next offset), so the marks can go now; recovery sets them anew.
+        self._pending = (to_publish, commit)
+        self._sink.publish(to_publish, commit, self._source)
+        self._pending = None
         for tp in commit:
             self._publish_from.pop(tp, None)
-        self._pending.append(_Batch(records, extraction, result, to_publish, commit))
-        # The previous batch's transaction ran while this one was polled and processed; it must
-        # commit before this one's begins (one transaction at a time, in order).
-        self._confirm_published()
-        self._in_flight = self._sink.publish_async(to_publish, commit, self._source)
 
         self.stats.batches += 1
         self.stats.events += len(records)
         self.stats.anomalies += n_anomalies
         self.stats.dead_letters += len(extraction.dead_letters)
+        self.stats.published += len(to_publish)
         for reason, count in extraction.reason_counts().items():
             self.stats.dead_letter_reasons[reason] = (
                 self.stats.dead_letter_reasons.get(reason, 0) + count)
         duration = time.perf_counter() - started
         self._report_batch(records, extraction, result, n_anomalies, duration)
+        if self.on_batch is not None:
+            self.on_batch(self, records, extraction, result)
         self._maybe_checkpoint()
         return len(records)
-
-    def _confirm_published(self) -> None:
-        """Wait for the transaction in flight (if any); its batch is then published.
-
-        Raises
-        ------
-        KafkaUnavailable
-            If it failed or did not end in time; the batch stays in ``_pending`` (recovery
-            republishes it, skipping what the read-back finds already there).
-        """
-        if self._in_flight is None:
-            return
-        in_flight, self._in_flight = self._in_flight, None
-        in_flight.wait()  # bounded by the sink's operation_timeout
-        batch = self._pending.pop(0)
-        self.stats.published += len(batch.outgoing)
-        if self.on_batch is not None:
-            self.on_batch(self, batch.records, batch.extraction, batch.result)
 
     def _should_publish(self, source: tuple[str, int, int] | None) -> bool:
         if source is None:
@@ -490,14 +433,11 @@ class Daemon:
     def _maybe_checkpoint(self) -> None:
         interval = self.config.checkpoint.interval_seconds
         if time.monotonic() - self._last_checkpoint >= interval:
-            # The detector has learned the batch in flight: only once it is committed does the
-            # state describe committed events alone.
-            self._confirm_published()
             self._write_checkpoint()
 
     def _write_checkpoint(self) -> None:
         """Write the checkpoint (only when everything learned is published and committed)."""
-        if self._pending or self._in_flight is not None:
+        if self._pending is not None:
             return
         # Forget duplicates we have passed; while some are ahead, keep the old read-back start.
         self._already_published = {

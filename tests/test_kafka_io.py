@@ -147,29 +147,3 @@ def test_a_restarted_consumer_resumes_at_the_committed_offsets(bootstrap):
         assert [orjson.loads(r.value)["i"] for r in rest] == list(range(10, 30))
     finally:
         source.close()
-
-
-@pytest.mark.integration
-def test_publish_async_commits_each_batch_when_waited_for(bootstrap):
-    topic, out, dlq, group = (unique_name(p) for p in ("in", "out", "dlq", "group"))
-    ensure_topics(bootstrap, [topic, out, dlq], partitions=1)
-    produce(bootstrap, topic, [orjson.dumps({"i": i}) for i in range(40)])
-    source = KafkaSource(bootstrap, topic, group)
-    sink = KafkaSink(bootstrap, transactional_id=unique_name("tx"))
-    tp = TopicPartition(topic, 0)
-    try:
-        source.wait_for_assignment()
-        records = _consume_all(source, 40)
-        for batch in (records[:25], records[25:]):  # one transaction each, one after the other
-            outgoing = [OutgoingRecord(out, orjson.dumps({"source": {
-                "topic": r.topic, "partition": r.partition, "offset": r.offset}}))
-                for r in batch]
-            pending = sink.publish_async(outgoing, {tp: batch[-1].offset + 1}, source)
-            pending.wait()
-            pending.wait()  # confirming again is harmless
-            assert source.committed() == {tp: batch[-1].offset + 1}
-    finally:
-        sink.close()
-        source.close()
-    sources, _ = read_published_sources(bootstrap, out, dlq)
-    assert sources == {(r.topic, r.partition, r.offset) for r in records}

@@ -11,11 +11,6 @@ dead letters together with the batch's input offsets:
 * ``delivery="at-least-once"``: records are sent with ``acks="all"``, every send future is awaited
   (``flush()`` does not raise on failure), and only then are the offsets committed.
 
-:meth:`KafkaSink.publish_async` only *starts* a batch's transaction: the producer's own I/O thread
-carries it through its broker round trips while the caller polls and processes the next batch,
-and :meth:`PendingPublish.wait` confirms it. Everything runs on the caller's thread except
-kafka-python's I/O threads; the consumer is never touched from another thread.
-
 :func:`read_published_sources` reads back the tail of the output and dead-letter topics and returns
 the ``(topic, partition, offset)`` of every input event already published. The daemon uses it on
 recovery so that nothing is published twice even where the broker is weaker than Kafka: Tansu makes
@@ -53,7 +48,6 @@ __all__ = [
     "OutgoingRecord",
     "KafkaSource",
     "KafkaSink",
-    "PendingPublish",
     "KafkaUnavailable",
     "dead_letter_headers",
     "source_of_dead_letter",
@@ -462,39 +456,6 @@ class KafkaSource:
             logger.debug("closing the consumer: %s", exc)
 
 
-class PendingPublish:
-    """A batch handed to :meth:`KafkaSink.publish_async`; :meth:`wait` until it is committed.
-
-    Created by the sink only.
-    """
-
-    def __init__(self, sink: KafkaSink, futures: Sequence = (), offsets_sent=None,
-                 commit=None) -> None:
-        self._sink = sink
-        self._futures = list(futures)
-        self._offsets_sent = offsets_sent
-        self._commit = commit  # None: already complete (at-least-once)
-        self._done = commit is None
-
-    def wait(self) -> None:
-        """Block until the batch is committed (once; later calls return at once).
-
-        Raises
-        ------
-        KafkaUnavailable
-            If the transaction failed or did not finish within the sink's ``operation_timeout``
-            per step; it is aborted (best effort) and nothing should be assumed published (or
-            not).
-        """
-        if self._done:
-            return
-        self._done = True
-        try:
-            self._sink._end_transaction(self)
-        except kafka_errors.KafkaError as exc:
-            raise _client_error("publishing a batch failed", exc) from exc
-
-
 class KafkaSink:
     """Publishes a batch's records and commits its input offsets, atomically or at least once.
 
@@ -540,39 +501,6 @@ class KafkaSink:
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot start a producer on {bootstrap_servers}", exc) from exc
 
-    def publish_async(
-        self,
-        records: Sequence[OutgoingRecord],
-        offsets: Mapping[TopicPartition, int],
-        source: KafkaSource,
-    ) -> PendingPublish:
-        """Start publishing a batch as :meth:`publish` does; :meth:`PendingPublish.wait` ends it.
-
-        In exactly-once mode this begins the transaction, hands the records, the offsets and the
-        commit to the producer and returns at once: its I/O thread performs the round trips
-        (produce, offsets, commit) while the caller does other work. In at-least-once mode the
-        offsets are committed through the consumer, which is not thread-safe, so everything
-        happens here and the result is already complete.
-
-        One batch at a time: wait for the previous one before starting the next (a producer has
-        at most one open transaction, and batches commit in order).
-
-        Raises
-        ------
-        KafkaUnavailable
-            If the batch could not be started (or, at least once, published); the transaction is
-            aborted, best effort.
-        """
-        try:
-            if self.delivery == "exactly-once":
-                return self._begin_transaction(records, offsets, source.group_metadata())
-            self._send_all(records)
-            if offsets:
-                source.commit(offsets)
-            return PendingPublish(self)
-        except kafka_errors.KafkaError as exc:
-            raise _client_error("publishing a batch failed", exc) from exc
-
     def _wait(self, result, what: str) -> None:
         self._producer._sender.wakeup()
         if not result.wait(timeout_ms=self.operation_timeout * 1000):
@@ -594,7 +522,15 @@ class KafkaSink:
         KafkaUnavailable
             If anything failed; nothing should be assumed published (or not).
         """
-        self.publish_async(records, offsets, source).wait()
+        try:
+            if self.delivery == "exactly-once":
+                self._publish_transaction(records, offsets, source)
+            else:
+                self._send_all(records)
+                if offsets:
+                    source.commit(offsets)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("publishing a batch failed", exc) from exc
 
     def _send(self, records: Sequence[OutgoingRecord]) -> list:
         return [
@@ -614,7 +550,7 @@ class KafkaSink:
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         self._await_sends(self._send(records))
 
-    def _begin_transaction(self, records, offsets, group_metadata) -> PendingPublish:
+    def _publish_transaction(self, records, offsets, source) -> None:
         tm = self._producer._transaction_manager
         self._producer.begin_transaction()
         try:
@@ -625,35 +561,19 @@ class KafkaSink:
             if offsets:
                 offsets_sent = tm.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
-                    group_metadata,
+                    source.group_metadata(),
                 )
-            # The commit (EndTxn) is queued behind them: kafka-python's sender flushes the
-            # records first, sends EndTxn only once none is incomplete, and fails it instead if
-            # a record or the offsets failed (the transaction is then in an abortable error
-            # state). So the commit result alone tells the outcome; wait() checks the rest too.
-            commit = tm.begin_commit()
-            self._producer._sender.wakeup()
+                self._producer._sender.wakeup()
+            self._await_sends(futures)
+            if offsets_sent is not None:
+                self._wait(offsets_sent, "send_offsets_to_transaction")
+            self._wait(tm.begin_commit(), "commit_transaction")
         except Exception:
-            self._abort()
+            try:
+                self._wait(tm.begin_abort(), "abort_transaction")
+            except Exception as abort_exc:  # the broker may be gone; the next instance fences us
+                logger.debug("abort after a failed transaction: %s", abort_exc)
             raise
-        return PendingPublish(self, futures, offsets_sent, commit)
-
-    def _end_transaction(self, pending: PendingPublish) -> None:
-        try:
-            self._wait(pending._commit, "commit_transaction")
-            if pending._offsets_sent is not None:
-                self._wait(pending._offsets_sent, "send_offsets_to_transaction")
-            for fut in pending._futures:
-                fut.get(timeout=self.operation_timeout)
-        except Exception:
-            self._abort()
-            raise
-
-    def _abort(self) -> None:
-        try:
-            self._wait(self._producer._transaction_manager.begin_abort(), "abort_transaction")
-        except Exception as abort_exc:  # the broker may be gone; the next instance fences us
-            logger.debug("abort after a failed transaction: %s", abort_exc)
 
     def close(self, timeout: float = 2.0) -> None:
         try:
