@@ -17,9 +17,9 @@ Tansu does not stop promptly on ``SIGTERM``, and it keeps nothing on disk, so :m
 
 Examples
 --------
->>> with EmbeddedBroker() as broker:                    # doctest: +SKIP
-...     print(broker.bootstrap_servers)
-127.0.0.1:40123
+>>> with EmbeddedBroker() as broker:
+...     broker.bootstrap_servers.startswith("127.0.0.1:")
+True
 """
 
 from __future__ import annotations
