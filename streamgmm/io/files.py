@@ -98,7 +98,24 @@ class _Source:
         except (ValueError, OSError):  # closed
             return self.size
 
-    def batches(self, batch_size: int) -> Iterator[FileBatch]:  # pragma: no cover - abstract
+    def batches(self, batch_size: int) -> Iterator[FileBatch]:
+        """Yield batches of at most ``batch_size`` records (as JSON bytes)."""
+        batch_size = _check_batch_size(batch_size)
+        values: list[bytes] = []
+        lines: list[int] = []
+        for number, record in self._records():
+            values.append(record)
+            lines.append(number)
+            if len(values) >= batch_size:
+                self.records += len(values)
+                yield FileBatch(values, lines, self.position)
+                values, lines = [], []
+        if values:
+            self.records += len(values)
+            yield FileBatch(values, lines, self.position)
+
+    def _records(self) -> Iterator[tuple[int, bytes]]:  # pragma: no cover - abstract
+        """``(line number, JSON bytes)`` of each record; blank lines counted and skipped."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -142,25 +159,13 @@ class JsonlSource(_Source):
 
     format = "jsonl"
 
-    def batches(self, batch_size: int) -> Iterator[FileBatch]:
-        """Yield batches of at most ``batch_size`` records."""
-        batch_size = _check_batch_size(batch_size)
-        values: list[bytes] = []
-        lines: list[int] = []
+    def _records(self) -> Iterator[tuple[int, bytes]]:
         for number, line in enumerate(self._stream, start=1):
             record = line.rstrip(b"\r\n")
             if not record.strip():
                 self.blank_lines += 1
                 continue
-            values.append(record)
-            lines.append(number)
-            if len(values) >= batch_size:
-                self.records += len(values)
-                yield FileBatch(values, lines, self.position)
-                values, lines = [], []
-        if values:
-            self.records += len(values)
-            yield FileBatch(values, lines, self.position)
+            yield number, record
 
 
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -244,11 +249,7 @@ class CsvSource(_Source):
                 self.close()
                 raise
 
-    def batches(self, batch_size: int) -> Iterator[FileBatch]:
-        """Yield batches of at most ``batch_size`` rows (as JSON bytes)."""
-        batch_size = _check_batch_size(batch_size)
-        values: list[bytes] = []
-        lines: list[int] = []
+    def _records(self) -> Iterator[tuple[int, bytes]]:
         for row in self._reader:
             if not any((v or "").strip() for k, v in row.items() if k is not None):
                 self.blank_lines += 1
@@ -266,16 +267,10 @@ class CsvSource(_Source):
             obj = _nest(obj)
             # orjson would turn NaN into null (a missing field); write it as the JSON extension
             # NaN so that the extractor reports it as non_finite, which it is.
-            values.append(json.dumps(obj, separators=(",", ":")).encode() if non_finite
-                          else orjson.dumps(obj))
-            lines.append(self._reader.line_num)
-            if len(values) >= batch_size:
-                self.records += len(values)
-                yield FileBatch(values, lines, self.position)
-                values, lines = [], []
-        if values:
-            self.records += len(values)
-            yield FileBatch(values, lines, self.position)
+            yield self._reader.line_num, (
+                json.dumps(obj, separators=(",", ":")).encode() if non_finite
+                else orjson.dumps(obj)
+            )
 
     def close(self) -> None:
         """Close the file (idempotent)."""
