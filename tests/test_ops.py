@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml  # PyYAML (dev extra): compose, Prometheus and Grafana files are YAML
-from waiting import wait_for
+from waiting import stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -783,12 +783,7 @@ def running_daemon(bootstrap, tmp_path):
         yield port, families, daemon
     finally:
         if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop(daemon, timeout=30)
         log.close()
 
 
@@ -870,10 +865,5 @@ def test_rules_and_dashboard_hold_on_the_real_daemon(running_daemon, tmp_path):
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
     finally:
-        prometheus.terminate()
-        try:
-            prometheus.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
-            prometheus.wait()
+        stop(prometheus)
         log.close()

@@ -13,7 +13,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from waiting import wait_for
+from waiting import stop, wait_for
 
 from streamgmm.detector import Detector
 from streamgmm.embedded import free_port
@@ -56,12 +56,7 @@ def prometheus(tmp_path):
                   "Prometheus to be ready", processes=[("prometheus", process)])
         yield metrics, base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
         metrics.close()
 

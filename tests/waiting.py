@@ -38,3 +38,14 @@ def wait_for(
             last_error = exc
         time.sleep(interval)  # the polling interval of a condition with a deadline
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} ({last_error})")
+
+
+def stop(process: subprocess.Popen, timeout: float = 10.0) -> int:
+    """Stop ``process`` with SIGTERM, or SIGKILL if it is still running after ``timeout`` s."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
