@@ -50,6 +50,10 @@ __all__ = ["GMMDetector"]
 logger = logging.getLogger(__name__)
 
 _MAX_WARNED_FEATURES = 100
+# The smallest micro-batch; also the earliest a buffer in alarm is learned (see *Buffering*).
+_MIN_BATCH = 16
+_ALARM_WINDOW = 32  # learn_one learns early when most of the last 32 scored events were flagged
+_ALARM_MASK = (1 << _ALARM_WINDOW) - 1
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -122,6 +126,13 @@ class GMMDetector(base.AnomalyDetector):
     :meth:`flush` is called. ``learn_many`` flushes the buffer and learns its DataFrame as one
     batch; ``score_one`` and ``score_many`` never learn.
 
+    In alarm, sooner: when more than half of the last 32 events ``score_one`` scored were above
+    the detector's threshold, ``learn_one`` learns the buffer as soon as it holds 16 events.
+    Anomalies are rare, so this happens after a shift of the whole stream, and it lets the
+    detector see the shift (and adopt the new regime, see :mod:`streamgmm.detector`) within
+    tens of events instead of up to ``batch_size``. It changes only when events are learned,
+    never how.
+
     Scores
     ------
     ``score_one`` returns the fraction of recent normal events that score lower than ``x`` under
@@ -182,6 +193,7 @@ class GMMDetector(base.AnomalyDetector):
         # diagonal Gaussian used until the mixture is initialised: name -> [n, mean, m2]
         self._fallback: dict[Any, list[float]] = {}
         self._fast: tuple[np.ndarray, ...] | None = None
+        self._alarms = 0  # bit i: whether the (i+1)-th last score_one was above the threshold
 
     @classmethod
     def _unit_test_params(cls):
@@ -258,14 +270,18 @@ class GMMDetector(base.AnomalyDetector):
         else:
             self._rows.append(self._row(x))
             size = len(self._rows)
-        if size >= self._current_batch_size():
+        if size >= self._current_batch_size() or self._in_alarm(size):
             self.flush()
+
+    def _in_alarm(self, size: int) -> bool:
+        """The buffer holds 16 events and most of the last 32 scored events were flagged."""
+        return size >= _MIN_BATCH and self._alarms.bit_count() > _ALARM_WINDOW // 2
 
     def _current_batch_size(self) -> int:
         """Micro-batches grow with the stream: 16 events at first, ``batch_size`` from
         ``8 * batch_size`` learned events on (early events teach the model sooner)."""
         learned = 0 if self.detector is None else self.detector.n_events_seen
-        return int(min(self.batch_size, max(16, learned // 8)))
+        return int(min(self.batch_size, max(_MIN_BATCH, learned // 8)))
 
     def flush(self) -> None:
         """Learn the buffered events now."""
@@ -426,6 +442,7 @@ class GMMDetector(base.AnomalyDetector):
                     return self._fallback_score(x)
                 else:
                     score = float(self.detector.score_samples(row[None, :])[0])
+                self._alarms = ((self._alarms << 1) | (score > threshold.threshold)) & _ALARM_MASK
                 tail = threshold.tail_probability_one(score)
                 if tail < _LINEAR_TAIL:  # far out: keep the ranking beyond float resolution
                     return float(_unit_from_log_tail(threshold.log_tail_probability(score)[0]))

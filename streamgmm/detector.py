@@ -48,13 +48,26 @@ Protected learning and adoption of new normal behaviour
       current threshold: they form a mode as dense as normal data, unlike anomalies scattered
       all over (checked at most once per ``adoption_min_events`` new flags);
     * those members arrived over at least ``adoption_persistence`` events (default:
-      ``warmup_events``), so a burst that is over quickly is not adopted.
+      ``warmup_events``), so a burst that is over quickly is not adopted -- unless the whole
+      stream has shifted (below).
 
     Each such cluster's members then seed a new component (``spawn_component``; at
     ``max_components`` the lightest is replaced, and dead components are re-seeded by the
     engine), leave the buffer, and the model forgets faster (``min_step`` raised to
     ``adoption_boost``) for the next ``adoption_persistence`` events so that the old shape fades.
     Events flagged before the adoption stay flagged: the decision is never revised.
+
+    **Shift of the whole stream.** Anomalies are a minority by definition: when more than
+    ``shift_fraction`` (default 1/2) of the last ``shift_window`` events (default
+    ``4 * adoption_min_events``, 120 for up to 14 features) were flagged, the old normal no
+    longer describes the traffic, and waiting ``adoption_persistence`` events would score the
+    whole new regime as anomalous meanwhile. The sustained majority itself is then the evidence
+    of persistence: dense clusters are adopted without the span requirement (the density rule
+    still applies, so scattered anomalies are not adopted), and this stays so for the
+    ``adoption_persistence`` events that follow (the boost period), so that the new regime's
+    smaller modes, each a minority on its own, join without waiting either. Bursts that make up
+    less than half of the traffic are unaffected; a burst that is the majority of
+    ``shift_window`` consecutive events is indistinguishable from a shift and is adopted.
 
 Explanations
     For event ``i`` under its responsible component ``k`` (mean ``mu``, precision ``P``), the
@@ -245,6 +258,10 @@ class Detector:
     adoption_buffer, adoption_window, adoption_min_events, adoption_rate_factor,
     adoption_persistence, adoption_boost
         The adoption rule's parameters (module notes).
+    shift_window, shift_fraction
+        The shift rule (module notes): more than ``shift_fraction`` of the last
+        ``shift_window`` events flagged (default ``4 * adoption_min_events``) waives the
+        persistence requirement. ``shift_fraction=1`` turns the rule off.
     flagged_weight
         Weight of flagged events in the M-step when ``protect`` (0: not learned at all).
     **engine_params
@@ -270,6 +287,8 @@ class Detector:
         adoption_persistence: int | None = None,
         adoption_boost: float = 0.05,
         flagged_weight: float = 0.0,
+        shift_window: int | None = None,
+        shift_fraction: float = 0.5,
         **engine_params: Any,
     ):
         if int(warmup_events) < 2:
@@ -298,6 +317,12 @@ class Detector:
         if not 0.0 <= flagged_weight <= 1.0:
             raise ValueError(f"flagged_weight must be in [0, 1], got {flagged_weight!r}")
         self.flagged_weight = float(flagged_weight)
+        if shift_window is not None and int(shift_window) < 1:
+            raise ValueError(f"shift_window must be >= 1, got {shift_window!r}")
+        if not 0.0 < shift_fraction <= 1.0:
+            raise ValueError(f"shift_fraction must be in (0, 1], got {shift_fraction!r}")
+        self.shift_window = None if shift_window is None else int(shift_window)
+        self.shift_fraction = float(shift_fraction)
         self.engine_params = dict(engine_params)
         model_warmup = int(self.engine_params.pop("warmup_size", max(self.warmup_events // 2, 1)))
         self.model = OnlineGaussianMixture(
@@ -324,6 +349,9 @@ class Detector:
         self._flag_times = np.empty(0, dtype=np.int64)  # arrival index of every recent flag
         self._flagged_since_attempt = 0
         self._rate_since = 0  # the flag rate is measured from here (reset at each adoption)
+        self._shift_remaining = 0  # events left in which a detected shift waives persistence
+        self._shift_start = 0  # arrival of the first flag of the current shift
+        self.n_shifts = 0  # shifts of the whole stream detected (module notes)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -551,6 +579,11 @@ class Detector:
             return int(self.adoption_min_events)
         return max(30, 2 * (d + 1))
 
+    def _shift_window_events(self, d: int) -> int:
+        if self.shift_window is not None:
+            return self.shift_window
+        return 4 * self._min_adoption_events(d)
+
     def _adopt(self, X: np.ndarray, complete: np.ndarray, is_anomaly: np.ndarray, n: int) -> None:
         """Buffer flagged events and adopt them as a new component when the rule holds."""
         now = self.n_events_seen  # events seen after this batch
@@ -561,6 +594,22 @@ class Detector:
             self._flagged_X = np.empty((0, d))
         self._flag_times = np.concatenate([self._flag_times, arrival[is_anomaly]])
         self._flag_times = self._flag_times[self._flag_times >= now - self.adoption_window]
+        self._shift_remaining = max(self._shift_remaining - n, 0)
+        shift_window = self._shift_window_events(d)
+        if (
+            self.shift_fraction < 1.0
+            and now - self._rate_since >= shift_window
+            and np.count_nonzero(self._flag_times >= now - shift_window)
+            > self.shift_fraction * shift_window
+        ):
+            if self._shift_remaining == 0:
+                self.n_shifts += 1
+                self._shift_start = int(self._flag_times[self._flag_times >= now - shift_window][0])
+                logger.info(
+                    "most of the last %d events were flagged: the stream has shifted",
+                    shift_window,
+                )
+            self._shift_remaining = self.adoption_persistence
         self._flagged_since_attempt += int(flagged.sum())
         if flagged.any():
             self._flagged_X = np.vstack([self._flagged_X, X[flagged]])
@@ -586,11 +635,19 @@ class Detector:
             return
         self._flagged_since_attempt = 0
         adopted = np.zeros(len(self._flagged_X), dtype=bool)
-        for members in self._candidate_groups(self._flagged_X, window):
+        pool = np.ones(len(self._flagged_X), dtype=bool)
+        if self._shift_remaining > 0:
+            # During a shift: cluster only what was flagged since it began, and measure each
+            # cluster's share of the traffic since then.
+            pool = self._flagged_at >= self._shift_start
+            window = max(now - self._shift_start, 1)
+        for group in self._candidate_groups(self._flagged_X[pool], window):
+            members = np.zeros(len(pool), dtype=bool)
+            members[pool] = group
             if members.sum() < need:
                 continue
             span = int(self._flagged_at[members].max() - self._flagged_at[members].min())
-            if span < self.adoption_persistence:
+            if span < self.adoption_persistence and self._shift_remaining == 0:
                 continue
             weight = float(min(max(members.sum() / window, 0.01), 0.5))
             index = self.model.spawn_component(self._flagged_X[members], weight=weight)
@@ -675,6 +732,8 @@ class Detector:
             "adoption_persistence": self.adoption_persistence,
             "adoption_boost": self.adoption_boost,
             "flagged_weight": self.flagged_weight,
+            "shift_window": self.shift_window,
+            "shift_fraction": self.shift_fraction,
             "warmup_size": self.model.warmup_size,
             **self.engine_params,
         }
@@ -697,6 +756,9 @@ class Detector:
             "boost_remaining": self._boost_remaining,
             "flagged_since_attempt": self._flagged_since_attempt,
             "rate_since": self._rate_since,
+            "shift_remaining": self._shift_remaining,
+            "shift_start": self._shift_start,
+            "n_shifts": self.n_shifts,
             "model_min_step": self.model.min_step,
         }
         return arrays, meta
@@ -723,6 +785,10 @@ class Detector:
             det._boost_remaining = int(info["boost_remaining"])
             det._flagged_since_attempt = int(info["flagged_since_attempt"])
             det._rate_since = int(info["rate_since"])
+            # absent from states written before the shift rule existed
+            det._shift_remaining = int(info.get("shift_remaining", 0))
+            det._shift_start = int(info.get("shift_start", 0))
+            det.n_shifts = int(info.get("n_shifts", 0))
             det.model.min_step = float(info["model_min_step"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"invalid Detector state: missing or malformed {exc}") from exc

@@ -143,6 +143,31 @@ def test_buffering_learned_events_count_after_the_batch_fills():
     assert model.score_one(probe) != before
 
 
+def test_learn_one_learns_early_when_most_scored_events_are_flagged():
+    # After a shift of the whole stream, score_one flags nearly everything: learn_one then hands
+    # the buffer to the detector at 16 events instead of waiting for batch_size (256).
+    rng = np.random.default_rng(0)
+    model = GMMDetector(seed=0)
+    for x in rng.normal(size=(3000, 2)):
+        model.learn_one({"a": x[0], "b": x[1]})
+    model.flush()
+    seen = model.detector.n_events_seen
+    for x in rng.normal(size=(200, 2)):  # normal traffic: batches of 256 as before
+        event = {"a": x[0], "b": x[1]}
+        model.score_one(event)
+        model.learn_one(event)
+    assert model.detector.n_events_seen == seen
+    shifted = 0
+    while model.detector.n_events_seen == seen and shifted < 40:  # shifted: all flagged
+        x = rng.normal(size=2) + 20.0
+        event = {"a": x[0], "b": x[1]}
+        model.score_one(event)
+        model.learn_one(event)
+        shifted += 1
+    # learned once 17 of the last 32 scored events were flagged (the buffer then holds 217)
+    assert shifted == 17 and model.detector.n_events_seen == seen + 200 + 17
+
+
 def test_features_appearing_and_disappearing():
     model = GMMDetector(batch_size=32, warmup_events=200, seed=0)
     rng = np.random.default_rng(0)

@@ -40,6 +40,7 @@ def test_bursts_are_flagged_and_not_adopted(target):
     det, flags, decided, _ = _run(X, target)
     assert flags[decided & (y == 1)].mean() >= 0.95
     assert det.n_adoptions == 0
+    assert det.n_shifts == 0  # a third of the traffic in a burst is not a shift of the stream
     assert flags[decided & (y == 0)].mean() < 1.5 * target
 
 
@@ -64,6 +65,22 @@ def test_abrupt_shift_is_adopted_and_outliers_are_still_caught_after_it(target):
     assert flags[last][y[last] == 0].mean() < 2.0 * target
     assert flags[last][y[last] == 1].mean() >= 0.9
     assert results[-1].drift.n_drifts >= 1
+
+
+@pytest.mark.parametrize("target", [0.01, 0.001])
+def test_a_shift_of_the_whole_stream_is_adopted_without_waiting_for_persistence(target):
+    # When most events are flagged the old normal is gone: the new regime is adopted within a
+    # few hundred events, not after adoption_persistence (1000) events flagged at 100 %.
+    X, y = syn.abrupt_drift(N, at=0.5, shift=10.0, contamination=0.005, seed=4)
+    after = slice(N // 2 + 250, N // 2 + 1000)
+    normal_after = y[after] == 0
+    det, flags, _, _ = _run(X, target)
+    assert det.n_shifts == 1 and det.n_adoptions >= 1
+    assert flags[after][normal_after].mean() < 0.15
+    assert flags[-N // 4 :][y[-N // 4 :] == 1].mean() >= 0.9  # outliers are still caught
+    waiting, flags, _, _ = _run(X, target, shift_fraction=1.0)  # the rule off
+    assert waiting.n_shifts == 0
+    assert flags[after][normal_after].mean() > 0.9
 
 
 @pytest.mark.parametrize("target", [0.01, 0.001])

@@ -140,18 +140,20 @@ def test_fixed_threshold():
     assert np.array_equal(res.is_anomaly, res.score > 15.0)
 
 
-def test_state_round_trip_continues_identically(tmp_path):
+@pytest.mark.parametrize("cut", [7000, 7600])  # before the shift at 7200, and during it
+def test_state_round_trip_continues_identically(tmp_path, cut):
     X, _ = syn.abrupt_drift(12_000, n_features=3, at=0.6, seed=6)
     det = Detector(n_components="auto", false_alarm_rate=0.01, random_state=6)
-    _warm(det, X[:7000])
+    _warm(det, X[:cut])
     det.save(tmp_path / "det.npz")
     clone = Detector.load(tmp_path / "det.npz")
-    for batch in np.array_split(X[7000:], 25):
+    for batch in np.array_split(X[cut:], 25):
         a, b = det.process(batch), clone.process(batch)
         assert np.array_equal(a.score, b.score, equal_nan=True)
         assert np.array_equal(a.is_anomaly, b.is_anomaly)
         assert a.drift == b.drift
     assert det.n_adoptions == clone.n_adoptions
+    assert det.n_shifts == clone.n_shifts
     (tmp_path / "bad.npz").write_bytes(b"not a state")
     with pytest.raises(CheckpointError):
         Detector.load(tmp_path / "bad.npz")
