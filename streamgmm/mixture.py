@@ -24,6 +24,16 @@ Numerics
     Chan's pairwise update (no ``E[x^2] - mu^2`` on raw data), ``reg_covar`` is scaled by each
     feature's variance on the initial data (so it works for features in units of 1e-6 and 1e6
     alike), and a Cholesky factorisation that fails is repaired, not raised.
+
+Discrete features
+    A feature whose initial values lie on a grid of step ``q`` (the smallest gap between its
+    distinct values) gets at least the rounding variance ``q**2 / 12`` on its diagonal: a
+    Gaussian is never more certain about it than its resolution, so a rare but ordinary value
+    of a count-like or nearly constant feature (a pixel that is almost always 0, a density with
+    three values) does not outweigh the continuous features. Continuous features are unaffected
+    (their smallest gap is tiny). Measured in ``scripts/evaluate.py``, 5 seeds: prequential
+    ROC-AUC on ImageSegments 0.935 -> 0.941, Shuttle 0.984 -> 0.987, digits 0.854 -> 0.866,
+    the other streams unchanged.
 """
 
 from __future__ import annotations
@@ -59,6 +69,20 @@ _ACTIVITY_RATE = 0.1
 SampleWeight = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
 
 
+def _rounding_variance(X: np.ndarray) -> np.ndarray:
+    """Per feature, ``q**2 / 12`` with ``q`` the smallest gap between its distinct values in ``X``.
+
+    The variance of rounding to a grid of step ``q``. For a discrete or coarsely quantised
+    feature (counts, pixel intensities, a density that takes three values) it is the feature's
+    resolution, below which no variance can be known; for a continuous one the smallest gap
+    among ``n`` values is about ``range / n**2`` and the term negligible. 0 for a constant
+    feature.
+    """
+    gaps = np.diff(np.sort(X, axis=0), axis=0)
+    smallest = np.where(gaps > 0, gaps, np.inf).min(axis=0, initial=np.inf)
+    return np.where(np.isfinite(smallest), smallest**2 / 12.0, 0.0)
+
+
 class OnlineGaussianMixture:
     """Gaussian mixture with scikit-learn's surface, learned online by stepwise EM.
 
@@ -70,7 +94,9 @@ class OnlineGaussianMixture:
     covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
     reg_covar : float, default=1e-6
         Added to the covariances' diagonals, in units of each feature's variance on the data the
-        model was initialised from (absolute units for features that were constant then).
+        model was initialised from (absolute units for features that were constant then). At
+        least the feature's rounding variance ``q**2 / 12`` is added, ``q`` being the smallest
+        gap between its distinct values on that data (see *Numerics* in the module notes).
     step_exponent : float, default=0.7
         ``alpha`` of the step size ``(t + 2) ** -alpha``; must satisfy ``0.5 < alpha <= 1``.
     min_step : float, default=0.0
@@ -389,7 +415,8 @@ class OnlineGaussianMixture:
         var = (w @ (X - self._shift) ** 2) / wsum
         positive = var[var > 0]
         fill = positive.mean() if len(positive) else 1.0
-        self._reg = self.reg_covar * np.where(var > 0, var, fill)
+        self._reg = np.maximum(self.reg_covar * np.where(var > 0, var, fill),
+                               _rounding_variance(X))
 
     def _mstep_replace(self, Xc: np.ndarray, resp: np.ndarray) -> None:
         fallback = np.zeros((resp.shape[1], Xc.shape[1]))
@@ -510,12 +537,22 @@ class OnlineGaussianMixture:
         spurious components on discrete or high-dimensional data (BIC rewards components that
         collapse onto repeated values, which then raise false alarms): prequential ROC-AUC on
         River's Shuttle rose from 0.88-0.98 (depending on the seed) to 0.984-0.985.
+
+        K > 1 is only tried while the mixture has no more free parameters (as counted for BIC)
+        than a fitting half has rows: with fewer, the held-out comparison is decided by noise.
+        On a 128-row warm-up buffer this keeps 18-feature full covariances (ImageSegments) at
+        one component, where K = 2 was chosen for 6 seeds in 20 and cost 0.06 prequential
+        ROC-AUC each time; the 4-feature evaluation streams keep up to 3.
         """
         n = len(X)
         order = self._rng.permutation(n)
         folds = (order[: n // 2], order[n // 2 :])
+        d = X.shape[1]
+        max_k = max(1, min(self.max_components, n // 4))
+        while max_k > 1 and cv.n_parameters(self.covariance_type, max_k, d) > n // 2:
+            max_k -= 1
         best_k, best, falls, previous = 1, -np.inf, 0, -np.inf
-        for k in range(1, max(1, min(self.max_components, n // 4)) + 1):
+        for k in range(1, max_k + 1):
             held_out = 0.0
             for train, test in (folds, folds[::-1]):
                 self._initialise(X[train], w[train], k)

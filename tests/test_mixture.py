@@ -161,6 +161,23 @@ def test_auto_chooses_the_number_of_components_on_held_out_likelihood():
     assert model.n_components_ == 4
 
 
+def test_auto_tries_only_mixtures_with_fewer_parameters_than_a_fitting_half_has_rows():
+    # 6 features, full covariances: K = 2 has 2 * 21 + 2 * 6 + 1 = 55 free parameters.
+    X = random_mixture(9, 2, 6, separation=20.0)(2000)
+    assert OnlineGaussianMixture("auto", random_state=0).fit(X[:108]).n_components_ == 1
+    assert OnlineGaussianMixture("auto", random_state=0).fit(X[:110]).n_components_ == 2
+
+
+def test_a_discrete_feature_gets_at_least_its_rounding_variance():
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.normal(0.0, 3.0, 5000), rng.integers(0, 4, 5000) * 0.5])
+    cov = OnlineGaussianMixture(1, random_state=0).fit(X).covariances_[0]
+    # the continuous feature: 1e-6 of its variance, as before
+    assert cov[0, 0] == pytest.approx(X[:, 0].var() * (1 + 1e-6), rel=1e-9)
+    # values 0, 0.5, 1, 1.5: a grid of step 0.5, rounding variance 0.25 / 12
+    assert cov[1, 1] == pytest.approx(X[:, 1].var() + 0.25 / 12, rel=1e-9)
+
+
 def test_forgetting_recovers_after_abrupt_drift_and_plain_stepwise_em_is_slower():
     before, after = random_mixture(9, 3, 3), random_mixture(10, 3, 3)
     held_out = after(5000)
