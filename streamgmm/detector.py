@@ -47,9 +47,16 @@ Protected learning and adoption of new normal behaviour
       score under it, weighted by the share of the traffic the cluster represents, is below the
       current threshold: they form a mode as dense as normal data, unlike anomalies scattered
       all over (checked at most once per ``adoption_min_events`` new flags);
-    * those members arrived over at least ``adoption_persistence`` events (default:
-      ``warmup_events``), so a burst that is over quickly is not adopted -- unless the whole
-      stream has shifted (below).
+    * those members arrived steadily over the last ``adoption_persistence`` events (default:
+      ``warmup_events``): each quarter of that period holds at least an eighth of the members
+      that arrived in it (a steady mode puts a quarter in each). So a burst is not adopted,
+      neither while it lasts (nothing in the earlier quarters but a few stray flags) nor after
+      it (nothing in the later ones), nor is a new cluster that the clustering lumps together
+      with a trickle of older flags (a rare mode the model fits poorly, say); a mode that keeps
+      arriving is adopted after about ``6/7 * adoption_persistence`` events -- or at once if
+      the whole stream has shifted (below). (The rule used to be a span of at least
+      ``adoption_persistence`` events between the first and the last member, which one old
+      stray flag lumped into the cluster satisfied.)
 
     Each such cluster's members then seed a new component (``spawn_component``; at
     ``max_components`` the lightest is replaced, and dead components are re-seeded by the
@@ -646,8 +653,7 @@ class Detector:
             members[pool] = group
             if members.sum() < need:
                 continue
-            span = int(self._flagged_at[members].max() - self._flagged_at[members].min())
-            if span < self.adoption_persistence and self._shift_remaining == 0:
+            if not self._steady(self._flagged_at[members], now) and self._shift_remaining == 0:
                 continue
             weight = float(min(max(members.sum() / window, 0.01), 0.5))
             index = self.model.spawn_component(self._flagged_X[members], weight=weight)
@@ -663,6 +669,14 @@ class Detector:
             self._flag_times = np.empty(0, dtype=np.int64)
             self._rate_since = now
             self._boost_remaining = self.adoption_persistence
+
+    def _steady(self, arrivals: np.ndarray, now: int) -> bool:
+        """Whether a cluster's members arrived steadily over the last ``adoption_persistence``
+        events: each quarter of that period holds at least an eighth of those that arrived in
+        it (a steady mode puts a quarter in each)."""
+        age = now - arrivals
+        counts = np.histogram(age, bins=4, range=(0, self.adoption_persistence))[0]
+        return 8 * counts.min() >= counts.sum() > 0
 
     def _candidate_groups(self, points: np.ndarray, window: int) -> list[np.ndarray]:
         """Clusters of buffered points that a Gaussian of their own would make normal.
