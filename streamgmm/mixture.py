@@ -39,6 +39,7 @@ Discrete features
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -531,8 +532,14 @@ class OnlineGaussianMixture:
     def _choose_k(self, X: np.ndarray, w: np.ndarray) -> int:
         """Number of components by two-fold held-out log-likelihood on ``X``.
 
-        Each K is fitted on one half of the rows and scored on the other, both ways; the K with
-        the best held-out mean log-likelihood wins (the search stops after two falls in a row).
+        Each K is fitted on one half of the rows and scored on the other, both ways, so that
+        every row gets a held-out log-likelihood under each K (the search stops after two falls
+        in a row of the mean). The fewest components whose mean is within one standard error of
+        the best one's wins (the one-standard-error rule of cross-validation, Breiman et al.
+        1984), the standard error being that of the mean per-row difference: on 64-row halves
+        the best mean is often a fluke. On AnomalySine (2 features, a 128-row buffer) K = 2 or
+        3 won for 3 seeds in 8 and cost 0.02-0.04 ROC-AUC; the rule keeps K = 1 there and
+        changes nothing on the streams whose modes are well separated.
         Measured against BIC on the warm-up buffers of the evaluation streams, this picks fewer
         spurious components on discrete or high-dimensional data (BIC rewards components that
         collapse onto repeated values, which then raise false alarms): prequential ROC-AUC on
@@ -552,17 +559,30 @@ class OnlineGaussianMixture:
         while max_k > 1 and cv.n_parameters(self.covariance_type, max_k, d) > n // 2:
             max_k -= 1
         best_k, best, falls, previous = 1, -np.inf, 0, -np.inf
+        per_row: dict[int, np.ndarray] = {}
         for k in range(1, max_k + 1):
             held_out = 0.0
+            per_row[k] = np.empty(n)
             for train, test in (folds, folds[::-1]):
                 self._initialise(X[train], w[train], k)
                 ll = cv.log_sum_exp(self._weighted_log_prob(X[test]))
+                per_row[k][test] = ll
                 held_out += 0.5 * float(w[test] @ ll) / max(w[test].sum(), 1e-300)
             if held_out > best:
                 best_k, best = k, held_out
             falls = falls + 1 if held_out < previous else 0
             previous = held_out
             if falls >= 2:
+                break
+        # One-standard-error rule: the fewest components whose held-out log-likelihood is
+        # within one standard error (of the paired per-row difference) of the best.
+        wn = w / max(w.sum(), 1e-300)
+        n_eff = 1.0 / max(float(wn @ wn), 1e-300)
+        for k in range(1, best_k):
+            diff = per_row[best_k] - per_row[k]
+            mean = float(wn @ diff)
+            if mean <= math.sqrt(max(float(wn @ (diff - mean) ** 2), 0.0) / n_eff):
+                best_k = k
                 break
         log.info("n_components='auto' chose %d components by held-out likelihood", best_k)
         return best_k
