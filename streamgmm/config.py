@@ -495,15 +495,26 @@ class KafkaConfig(_Section):
     ssl_keyfile: str | None = _key(None, _Optional(_Str()))
     ssl_password: str | None = _key(None, _Optional(_Str()), secret=True)
     ssl_check_hostname: bool = _key(True, _Bool())
+    backend: str = _key(
+        "kafka-python", _Choice("kafka-python", "confluent-kafka"),
+        hint='"confluent-kafka" (librdkafka) is the fast one; "kafka-python" is pure Python')
     client: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     producer: Mapping[str, Any] = field(default_factory=dict)
+    librdkafka: Mapping[str, Any] = field(default_factory=dict)
 
     _SECURITY = ("security_protocol", "sasl_mechanism", "sasl_plain_username",
                  "sasl_plain_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
                  "ssl_password", "ssl_check_hostname")
 
     def _validate(self) -> None:
+        if self.backend == "confluent-kafka":
+            self._validate_librdkafka()
+        elif self.librdkafka:
+            raise ConfigError(f"kafka.librdkafka.{next(iter(self.librdkafka))}",
+                              'applies to kafka.backend = "confluent-kafka" only',
+                              'set kafka.backend = "confluent-kafka", or use the kafka-python '
+                              "tables [kafka.client], [kafka.consumer] and [kafka.producer]")
         if self.client or self.consumer or self.producer:  # kafka-python only when needed
             consumer_defaults, producer_defaults = _kafka_python_defaults()
             common = set(consumer_defaults) & set(producer_defaults)
@@ -531,6 +542,38 @@ class KafkaConfig(_Section):
             raise ConfigError("kafka.sasl_mechanism",
                               f'is required with security_protocol "{self.security_protocol}"',
                               'set it, e.g. "PLAIN" or "SCRAM-SHA-512"')
+
+    def _validate_librdkafka(self) -> None:
+        from streamgmm.io.confluent import MANAGED, check_librdkafka_settings, librdkafka_name
+
+        for table in ("client", "consumer", "producer"):
+            if getattr(self, table):
+                name = next(iter(getattr(self, table)))
+                raise ConfigError(f"kafka.{table}.{name}",
+                                  "is a kafka-python setting, but kafka.backend is "
+                                  '"confluent-kafka"',
+                                  "give librdkafka's property under [kafka.librdkafka] instead")
+        settings = {}
+        for name, value in self.librdkafka.items():
+            key, prop = f"kafka.librdkafka.{name}", librdkafka_name(name)
+            if prop in MANAGED or prop.replace(".", "_") in self._SECURITY:
+                raise ConfigError(key, "is managed by streamgmm or is an explicit [kafka] key",
+                                  "remove it (security settings go in [kafka])")
+            if isinstance(value, (Mapping, list)):
+                raise ConfigError(key, f"expected a single value, got {_show(value)}",
+                                  'librdkafka takes strings, numbers and booleans, e.g. "a,b"')
+            problem = check_librdkafka_settings({prop: value})
+            if problem:
+                raise ConfigError(key, f"is refused by librdkafka: {problem}",
+                                  "see librdkafka's CONFIGURATION.md for the property names")
+            settings[prop] = value
+        object.__setattr__(self, "librdkafka", settings)
+
+    def librdkafka_settings(self) -> dict[str, Any]:
+        """Security and ``[kafka.librdkafka]`` properties for the confluent-kafka clients."""
+        from streamgmm.io.confluent import librdkafka_security
+
+        return {**librdkafka_security(self.security_kwargs()), **self.librdkafka}
 
     @property
     def effective_transactional_id(self) -> str:
@@ -868,7 +911,11 @@ def load_config(path: str | os.PathLike | None = None,
             raise _unknown_key(parts[0], _SECTIONS, where)
         cls = _SECTIONS[parts[0]]
         fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
-        if parts[0] == "kafka" and len(parts) == 3 and parts[1] in _PASSTHROUGH_TABLES:
+        if parts[0] == "kafka" and len(parts) == 3 and parts[1] == "librdkafka":
+            # librdkafka parses its own values from strings
+            data.setdefault("kafka", {}).setdefault("librdkafka", {})
+            data["kafka"]["librdkafka"] = {**data["kafka"]["librdkafka"], parts[2]: text}
+        elif parts[0] == "kafka" and len(parts) == 3 and parts[1] in _PASSTHROUGH_TABLES:
             consumer_defaults, producer_defaults = _kafka_python_defaults()
             default = {**producer_defaults, **consumer_defaults}.get(parts[2])
             try:

@@ -289,13 +289,21 @@ class Daemon:
                               **kafka.security_kwargs())
             except Exception as exc:
                 raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
+        if kafka.backend == "confluent-kafka":
+            from streamgmm.io.confluent import ConfluentSink as sink_class
+            from streamgmm.io.confluent import ConfluentSource as source_class
+
+            producer_kwargs = kafka.librdkafka_settings()
+            consumer_kwargs = {**producer_kwargs, "offsets_options": kafka.security_kwargs()}
+        else:
+            sink_class, source_class = KafkaSink, KafkaSource
         # The producer first: init_transactions settles a previous instance's open transaction
         # before the output topics are read back.
-        self._sink = KafkaSink(self._bootstrap, delivery=kafka.delivery,
-                               transactional_id=kafka.effective_transactional_id,
-                               **producer_kwargs)
-        self._source = KafkaSource(self._bootstrap, kafka.input_topic, kafka.group_id,
-                                   auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
+        self._sink = sink_class(self._bootstrap, delivery=kafka.delivery,
+                                transactional_id=kafka.effective_transactional_id,
+                                **producer_kwargs)
+        self._source = source_class(self._bootstrap, kafka.input_topic, kafka.group_id,
+                                    auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
         self._set_broker_up(True)
 
     def _close_clients(self) -> None:

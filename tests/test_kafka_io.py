@@ -10,6 +10,7 @@ from conftest import produce, read_topic, unique_name
 from kafka import TopicPartition
 
 from streamgmm.embedded import BrokerError, EmbeddedBroker
+from streamgmm.io.confluent import ConfluentSink, ConfluentSource
 from streamgmm.io.kafka import (
     KafkaSink,
     KafkaSource,
@@ -22,6 +23,11 @@ from streamgmm.io.kafka import (
     source_of_dead_letter,
     source_of_output,
 )
+
+BACKENDS = {
+    "kafka-python": (KafkaSource, KafkaSink),
+    "confluent-kafka": (ConfluentSource, ConfluentSink),
+}
 
 
 def test_dead_letter_headers_name_reason_and_source_in_both_conventions():
@@ -61,9 +67,11 @@ def test_source_without_broker_raises_kafka_unavailable():
         assert not broker_reachable(f"127.0.0.1:{port}", timeout=0.2)
         with pytest.raises(KafkaUnavailable, match="cannot connect"):
             KafkaSource(f"127.0.0.1:{port}", "t", "g", bootstrap_timeout_ms=500)
+        with pytest.raises(KafkaUnavailable, match="cannot connect"):
+            ConfluentSource(f"127.0.0.1:{port}", "t", "g", connect_timeout=0.5)
 
 
-def _consume_all(source: KafkaSource, n: int) -> list:
+def _consume_all(source, n: int) -> list:
     import time
 
     records: list = []
@@ -74,16 +82,18 @@ def _consume_all(source: KafkaSource, n: int) -> list:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("delivery", ["exactly-once", "at-least-once"])
-def test_batch_is_published_and_its_offsets_committed(bootstrap, delivery):
+def test_batch_is_published_and_its_offsets_committed(bootstrap, delivery, backend):
+    source_class, sink_class = BACKENDS[backend]
     topic, out, dlq, group = (unique_name(p) for p in ("in", "out", "dlq", "group"))
     ensure_topics(bootstrap, [topic, out, dlq], partitions=2)
     produce(bootstrap, topic, [orjson.dumps({"i": i}) for i in range(50)],
             keys=[str(i).encode() for i in range(50)])
     assert broker_reachable(bootstrap)
 
-    source = KafkaSource(bootstrap, topic, group)
-    sink = KafkaSink(bootstrap, delivery=delivery, transactional_id=unique_name("tx"))
+    source = source_class(bootstrap, topic, group)
+    sink = sink_class(bootstrap, delivery=delivery, transactional_id=unique_name("tx"))
     try:
         assert len(source.wait_for_assignment()) == 2
         records = _consume_all(source, 50)
@@ -125,13 +135,15 @@ def test_batch_is_published_and_its_offsets_committed(bootstrap, delivery):
 
 
 @pytest.mark.integration
-def test_a_restarted_consumer_resumes_at_the_committed_offsets(bootstrap):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_restarted_consumer_resumes_at_the_committed_offsets(bootstrap, backend):
+    source_class, sink_class = BACKENDS[backend]
     topic, out, dlq, group = (unique_name(p) for p in ("in", "out", "dlq", "group"))
     ensure_topics(bootstrap, [topic, out, dlq], partitions=1)
     produce(bootstrap, topic, [orjson.dumps({"i": i}) for i in range(30)])
     tx = unique_name("tx")
-    source = KafkaSource(bootstrap, topic, group)
-    sink = KafkaSink(bootstrap, transactional_id=tx)
+    source = source_class(bootstrap, topic, group)
+    sink = sink_class(bootstrap, transactional_id=tx)
     source.wait_for_assignment()
     records = []
     while len(records) < 10:
@@ -140,7 +152,7 @@ def test_a_restarted_consumer_resumes_at_the_committed_offsets(bootstrap):
     source.close()
     sink.close()
 
-    source = KafkaSource(bootstrap, topic, group)
+    source = source_class(bootstrap, topic, group)
     try:
         source.wait_for_assignment()
         rest = _consume_all(source, 20)

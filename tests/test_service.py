@@ -28,14 +28,15 @@ def _events(n, start=0):
 
 
 @pytest.mark.integration
-def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path):
+@pytest.mark.parametrize("backend", ["kafka-python", "confluent-kafka"])
+def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, backend):
     port = free_port()
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker.log").start()
     bootstrap = broker.bootstrap_servers
     topics = ("in", "out", "dlq")
     checkpoint = tmp_path / "ck.npz"
     config = tmp_path / "c.toml"
-    write_config(config, bootstrap, topics, "g", checkpoint)
+    write_config(config, bootstrap, topics, "g", checkpoint, backend=backend)
     ensure_topics(bootstrap, topics, partitions=1)
     produce(bootstrap, "in", _events(500) + [b"bad json 1"])
     log_path = tmp_path / "daemon.log"
