@@ -110,9 +110,11 @@ class GMMDetector(base.AnomalyDetector):
         sparse to be adopted as a cluster are still learned, slowly. It raised ROC-AUC on Shuttle
         and after abrupt shifts in ``scripts/evaluate.py`` without costing elsewhere.
     adoption_persistence
-        How many events a cluster of flagged events must span before it is adopted as a new
-        normal mode (default 1000): shorter bursts stay anomalies, a regime that lasts is
-        accepted. The one knob for "how fast should a new behaviour become normal".
+        How many events a cluster of flagged events must have arrived steadily over before it
+        is adopted as a new normal mode (default 1000): shorter bursts stay anomalies, a regime
+        that lasts is accepted. The one knob for "how fast should a new behaviour become
+        normal" -- except after a shift of the whole stream (most events flagged), which is
+        adopted at once (see :mod:`streamgmm.detector`).
     seed
         Random seed of the mixture's initialisation.
 

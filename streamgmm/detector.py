@@ -69,12 +69,14 @@ Protected learning and adoption of new normal behaviour
     ``4 * adoption_min_events``, 120 for up to 14 features) were flagged, the old normal no
     longer describes the traffic, and waiting ``adoption_persistence`` events would score the
     whole new regime as anomalous meanwhile. The sustained majority itself is then the evidence
-    of persistence: dense clusters are adopted without the span requirement (the density rule
-    still applies, so scattered anomalies are not adopted), and this stays so for the
+    of persistence: dense clusters are adopted without the steadiness requirement (the density
+    rule still applies, so scattered anomalies are not adopted), and this stays so for the
     ``adoption_persistence`` events that follow (the boost period), so that the new regime's
-    smaller modes, each a minority on its own, join without waiting either. Bursts that make up
-    less than half of the traffic are unaffected; a burst that is the majority of
-    ``shift_window`` consecutive events is indistinguishable from a shift and is adopted.
+    smaller modes, each a minority on its own, join without waiting either. Meanwhile only the
+    events flagged since the shift began are clustered, and a cluster's share of the traffic
+    is measured since then. Bursts that make up less than half of the traffic are unaffected;
+    a burst that is the majority of ``shift_window`` consecutive events is indistinguishable
+    from a shift and is adopted. :attr:`n_shifts` counts the shifts detected.
 
 Explanations
     For event ``i`` under its responsible component ``k`` (mean ``mu``, precision ``P``), the
@@ -242,7 +244,8 @@ class Detector:
     Parameters
     ----------
     n_components
-        Components of the mixture, or ``"auto"`` (BIC on the model's warm-up buffer).
+        Components of the mixture, or ``"auto"`` (chosen by held-out likelihood on the model's
+        warm-up buffer, see :class:`~streamgmm.mixture.OnlineGaussianMixture`).
     covariance_type
         ``"full"``, ``"diag"``, ``"spherical"`` or ``"tied"``.
     false_alarm_rate
