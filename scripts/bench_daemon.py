@@ -91,6 +91,28 @@ CEILING_SETTINGS = (
 )
 
 
+def librdkafka_ceiling(bootstrap: str, topic: str, n: int, max_records: int = 5000) -> float:
+    """Events/s of confluent-kafka consume + orjson decode (the fast backend's own ceiling)."""
+    from confluent_kafka import Consumer
+    from confluent_kafka import TopicPartition as CTopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ceil-{time.time_ns()}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "fetch.wait.max.ms": 20})
+    consumer.assign([CTopicPartition(topic, 0, 0)])
+    loads, started, seen, first = orjson.loads, None, 0, 0
+    while seen < n:
+        messages = consumer.consume(min(max_records, n - seen), 0.5)
+        for message in messages:
+            loads(message.value())
+        seen += len(messages)
+        if started is None and seen:
+            started, first = time.perf_counter(), seen
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return (n - first) / elapsed
+
+
 def best_ceiling(bootstrap: str, topic: str, n: int) -> tuple[float, dict]:
     best, best_settings = 0.0, {}
     for settings in CEILING_SETTINGS:
@@ -102,7 +124,7 @@ def best_ceiling(bootstrap: str, topic: str, n: int) -> tuple[float, dict]:
 
 
 def daemon_env(bootstrap: str, topic: str, out: str, workdir: str, tag: str,
-               max_records: int | None = None) -> dict[str, str]:
+               max_records: int | None = None, backend: str | None = None) -> dict[str, str]:
     env = {
         "STREAMGMM_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "STREAMGMM_KAFKA__INPUT_TOPIC": topic,
         "STREAMGMM_KAFKA__OUTPUT_TOPIC": out, "STREAMGMM_KAFKA__DEAD_LETTER_TOPIC": out + "-dlt",
@@ -112,18 +134,20 @@ def daemon_env(bootstrap: str, topic: str, out: str, workdir: str, tag: str,
     }
     if max_records is not None:
         env["STREAMGMM_BATCH__MAX_RECORDS"] = str(max_records)
+    if backend is not None:
+        env["STREAMGMM_KAFKA__BACKEND"] = backend
     return env
 
 
 def daemon_run(bootstrap: str, topic: str, n: int, max_records: int, workdir: str,
-               tag: str = ""):
+               backend: str, tag: str = ""):
     """Steady-state events/s of the exactly-once daemon over ``n`` events already in ``topic``."""
     from streamgmm.config import load_config
     from streamgmm.service import Daemon
 
-    tag = f"{max_records}{tag}"  # a fresh checkpoint and output topic for every run
+    tag = f"{backend}-{max_records}{tag}"  # a fresh checkpoint and output topic for every run
     config = load_config(None, env=daemon_env(bootstrap, topic, f"{topic}-out-{tag}", workdir,
-                                              tag, max_records))
+                                              tag, max_records, backend))
     daemon = Daemon(config, create_topics=True)
     marks: list[tuple[float, int]] = []
 
@@ -256,6 +280,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=10.0,
                         help="seconds of the paced run left out of latency and RSS start")
     parser.add_argument("--rss-interval", type=float, default=5.0)
+    parser.add_argument("--backends", default="kafka-python,confluent-kafka",
+                        help="daemon Kafka backends to measure (default: %(default)s); the "
+                             "paced run uses the configured default backend")
     parser.add_argument("--skip-latency", action="store_true", help="throughput only")
     args = parser.parse_args()
     from streamgmm.config import BatchConfig
@@ -277,24 +304,33 @@ def main() -> int:
         print(f"ceiling {ceil:,.0f}/s ({settings or 'defaults'}); with json instead of orjson "
               f"{results['json_stdlib_per_s']:,.0f}/s; without CRC checks (the daemon keeps "
               f"them) {results['no_crc_check_per_s']:,.0f}/s", flush=True)
+        backends = args.backends.split(",")
+        if "confluent-kafka" in backends:
+            results["librdkafka_ceiling_per_s"] = librdkafka_ceiling(bs, "bench", args.events)
+            print(f"confluent-kafka consume + orjson decode (the fast backend's own ceiling): "
+                  f"{results['librdkafka_ceiling_per_s']:,.0f}/s", flush=True)
         # Ceiling and daemon runs take turns, best of --repeat each: on a shared machine a
         # neighbour's load then hits both sides alike.
         for round_ in range(args.repeat):
             if round_:
                 ceil = max(ceil, ceiling(bs, "bench", args.events, **settings))
                 print(f"  ceiling again: best {ceil:,.0f}/s", flush=True)
-            for size in sizes:
-                rate, stats = daemon_run(bs, "bench", args.events, size, workdir,
-                                         f"-{round_}")
-                key = f"daemon_per_s_batch_{size}"
-                results[key] = max(rate, results.get(key, 0.0))
-                print(f"  daemon (exactly-once, max_records={size}): {rate:,.0f}/s; "
-                      f"{stats.anomalies} anomalies, {stats.batches} transactions", flush=True)
+            for backend in backends:
+                for size in sizes:
+                    rate, stats = daemon_run(bs, "bench", args.events, size, workdir, backend,
+                                             f"-{round_}")
+                    key = f"daemon_per_s_{backend}_batch_{size}"
+                    results[key] = max(rate, results.get(key, 0.0))
+                    print(f"  daemon ({backend}, exactly-once, max_records={size}): "
+                          f"{rate:,.0f}/s; {stats.anomalies} anomalies, {stats.batches} batches",
+                          flush=True)
         results["ceiling_per_s"] = ceil
-        for size in sizes:
-            rate = results[f"daemon_per_s_batch_{size}"]
-            print(f"daemon (exactly-once, max_records={size}), best of {args.repeat}: "
-                  f"{rate:,.0f}/s = {rate / ceil:.0%} of the ceiling ({ceil:,.0f}/s)")
+        for backend in backends:
+            for size in sizes:
+                rate = results[f"daemon_per_s_{backend}_batch_{size}"]
+                print(f"daemon ({backend}, exactly-once, max_records={size}), best of "
+                      f"{args.repeat}: {rate:,.0f}/s = {rate / ceil:.0%} of the ceiling "
+                      f"({ceil:,.0f}/s)")
         if not args.skip_latency:
             print(f"paced run: {args.rate:,.0f} events/s for {args.duration:g} s through "
                   "`streamgmm run`", flush=True)
@@ -307,19 +343,28 @@ def main() -> int:
                   f"max {lat['latency_max_ms']:.0f} ms; daemon RSS {lat['rss_start_mib']:.0f} → "
                   f"{lat['rss_end_mib']:.0f} MiB (max {lat['rss_max_mib']:.0f}); samples "
                   f"{lat['rss_samples_mib']}", flush=True)
-    rate = results[f"daemon_per_s_batch_{default_batch}"]
-    ratio = rate / ceil
-    results["ratio_default"] = ratio
-    print(f"\ngoal (daemon at the default max_records={default_batch} >= 80% of the ceiling): "
-          f"{ratio:.0%} — {'met' if ratio >= 0.8 else 'NOT met'}\n")
+    from streamgmm.config import KafkaConfig
+
+    default_backend = KafkaConfig().backend
+    best_backend = max(backends, key=lambda b: results[f"daemon_per_s_{b}_batch_{default_batch}"])
+    for backend in backends:
+        ratio = results[f"daemon_per_s_{backend}_batch_{default_batch}"] / ceil
+        results[f"ratio_{backend}"] = ratio
+        print(f"\ngoal (daemon at the default max_records={default_batch} >= 80% of the "
+              f"ceiling), {backend} backend: {ratio:.0%} — {'met' if ratio >= 0.8 else 'NOT met'}")
+    print(f"fastest backend: {best_backend}; the configured default: {default_backend}\n")
     print("| measured on the embedded broker (Tansu), 2 shared cores | value |")
     print("|---|---|")
     print(f"| ceiling: kafka-python consume + orjson decode | {ceil:,.0f} events/s |")
-    for size in sizes:
-        r = results[f"daemon_per_s_batch_{size}"]
-        default = " (default)" if size == default_batch else ""
-        print(f"| daemon, exactly-once, `max_records = {size}`{default} | {r:,.0f} events/s "
-              f"({r / ceil:.0%} of the ceiling) |")
+    if "librdkafka_ceiling_per_s" in results:
+        print(f"| confluent-kafka consume + orjson decode | "
+              f"{results['librdkafka_ceiling_per_s']:,.0f} events/s |")
+    for backend in backends:
+        for size in sizes:
+            r = results[f"daemon_per_s_{backend}_batch_{size}"]
+            default = " (default)" if size == default_batch else ""
+            print(f"| daemon, {backend}, exactly-once, `max_records = {size}`{default} | "
+                  f"{r:,.0f} events/s ({r / ceil:.0%} of the ceiling) |")
     if "paced" in results:
         lat = results["paced"]
         print(f"| latency produce → anomaly (read_committed), at {lat['rate']:,.0f} events/s | "

@@ -377,6 +377,11 @@ class _Section:
         return out
 
 
+def _toml_key(name: str) -> str:
+    """A TOML key: bare when it can be, quoted otherwise (librdkafka's names hold dots)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_value(name)
+
+
 def _is_secret(name: str) -> bool:
     return "password" in name or "token" in name or "secret" in name
 
@@ -451,16 +456,23 @@ class KafkaConfig(_Section):
     --------
     >>> kafka = KafkaConfig(bootstrap_servers="k1:9092,k2:9092", security_protocol="SASL_SSL",
     ...                     sasl_mechanism="PLAIN", sasl_plain_username="svc",
-    ...                     sasl_plain_password="s3cret", consumer={"session_timeout_ms": 6000})
-    >>> kafka.bootstrap_servers
-    ('k1:9092', 'k2:9092')
-    >>> kw = kafka.consumer_kwargs()
-    >>> kw["group_id"], kw["security_protocol"], kw["session_timeout_ms"]
-    ('streamgmm', 'SASL_SSL', 6000)
-    >>> "group_id" in kafka.producer_kwargs()
-    False
+    ...                     sasl_plain_password="s3cret", librdkafka={"compression_type": "zstd"})
+    >>> kafka.bootstrap_servers, kafka.backend
+    (('k1:9092', 'k2:9092'), 'confluent-kafka')
+    >>> settings = kafka.librdkafka_settings()
+    >>> settings["sasl.username"], settings["compression.type"]
+    ('svc', 'zstd')
     >>> kafka.to_dict()["sasl_plain_password"]
     '***'
+
+    With ``backend="kafka-python"``, its settings go in ``client``, ``consumer`` and ``producer``:
+
+    >>> kafka = KafkaConfig(backend="kafka-python", consumer={"session_timeout_ms": 6000})
+    >>> kw = kafka.consumer_kwargs()
+    >>> kw["group_id"], kw["security_protocol"], kw["session_timeout_ms"]
+    ('streamgmm', 'PLAINTEXT', 6000)
+    >>> "group_id" in kafka.producer_kwargs()
+    False
     """
 
     _name = "kafka"
@@ -496,8 +508,8 @@ class KafkaConfig(_Section):
     ssl_password: str | None = _key(None, _Optional(_Str()), secret=True)
     ssl_check_hostname: bool = _key(True, _Bool())
     backend: str = _key(
-        "kafka-python", _Choice("kafka-python", "confluent-kafka"),
-        hint='"confluent-kafka" (librdkafka) is the fast one; "kafka-python" is pure Python')
+        "confluent-kafka", _Choice("confluent-kafka", "kafka-python"),
+        hint='"confluent-kafka" (librdkafka, the fast one) or "kafka-python" (pure Python)')
     client: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     producer: Mapping[str, Any] = field(default_factory=dict)
@@ -544,7 +556,12 @@ class KafkaConfig(_Section):
                               'set it, e.g. "PLAIN" or "SCRAM-SHA-512"')
 
     def _validate_librdkafka(self) -> None:
-        from streamgmm.io.confluent import MANAGED, check_librdkafka_settings, librdkafka_name
+        from streamgmm.io.confluent import (
+            MANAGED,
+            SECURITY_PROPERTIES,
+            check_librdkafka_settings,
+            librdkafka_name,
+        )
 
         for table in ("client", "consumer", "producer"):
             if getattr(self, table):
@@ -556,9 +573,12 @@ class KafkaConfig(_Section):
         settings = {}
         for name, value in self.librdkafka.items():
             key, prop = f"kafka.librdkafka.{name}", librdkafka_name(name)
-            if prop in MANAGED or prop.replace(".", "_") in self._SECURITY:
-                raise ConfigError(key, "is managed by streamgmm or is an explicit [kafka] key",
-                                  "remove it (security settings go in [kafka])")
+            if prop in MANAGED:
+                raise ConfigError(key, "is managed by streamgmm", "remove it")
+            if prop in SECURITY_PROPERTIES:
+                raise ConfigError(key, "is set by an explicit [kafka] key",
+                                  "set kafka.security_protocol, kafka.sasl_* or kafka.ssl_* "
+                                  "instead")
             if isinstance(value, (Mapping, list)):
                 raise ConfigError(key, f"expected a single value, got {_show(value)}",
                                   'librdkafka takes strings, numbers and booleans, e.g. "a,b"')
@@ -804,7 +824,7 @@ class Config:
             for table, settings in tables.items():
                 if settings:
                     lines += ["", f"[{section}.{table}]"]
-                    lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+                    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in settings.items()]
         return "\n".join(lines) + "\n"
 
 

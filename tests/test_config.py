@@ -21,6 +21,7 @@ from streamgmm.config import (
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "streamgmm.toml"
+KAFKA_PYTHON = '[kafka]\nbackend = "kafka-python"\n'
 ISSUE_KEYS = {
     "kafka": ["bootstrap_servers", "input_topic", "output_topic", "dead_letter_topic", "group_id",
               "auto_offset_reset", "delivery", "transactional_id", "security_protocol",
@@ -139,18 +140,37 @@ def test_the_issue_example_message(tmp_path):
         ('[kafka]\nsasl_mechanism = "PLAIN"', {}, "kafka.security_protocol",
          'use "SASL_SSL"'),
         ("[kafka]\nbootstrap_servers = []", {}, "kafka.bootstrap_servers", "must not be empty"),
-        ('[kafka.client]\ngroup_id = "x"', {}, "kafka.client.group_id",
+        (KAFKA_PYTHON + '[kafka.client]\ngroup_id = "x"', {}, "kafka.client.group_id",
          "managed by streamgmm"),
-        ("[kafka.consumer]\nsession_timeout = 1", {}, "kafka.consumer.session_timeout",
+        (KAFKA_PYTHON + "[kafka.consumer]\nsession_timeout = 1", {},
+         "kafka.consumer.session_timeout",
          'did you mean "session_timeout_ms"?'),
-        ("[kafka.client]\nsession_timeout_ms = 1", {}, "kafka.client.session_timeout_ms",
+        (KAFKA_PYTHON + "[kafka.client]\nsession_timeout_ms = 1", {},
+         "kafka.client.session_timeout_ms",
          "is not a kafka-python client setting"),
-        ('[kafka.client]\nsecurity_protocol = "SSL"', {}, "kafka.client.security_protocol",
+        (KAFKA_PYTHON + '[kafka.client]\nsecurity_protocol = "SSL"', {},
+         "kafka.client.security_protocol",
          "set kafka.security_protocol instead"),
-        ("[kafka.producer]\nacks = 1", {}, "kafka.producer.acks", "managed by streamgmm"),
-        ("[kafka.producer]\nssl_context = 1", {}, "kafka.producer.ssl_context", "Python object"),
-        ("", {"STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "six"},
+        (KAFKA_PYTHON + "[kafka.producer]\nacks = 1", {}, "kafka.producer.acks",
+         "managed by streamgmm"),
+        (KAFKA_PYTHON + "[kafka.producer]\nssl_context = 1", {}, "kafka.producer.ssl_context",
+         "Python object"),
+        ("", {"STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "six",
+              "STREAMGMM_KAFKA__BACKEND": "kafka-python"},
          "kafka.consumer.session_timeout_ms", "expected an integer"),
+        ("[kafka.consumer]\nsession_timeout_ms = 6000", {},
+         "kafka.consumer.session_timeout_ms",
+         "is a kafka-python setting"),
+        ("[kafka.librdkafka]\nfetch_wait_max_msec = 5", {},
+         "kafka.librdkafka.fetch_wait_max_msec",
+         'No such configuration property: "fetch.wait.max.msec"'),
+        ('[kafka.librdkafka]\n"isolation.level" = "read_uncommitted"', {},
+         "kafka.librdkafka.isolation.level", "managed by streamgmm"),
+        ('[kafka.librdkafka]\n"sasl.password" = "pw"', {}, "kafka.librdkafka.sasl.password",
+         "set kafka.security_protocol, kafka.sasl_* or kafka.ssl_* instead"),
+        (KAFKA_PYTHON + "[kafka.librdkafka]\nlinger_ms = 5", {},
+         "kafka.librdkafka.linger_ms", 'applies to kafka.backend = "confluent-kafka" only'),
+        ('[kafka]\nbackend = "rdkafka"', {}, "kafka.backend", 'must be one of'),
         ('[features]\nfields = []', {}, "features.fields", "at least one numeric JSON field"),
         ('[features]\nfields = ["a", "a"]', {}, "features.fields", '"a" is listed twice'),
         ('[features]\nfields = ["a..b"]', {}, "features.fields", "not a dotted path"),
@@ -200,6 +220,7 @@ def test_kafka_client_kwargs_are_valid_kafka_python_arguments(tmp_path):
 [features]
 fields = ["x"]
 [kafka]
+backend = "kafka-python"
 security_protocol = "SASL_SSL"
 sasl_mechanism = "SCRAM-SHA-512"
 sasl_plain_username = "svc"
@@ -233,7 +254,7 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     env = {"STREAMGMM_KAFKA__SASL_PLAIN_PASSWORD": "hunter2",
            "STREAMGMM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
            "STREAMGMM_KAFKA__SASL_MECHANISM": "PLAIN",
-           "STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "6000",
+           "STREAMGMM_KAFKA__LIBRDKAFKA__SESSION_TIMEOUT_MS": "6000",
            "STREAMGMM_MODEL__FORGETTING": "0.01", "STREAMGMM_THRESHOLD__FIXED": "20",
            "STREAMGMM_MODEL__RANDOM_STATE": "3"}
     config = load_config(write(tmp_path, toml), env=env)

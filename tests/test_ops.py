@@ -749,8 +749,6 @@ def running_daemon(bootstrap, tmp_path):
         "STREAMGMM_KAFKA__DEAD_LETTER_TOPIC": f"{topic}-dlt",
         "STREAMGMM_KAFKA__GROUP_ID": unique_name("ops-group"),
         "STREAMGMM_KAFKA__TRANSACTIONAL_ID": unique_name("ops-tx"),
-        "STREAMGMM_KAFKA__CONSUMER__SESSION_TIMEOUT_MS": "6000",
-        "STREAMGMM_KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS": "500",
         "STREAMGMM_METRICS__HOST": "127.0.0.1",
         "STREAMGMM_METRICS__PORT": str(port),
         "STREAMGMM_CHECKPOINT__PATH": str(tmp_path / "checkpoint.npz"),

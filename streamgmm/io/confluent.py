@@ -1,14 +1,15 @@
-"""Kafka edges of the daemon on confluent-kafka (librdkafka): the fast backend.
+"""Kafka edges of the daemon on confluent-kafka (librdkafka): the default, fast backend.
 
 The same source and sink as :mod:`streamgmm.io.kafka` — same methods, same records, same
 transaction per batch — on librdkafka, whose C client parses fetched records about five times
 faster than kafka-python and commits a transaction in 1–2 ms instead of about 12 ms
-(``scripts/bench_daemon.py`` measures both side by side). Select it with
-``kafka.backend = "confluent-kafka"``.
+(``scripts/bench_daemon.py`` measures both side by side). ``kafka.backend = "kafka-python"``
+selects :mod:`streamgmm.io.kafka` instead.
 
-What stays on kafka-python whatever the backend: creating topics and reading back the output
-topics on recovery (:func:`streamgmm.io.kafka.read_published_sources`); both are rare and need no
-speed.
+What stays on kafka-python whatever the backend: creating topics, reading first and end offsets
+(:class:`streamgmm.io.kafka.OffsetsReader`) and reading back the output topics on recovery
+(:func:`streamgmm.io.kafka.read_published_sources`); all rare, none needs speed, and Tansu answers
+librdkafka's watermark query wrongly.
 
 Settings: the ``[kafka]`` security keys are translated to librdkafka's names
 (:func:`librdkafka_security`); anything else goes under ``[kafka.librdkafka]`` with librdkafka's
@@ -33,6 +34,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import confluent_kafka as ck
 from kafka import TopicPartition
 
 from streamgmm.io.kafka import DELIVERY_MODES, KafkaUnavailable, OffsetsReader, OutgoingRecord
@@ -87,6 +89,9 @@ _SECURITY_NAMES = {
     "ssl_keyfile": "ssl.key.location",
     "ssl_password": "ssl.key.password",
 }
+#: librdkafka's names of the ``[kafka]`` security keys; set them there, not in the table.
+SECURITY_PROPERTIES = frozenset(_SECURITY_NAMES.values()) | {
+    "ssl.endpoint.identification.algorithm"}
 
 
 def librdkafka_name(name: str) -> str:
@@ -108,16 +113,6 @@ def librdkafka_security(security: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _confluent():
-    try:
-        import confluent_kafka
-    except ImportError as exc:  # pragma: no cover - it is a dependency; a broken install
-        raise ImportError(
-            'kafka.backend = "confluent-kafka" needs the confluent-kafka package: '
-            "pip install confluent-kafka") from exc
-    return confluent_kafka
-
-
 def check_librdkafka_settings(settings: Mapping[str, Any]) -> str | None:
     """Let librdkafka check ``settings``; return its complaint, or ``None`` if it accepts them.
 
@@ -130,7 +125,6 @@ def check_librdkafka_settings(settings: Mapping[str, Any]) -> str | None:
     >>> print(check_librdkafka_settings({"fetch.wait.max.msec": 50}))
     No such configuration property: "fetch.wait.max.msec"
     """
-    ck = _confluent()
     conf = {"group.id": "streamgmm-config-check", "logger": _silent_log, **settings}
     for client in (ck.Consumer, ck.Producer):
         try:
@@ -167,6 +161,12 @@ def _unavailable(what: str, exc: BaseException) -> KafkaUnavailable:
 def _log_error(error) -> None:
     """librdkafka's error callback: errors it recovers from by itself are logged, not raised."""
     _librdkafka_log.warning("librdkafka: %s", error.str())
+
+
+def _to_confluent(tp: TopicPartition, offset: int | None = None):
+    if offset is None:
+        return ck.TopicPartition(tp.topic, tp.partition)
+    return ck.TopicPartition(tp.topic, tp.partition, offset)
 
 
 class ConsumedRecord:
@@ -244,7 +244,6 @@ class ConfluentSource:
         offsets_options: Mapping[str, Any] | None = None,
         **settings: Any,
     ) -> None:
-        ck = self._ck = _confluent()
         self.topic = topic
         self.group_id = group_id
         self._held = False  # partitions assigned and paused, waiting for the next poll
@@ -272,7 +271,7 @@ class ConfluentSource:
         A seek is applied as an assignment with explicit offsets: librdkafka's own ``seek`` is
         lost when it races the committed-offset lookup that follows an assignment.
         """
-        ck, consumer = self._ck, self._consumer
+        consumer = self._consumer
         assigned = consumer.assignment()
         if self._starts:
             consumer.assign([
@@ -288,14 +287,8 @@ class ConfluentSource:
         """The underlying ``confluent_kafka.Consumer``."""
         return self._consumer
 
-    def _tp(self, tp: TopicPartition, offset: int | None = None):
-        if offset is None:
-            return self._ck.TopicPartition(tp.topic, tp.partition)
-        return self._ck.TopicPartition(tp.topic, tp.partition, offset)
-
     def poll(self, max_records: int, timeout_ms: int) -> list[ConsumedRecord]:
         """Up to ``max_records`` records, waiting at most ``timeout_ms``; ordered per partition."""
-        ck = self._ck
         try:
             if self._held or self._starts:
                 self._release()
@@ -338,7 +331,7 @@ class ConfluentSource:
         """The group's committed offset for each assigned partition (``None`` if none)."""
         try:
             found = self._consumer.committed(self._consumer.assignment(), timeout=10)
-        except self._ck.KafkaException as exc:
+        except ck.KafkaException as exc:
             raise _unavailable("reading committed offsets failed", exc) from exc
         return {TopicPartition(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None
                 for tp in found}
@@ -347,7 +340,7 @@ class ConfluentSource:
         """The next offset to fetch; the end of the partition if nothing was fetched yet."""
         if tp in self._starts:
             return self._starts[tp]
-        (found,) = self._consumer.position([self._tp(tp)])
+        (found,) = self._consumer.position([_to_confluent(tp)])
         return found.offset if found.offset >= 0 else self._offsets.ends([tp])[tp]
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -381,9 +374,9 @@ class ConfluentSource:
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit ``offsets`` (next offset to read, per partition) synchronously."""
         try:
-            self._consumer.commit(offsets=[self._tp(tp, o) for tp, o in offsets.items()],
+            self._consumer.commit(offsets=[_to_confluent(tp, o) for tp, o in offsets.items()],
                                   asynchronous=False)
-        except self._ck.KafkaException as exc:
+        except ck.KafkaException as exc:
             raise _unavailable("offset commit failed", exc) from exc
 
     def close(self) -> None:
@@ -423,7 +416,6 @@ class ConfluentSink:
             raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
         if delivery == "exactly-once" and not transactional_id:
             raise ValueError("exactly-once delivery needs a transactional_id")
-        ck = self._ck = _confluent()
         self.delivery = delivery
         self.operation_timeout = operation_timeout
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap_servers,
@@ -461,7 +453,7 @@ class ConfluentSink:
                 self._send_all(records)
                 if offsets:
                     source.commit(offsets)
-        except self._ck.KafkaException as exc:
+        except ck.KafkaException as exc:
             raise _unavailable("publishing a batch failed", exc) from exc
 
     def _produce(self, records: Sequence[OutgoingRecord], on_delivery=None) -> None:
@@ -498,7 +490,7 @@ class ConfluentSink:
             self._produce(records)
             if offsets:
                 producer.send_offsets_to_transaction(
-                    [source._tp(tp, o) for tp, o in offsets.items()], source.group_metadata(),
+                    [_to_confluent(tp, o) for tp, o in offsets.items()], source.group_metadata(),
                     timeout)
             producer.commit_transaction(timeout)
         except Exception:
