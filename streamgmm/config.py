@@ -688,6 +688,10 @@ class ModelConfig(_Section):
     tol: float = _key(1e-3, _Float(), _positive)
     protect: bool = _key(True, _Bool(),
                          hint="true keeps anomalies from being learned as normal")
+    adoption_persistence: int | None = _key(
+        None, _Optional(_Int()), _between(1, 100_000_000),
+        "events a new behaviour must keep arriving before it is learned as normal "
+        "(omit for threshold.warmup_events)")
     random_state: int | None = _key(None, _Optional(_Int()),
                                     hint="an integer makes runs reproducible")
 
@@ -797,6 +801,8 @@ class Config:
         }
         if m.random_state is not None:
             kwargs["random_state"] = m.random_state
+        if m.adoption_persistence is not None:
+            kwargs["adoption_persistence"] = m.adoption_persistence
         return kwargs
 
     def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:

@@ -183,6 +183,7 @@ def test_the_issue_example_message(tmp_path):
         ('[model]\ncovariance_type = "ful"', {}, "model.covariance_type", 'did you mean "full"'),
         ("[model]\nreg_covar = -1.0", {}, "model.reg_covar", "between 0 and"),
         ("[model]\nforgetting = 0.9", {}, "model.forgetting", "between 0 and 0.5"),
+        ("[model]\nadoption_persistence = 0", {}, "model.adoption_persistence", "between 1"),
         ("[threshold]\nwarmup_events = 1", {}, "threshold.warmup_events", "between 2 and"),
         ("[model]\nstep_exponent = 0.5", {}, "model.step_exponent", "between 0.5 and 1"),
         ("[model]\nreg_covar = nan", {}, "model.reg_covar", "expected a finite number"),
@@ -301,3 +302,14 @@ def test_sections_validate_when_built_in_code():
     with pytest.raises(ConfigError, match=r"^kafka\.delivery: must be one of"):
         KafkaConfig(delivery="sometimes")
     assert KafkaConfig(bootstrap_servers="a:1,b:2").bootstrap_servers == ("a:1", "b:2")
+
+
+def test_adoption_persistence_reaches_the_detector(tmp_path):
+    from streamgmm.detector import Detector
+
+    base = '[features]\nfields = ["x"]\n'
+    default = load_config(write(tmp_path, base), env={})
+    assert "adoption_persistence" not in default.detector_kwargs()
+    config = load_config(write(tmp_path, base + "[model]\nadoption_persistence = 250\n"), env={})
+    detector = Detector(**config.detector_kwargs())
+    assert detector.get_params()["adoption_persistence"] == 250
