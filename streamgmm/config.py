@@ -19,11 +19,14 @@ Kafka client settings
 ---------------------
 Security settings (``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``,
 ``sasl_plain_password``, ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``,
-``ssl_check_hostname``) are explicit keys of ``[kafka]``. Any other kafka-python setting can be
-passed through in ``[kafka.client]`` (both consumer and producer), ``[kafka.consumer]`` or
-``[kafka.producer]``; the names are checked against kafka-python's own list, and the settings that
-streamgmm manages itself to keep its delivery guarantee (``group_id``, ``enable_auto_commit``,
-``isolation_level``, ``transactional_id``, ``acks``, serializers, ...) are refused there.
+``ssl_check_hostname``) are explicit keys of ``[kafka]``, for either client library
+(``kafka.backend``). With ``"confluent-kafka"`` (the default), any other librdkafka property goes
+in ``[kafka.librdkafka]``, checked by librdkafka itself; :meth:`KafkaConfig.librdkafka_settings`
+merges it with the translated security keys. With ``"kafka-python"``, any other kafka-python
+setting can be passed through in ``[kafka.client]`` (both consumer and producer),
+``[kafka.consumer]`` or ``[kafka.producer]``; the names are checked against kafka-python's own
+list. Either way the settings that streamgmm manages itself to keep its delivery guarantee
+(group id, auto commit, isolation level, transactional id, acks, serializers, ...) are refused.
 :meth:`KafkaConfig.consumer_kwargs` and :meth:`KafkaConfig.producer_kwargs` merge them.
 
 Examples
@@ -887,8 +890,9 @@ def load_config(path: str | os.PathLike | None = None,
         A TOML file. Without one, the defaults and the environment make the configuration.
     env : mapping, optional
         Environment variables (defaults to ``os.environ``). Every ``STREAMGMM_<SECTION>__<KEY>``
-        overrides ``<key>`` of ``[<section>]``; ``STREAMGMM_KAFKA__CLIENT__<KEY>`` (and
-        ``__CONSUMER__``/``__PRODUCER__``) set kafka-python pass-through settings. Names are
+        overrides ``<key>`` of ``[<section>]``; ``STREAMGMM_KAFKA__LIBRDKAFKA__<KEY>`` sets a
+        librdkafka property (underscores for dots), ``STREAMGMM_KAFKA__CLIENT__<KEY>`` (and
+        ``__CONSUMER__``/``__PRODUCER__``) a kafka-python pass-through setting. Names are
         case-insensitive; values are parsed to the key's type (lists: comma-separated or a TOML
         array; optional keys: ``none`` unsets).
 

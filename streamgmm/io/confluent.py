@@ -288,11 +288,22 @@ class ConfluentSource:
         return self._consumer
 
     def poll(self, max_records: int, timeout_ms: int) -> list[ConsumedRecord]:
-        """Up to ``max_records`` records, waiting at most ``timeout_ms``; ordered per partition."""
+        """Up to ``max_records`` records that have arrived, waiting at most ``timeout_ms`` for the
+        first; ordered per partition."""
         try:
             if self._held or self._starts:
                 self._release()
-            messages = self._consumer.consume(max_records, timeout_ms / 1000)
+            # What has arrived, without waiting for a full batch (librdkafka's consume() waits
+            # until it has max_records or the timeout passed: 130 ms p50 latency at a light
+            # load); wait only for the first record.
+            messages = self._consumer.consume(max_records, 0)
+            if not messages:
+                first = self._consumer.poll(timeout_ms / 1000)
+                if first is None:
+                    return []
+                messages = [first]
+                if max_records > 1:
+                    messages += self._consumer.consume(max_records - 1, 0)
         except ck.KafkaException as exc:
             raise _unavailable("poll failed", exc) from exc
         for message in messages:
