@@ -30,14 +30,19 @@ Examples
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import confluent_kafka as ck
 from kafka import TopicPartition
 
-from streamgmm.io.kafka import DELIVERY_MODES, KafkaUnavailable, OffsetsReader, OutgoingRecord
+from streamgmm.io.kafka import (
+    BatchSink,
+    GroupMember,
+    KafkaUnavailable,
+    OffsetsReader,
+    OutgoingRecord,
+)
 
 __all__ = [
     "ConfluentSource",
@@ -209,7 +214,7 @@ class ConsumedRecord:
         return f"ConsumedRecord({self.topic}:{self.partition}@{self.offset})"
 
 
-class ConfluentSource:
+class ConfluentSource(GroupMember):
     """A consumer-group member that yields micro-batches of raw records (librdkafka).
 
     Same interface as :class:`streamgmm.io.kafka.KafkaSource`. Newly assigned partitions are held
@@ -315,25 +320,11 @@ class ConfluentSource:
         messages.sort(key=ck.Message.partition)
         return [ConsumedRecord(m) for m in messages]
 
-    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
-        """Join the group: serve the group protocol until partitions are assigned.
-
-        Raises
-        ------
-        KafkaUnavailable
-            If no partition was assigned within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while not self._consumer.assignment():
-            if time.monotonic() > deadline:
-                raise KafkaUnavailable(
-                    f"no partition of {self.topic!r} assigned to group {self.group_id!r} within "
-                    f"{timeout:g} s; does the topic exist and is another member holding it?")
-            # Assigned partitions are paused at once: this consumes nothing.
-            message = self._consumer.poll(0.1)
-            if message is not None and message.error() is not None:
-                logger.debug("while joining: %s", message.error().str())
-        return self.assignment()
+    def _serve_group(self) -> None:
+        # Assigned partitions are paused at once (_on_assign): this consumes nothing.
+        message = self._consumer.poll(0.1)
+        if message is not None and message.error() is not None:
+            logger.debug("while joining: %s", message.error().str())
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -402,7 +393,7 @@ class ConfluentSource:
                 logger.debug("closing the consumer: %s", exc)
 
 
-class ConfluentSink:
+class ConfluentSink(BatchSink):
     """Publishes a batch's records and commits its input offsets (librdkafka).
 
     Same interface and guarantees as :class:`streamgmm.io.kafka.KafkaSink`: one transaction per
@@ -415,6 +406,9 @@ class ConfluentSink:
         If the broker cannot be reached or transactions cannot be initialised.
     """
 
+    client_errors = (ck.KafkaException,)
+    _unavailable = staticmethod(_unavailable)
+
     def __init__(
         self,
         bootstrap_servers: str,
@@ -423,12 +417,7 @@ class ConfluentSink:
         operation_timeout: float = 30.0,
         **settings: Any,
     ) -> None:
-        if delivery not in DELIVERY_MODES:
-            raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
-        if delivery == "exactly-once" and not transactional_id:
-            raise ValueError("exactly-once delivery needs a transactional_id")
-        self.delivery = delivery
-        self.operation_timeout = operation_timeout
+        super().__init__(delivery, transactional_id, operation_timeout)
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap_servers,
                 "logger": _librdkafka_log, "error_cb": _log_error, **settings}
         if delivery == "exactly-once":
@@ -440,32 +429,6 @@ class ConfluentSink:
                 self._producer.init_transactions(operation_timeout)
         except ck.KafkaException as exc:
             raise _unavailable(f"cannot start a producer on {bootstrap_servers}", exc) from exc
-
-    def publish(
-        self,
-        records: Sequence[OutgoingRecord],
-        offsets: Mapping[TopicPartition, int],
-        source: ConfluentSource,
-    ) -> None:
-        """Publish ``records`` and commit ``offsets`` (next offset to read) for ``source``'s group.
-
-        Exactly as :meth:`streamgmm.io.kafka.KafkaSink.publish` (offsets alone are committed
-        without a transaction).
-
-        Raises
-        ------
-        KafkaUnavailable
-            If anything failed; nothing should be assumed published (or not).
-        """
-        try:
-            if self.delivery == "exactly-once" and records:
-                self._publish_transaction(records, offsets, source)
-            else:
-                self._send_all(records)
-                if offsets:
-                    source.commit(offsets)
-        except ck.KafkaException as exc:
-            raise _unavailable("publishing a batch failed", exc) from exc
 
     def _produce(self, records: Sequence[OutgoingRecord], on_delivery=None) -> None:
         producer = self._producer

@@ -46,7 +46,9 @@ from kafka.structs import OffsetAndMetadata
 __all__ = [
     "DELIVERY_MODES",
     "OutgoingRecord",
+    "GroupMember",
     "KafkaSource",
+    "BatchSink",
     "KafkaSink",
     "KafkaUnavailable",
     "dead_letter_headers",
@@ -334,7 +336,35 @@ def read_published_sources(
         consumer.close()
 
 
-class KafkaSource:
+class GroupMember:
+    """What both sources share: joining the consumer group.
+
+    Subclasses set ``topic``, ``group_id`` and implement ``assignment()`` and
+    ``_serve_group()`` (one short round of the group protocol that consumes nothing).
+    """
+
+    topic: str
+    group_id: str
+
+    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
+        """Join the group: serve the group protocol until partitions are assigned.
+
+        Raises
+        ------
+        KafkaUnavailable
+            If no partition was assigned within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.assignment():
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"no partition of {self.topic!r} assigned to group {self.group_id!r} within "
+                    f"{timeout:g} s; does the topic exist and is another member holding it?")
+            self._serve_group()
+        return self.assignment()
+
+
+class KafkaSource(GroupMember):
     """A consumer-group member that yields micro-batches of raw records.
 
     Parameters
@@ -389,26 +419,8 @@ class KafkaSource:
             records.extend(batches[tp])
         return records
 
-    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
-        """Join the group: poll without consuming until partitions are assigned.
-
-        Raises
-        ------
-        KafkaUnavailable
-            If no partition was assigned within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while not self._consumer.assignment():
-            if time.monotonic() > deadline:
-                raise KafkaUnavailable(
-                    f"no partition of {self.topic!r} assigned to group {self.group_id!r} within "
-                    f"{timeout:g} s; does the topic exist and is another member holding it?"
-                )
-            try:
-                self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
-            except TypeError:  # pragma: no cover - older signature
-                self._consumer.poll(timeout_ms=100, max_records=1)
-        return set(self._consumer.assignment())
+    def _serve_group(self) -> None:
+        self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
@@ -468,7 +480,61 @@ class KafkaSource:
             logger.debug("closing the consumer: %s", exc)
 
 
-class KafkaSink:
+class BatchSink:
+    """The delivery rule both sinks share; subclasses bring the client.
+
+    Subclasses set :attr:`client_errors` (their client's exception types) and implement
+    ``_publish_transaction(records, offsets, source)``, ``_send_all(records)`` and ``close()``.
+    """
+
+    #: The client's exception types; :meth:`publish` turns them into :class:`KafkaUnavailable`.
+    client_errors: tuple[type[BaseException], ...] = (kafka_errors.KafkaError,)
+
+    def __init__(self, delivery: str, transactional_id: str | None,
+                 operation_timeout: float) -> None:
+        if delivery not in DELIVERY_MODES:
+            raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
+        if delivery == "exactly-once" and not transactional_id:
+            raise ValueError("exactly-once delivery needs a transactional_id")
+        self.delivery = delivery
+        self.operation_timeout = operation_timeout
+
+    @staticmethod
+    def _unavailable(what: str, exc: BaseException) -> KafkaUnavailable:
+        return _client_error(what, exc)
+
+    def publish(
+        self,
+        records: Sequence[OutgoingRecord],
+        offsets: Mapping[TopicPartition, int],
+        source: Any,
+    ) -> None:
+        """Publish ``records`` and commit ``offsets`` (next offset to read) for ``source``'s group.
+
+        In exactly-once mode both happen in one transaction; on failure the transaction is aborted
+        (best effort) and :class:`KafkaUnavailable` is raised — rebuild the sink and retry. A
+        batch with nothing to publish (the common case) commits its offsets with a plain,
+        synchronous offset commit: atomic by itself, one round trip instead of a transaction's
+        three, and the only way that works with librdkafka on Tansu 0.6, which drops the offsets
+        of a transaction that holds no records.
+
+        Raises
+        ------
+        KafkaUnavailable
+            If anything failed; nothing should be assumed published (or not).
+        """
+        try:
+            if self.delivery == "exactly-once" and records:
+                self._publish_transaction(records, offsets, source)
+            else:
+                self._send_all(records)
+                if offsets:
+                    source.commit(offsets)
+        except self.client_errors as exc:
+            raise self._unavailable("publishing a batch failed", exc) from exc
+
+
+class KafkaSink(BatchSink):
     """Publishes a batch's records and commits its input offsets, atomically or at least once.
 
     Parameters
@@ -497,12 +563,7 @@ class KafkaSink:
         operation_timeout: float = 30.0,
         **client_options: Any,
     ) -> None:
-        if delivery not in DELIVERY_MODES:
-            raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
-        if delivery == "exactly-once" and not transactional_id:
-            raise ValueError("exactly-once delivery needs a transactional_id")
-        self.delivery = delivery
-        self.operation_timeout = operation_timeout
+        super().__init__(delivery, transactional_id, operation_timeout)
         options = {**PRODUCER_DEFAULTS, **client_options}
         if delivery == "exactly-once":
             options["transactional_id"] = transactional_id
@@ -517,36 +578,6 @@ class KafkaSink:
         self._producer._sender.wakeup()
         if not result.wait(timeout_ms=self.operation_timeout * 1000):
             raise KafkaUnavailable(f"{what} did not finish within {self.operation_timeout:g} s")
-
-    def publish(
-        self,
-        records: Sequence[OutgoingRecord],
-        offsets: Mapping[TopicPartition, int],
-        source: KafkaSource,
-    ) -> None:
-        """Publish ``records`` and commit ``offsets`` (next offset to read) for ``source``'s group.
-
-        In exactly-once mode both happen in one transaction; on failure the transaction is aborted
-        (best effort) and :class:`KafkaUnavailable` is raised — rebuild the sink and retry. A
-        batch with nothing to publish (the common case) commits its offsets with a plain,
-        synchronous offset commit: atomic by itself, one round trip instead of a transaction's
-        three, and the only way that works with librdkafka on Tansu 0.6, which drops the offsets
-        of a transaction that holds no records.
-
-        Raises
-        ------
-        KafkaUnavailable
-            If anything failed; nothing should be assumed published (or not).
-        """
-        try:
-            if self.delivery == "exactly-once" and records:
-                self._publish_transaction(records, offsets, source)
-            else:
-                self._send_all(records)
-                if offsets:
-                    source.commit(offsets)
-        except kafka_errors.KafkaError as exc:
-            raise _client_error("publishing a batch failed", exc) from exc
 
     def _send(self, records: Sequence[OutgoingRecord]) -> list:
         return [
