@@ -62,6 +62,19 @@ def produce(bootstrap: str, topic: str, n: int, seed: int = 0) -> None:
     producer.close()
 
 
+def steady_rate(n: int, next_batch) -> float:
+    """Events/s from the end of the first batch to the end of the last.
+
+    ``next_batch(seen)`` consumes one batch and returns how many events it held.
+    """
+    started, seen, first = None, 0, 0
+    while seen < n:
+        seen += next_batch(seen)
+        if started is None and seen:
+            started, first = time.perf_counter(), seen
+    return (n - first) / (time.perf_counter() - started)
+
+
 def ceiling(bootstrap: str, topic: str, n: int, loads=orjson.loads, max_records: int = 5000,
             **options) -> float:
     """Events/s of kafka-python consume + decode, from the end of the first poll to the last."""
@@ -70,17 +83,19 @@ def ceiling(bootstrap: str, topic: str, n: int, loads=orjson.loads, max_records:
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek(tp, 0)
-    started, seen, first = None, 0, 0
-    while seen < n:
+
+    def next_batch(_seen: int) -> int:
+        count = 0
         for records in consumer.poll(timeout_ms=500, max_records=max_records).values():
             for rec in records:
                 loads(rec.value)
-            seen += len(records)
-        if started is None and seen:
-            started, first = time.perf_counter(), seen
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    return (n - first) / elapsed
+            count += len(records)
+        return count
+
+    try:
+        return steady_rate(n, next_batch)
+    finally:
+        consumer.close()
 
 
 #: Settings tried for the ceiling: kafka-python's defaults, the daemon's, larger fetches.
@@ -100,17 +115,17 @@ def librdkafka_ceiling(bootstrap: str, topic: str, n: int, max_records: int = 50
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "fetch.wait.max.ms": 20})
     consumer.assign([CTopicPartition(topic, 0, 0)])
-    loads, started, seen, first = orjson.loads, None, 0, 0
-    while seen < n:
+
+    def next_batch(seen: int) -> int:
         messages = consumer.consume(min(max_records, n - seen), 0.5)
         for message in messages:
-            loads(message.value())
-        seen += len(messages)
-        if started is None and seen:
-            started, first = time.perf_counter(), seen
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    return (n - first) / elapsed
+            orjson.loads(message.value())
+        return len(messages)
+
+    try:
+        return steady_rate(n, next_batch)
+    finally:
+        consumer.close()
 
 
 def best_ceiling(bootstrap: str, topic: str, n: int) -> tuple[float, dict]:

@@ -360,15 +360,9 @@ class ConfluentSource(GroupMember):
         """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
         return self._offsets.high_watermarks(topics)
 
-    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
-        """Events behind the end of the assigned partitions last seen by the fetcher (no I/O)."""
-        total = 0
-        for tp in self._consumer.assignment():
-            _, end = self._consumer.get_watermark_offsets(tp, cached=True)
-            key = TopicPartition(tp.topic, tp.partition)
-            if end >= 0 and key in next_offsets:
-                total += max(0, end - next_offsets[key])
-        return total
+    def _last_seen_end(self, tp: TopicPartition) -> int | None:
+        _, end = self._consumer.get_watermark_offsets(_to_confluent(tp), cached=True)
+        return end if end >= 0 else None
 
     def group_metadata(self):
         return self._consumer.consumer_group_metadata()

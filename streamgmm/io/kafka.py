@@ -337,10 +337,11 @@ def read_published_sources(
 
 
 class GroupMember:
-    """What both sources share: joining the consumer group.
+    """What both sources share: joining the consumer group and the lag.
 
-    Subclasses set ``topic``, ``group_id`` and implement ``assignment()`` and
-    ``_serve_group()`` (one short round of the group protocol that consumes nothing).
+    Subclasses set ``topic``, ``group_id`` and implement ``assignment()``, ``_serve_group()``
+    (one short round of the group protocol that consumes nothing) and ``_last_seen_end(tp)`` (the
+    high watermark the fetcher last saw, or ``None``).
     """
 
     topic: str
@@ -362,6 +363,19 @@ class GroupMember:
                     f"{timeout:g} s; does the topic exist and is another member holding it?")
             self._serve_group()
         return self.assignment()
+
+    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
+        """Events behind the end of the assigned partitions last seen by the fetcher (no I/O).
+
+        ``next_offsets`` is the next offset to process per partition (the caller knows it; asking
+        the consumer could block on the network).
+        """
+        total = 0
+        for tp in self.assignment():
+            end = self._last_seen_end(tp)
+            if end is not None and tp in next_offsets:
+                total += max(0, end - next_offsets[tp])
+        return total
 
 
 class KafkaSource(GroupMember):
@@ -449,18 +463,8 @@ class KafkaSource(GroupMember):
         """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
         return self._offsets.high_watermarks(topics)
 
-    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
-        """Events behind the last known end of the assigned partitions.
-
-        ``next_offsets`` is the next offset to process per partition (the caller knows it; asking
-        the consumer could block on the network).
-        """
-        total = 0
-        for tp in self._consumer.assignment():
-            end = self._consumer.highwater(tp)
-            if end is not None and tp in next_offsets:
-                total += max(0, end - next_offsets[tp])
-        return total
+    def _last_seen_end(self, tp: TopicPartition) -> int | None:
+        return self._consumer.highwater(tp)
 
     def group_metadata(self):
         return self._consumer.group_metadata()
