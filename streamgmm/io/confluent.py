@@ -30,7 +30,7 @@ Examples
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import confluent_kafka as ck
@@ -263,7 +263,11 @@ class ConfluentSource(GroupMember):
         except ck.KafkaException as exc:
             self.close()
             raise _unavailable(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
-        self._offsets = OffsetsReader(bootstrap_servers, **dict(offsets_options or {}))
+        try:
+            self._offsets = OffsetsReader(bootstrap_servers, **dict(offsets_options or {}))
+        except KafkaUnavailable:
+            self.close()
+            raise
 
     def _on_assign(self, consumer, partitions) -> None:
         consumer.assign(partitions)
@@ -348,17 +352,6 @@ class ConfluentSource(GroupMember):
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` from ``offset`` on (applied at the next :meth:`poll`)."""
         self._starts[tp] = offset
-
-    def beginning_offsets(self) -> dict[TopicPartition, int]:
-        return self._offsets.beginnings(self.assignment())
-
-    def end_offsets(self) -> dict[TopicPartition, int]:
-        """High watermarks of the assigned partitions."""
-        return self._offsets.ends(self.assignment())
-
-    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
-        """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
-        return self._offsets.high_watermarks(topics)
 
     def _last_seen_end(self, tp: TopicPartition) -> int | None:
         _, end = self._consumer.get_watermark_offsets(_to_confluent(tp), cached=True)

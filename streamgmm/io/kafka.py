@@ -337,15 +337,25 @@ def read_published_sources(
 
 
 class GroupMember:
-    """What both sources share: joining the consumer group and the lag.
+    """What both sources share: joining the consumer group, offsets and the lag.
 
-    Subclasses set ``topic``, ``group_id`` and implement ``assignment()``, ``_serve_group()``
-    (one short round of the group protocol that consumes nothing) and ``_last_seen_end(tp)`` (the
-    high watermark the fetcher last saw, or ``None``).
+    Subclasses set ``topic``, ``group_id``, ``_offsets`` (an :class:`OffsetsReader`) and
+    implement ``assignment()``, ``_serve_group()`` (one short round of the group protocol that
+    consumes nothing) and ``_last_seen_end(tp)`` (the high watermark the fetcher last saw, or
+    ``None``).
     """
 
     topic: str
     group_id: str
+    _offsets: OffsetsReader
+
+    def beginning_offsets(self) -> dict[TopicPartition, int]:
+        """First available offset of each assigned partition."""
+        return self._offsets.beginnings(self.assignment())
+
+    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
+        return self._offsets.high_watermarks(topics)
 
     def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
         """Join the group: serve the group protocol until partitions are assigned.
@@ -415,7 +425,11 @@ class KafkaSource(GroupMember):
             self._consumer.subscribe([topic])
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
-        self._offsets = OffsetsReader(bootstrap_servers, **client_options)
+        try:
+            self._offsets = OffsetsReader(bootstrap_servers, **client_options)
+        except KafkaUnavailable:
+            self._consumer.close(autocommit=False)
+            raise
 
     @property
     def consumer(self) -> KafkaConsumer:
@@ -451,17 +465,6 @@ class KafkaSource(GroupMember):
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(tp, offset)
-
-    def beginning_offsets(self) -> dict[TopicPartition, int]:
-        return self._offsets.beginnings(self._consumer.assignment())
-
-    def end_offsets(self) -> dict[TopicPartition, int]:
-        """High watermarks of the assigned partitions."""
-        return self._offsets.ends(self._consumer.assignment())
-
-    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
-        """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
-        return self._offsets.high_watermarks(topics)
 
     def _last_seen_end(self, tp: TopicPartition) -> int | None:
         return self._consumer.highwater(tp)
