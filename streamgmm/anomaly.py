@@ -115,6 +115,12 @@ class GMMDetector(base.AnomalyDetector):
         that lasts is accepted. The one knob for "how fast should a new behaviour become
         normal" -- except after a shift of the whole stream (most events flagged), which is
         adopted at once (see :mod:`streamgmm.detector`).
+    covariance_shrinkage
+        ``"oas"`` (default): full covariances shrunk towards their diagonals by as much as the
+        events behind each component leave uncertain; ``None``: maximum likelihood.
+    refit_events
+        Young streams: the mixture is refitted to everything learned so far each time it has
+        grown by half, up to this many events (see :class:`~streamgmm.detector.Detector`).
     seed
         Random seed of the mixture's initialisation.
 
@@ -171,6 +177,8 @@ class GMMDetector(base.AnomalyDetector):
         protect: bool = True,
         flagged_weight: float = 0.1,
         adoption_persistence: int = 1000,
+        covariance_shrinkage: str | None = "oas",
+        refit_events: int | None = 2048,
         seed: int | None = None,
     ):
         self.n_components = n_components
@@ -183,6 +191,8 @@ class GMMDetector(base.AnomalyDetector):
         self.protect = protect
         self.flagged_weight = flagged_weight
         self.adoption_persistence = adoption_persistence
+        self.covariance_shrinkage = covariance_shrinkage
+        self.refit_events = refit_events
         self.seed = seed
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -259,6 +269,8 @@ class GMMDetector(base.AnomalyDetector):
             feature_names=[str(f) for f in self.features or []],
             random_state=self.seed,
             adoption_persistence=self.adoption_persistence,
+            covariance_shrinkage=self.covariance_shrinkage,
+            refit_events=self.refit_events,
         )
 
     # -- learning ----------------------------------------------------------------------------

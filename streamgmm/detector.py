@@ -129,7 +129,7 @@ __all__ = ["Detector", "DetectionResult"]
 logger = logging.getLogger(__name__)
 
 _STATE_KIND = "Detector"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the mixture state carries n_eff
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -274,6 +274,16 @@ class Detector:
         persistence requirement. ``shift_fraction=1`` turns the rule off.
     flagged_weight
         Weight of flagged events in the M-step when ``protect`` (0: not learned at all).
+    covariance_shrinkage
+        ``"oas"`` (default) shrinks full covariances towards their diagonals by as much as the
+        events behind each component leave uncertain (see
+        :class:`~streamgmm.mixture.OnlineGaussianMixture`); ``None`` for plain maximum
+        likelihood.
+    refit_events
+        While the stream is young, the mixture is refitted by batch EM (K chosen again) to all
+        events learned so far each time they have grown by half, up to this many events; the
+        threshold is recalibrated on the refitted model's cross-fitted scores of those events.
+        ``None``: the mixture is initialised once and learns online only.
     **engine_params
         Passed to :class:`~streamgmm.mixture.OnlineGaussianMixture` (e.g. ``max_components``,
         ``reg_covar``, ``step_exponent``, ``warmup_size``).
@@ -299,6 +309,8 @@ class Detector:
         flagged_weight: float = 0.0,
         shift_window: int | None = None,
         shift_fraction: float = 0.5,
+        covariance_shrinkage: str | None = "oas",
+        refit_events: int | None = 2048,
         **engine_params: Any,
     ):
         if int(warmup_events) < 2:
@@ -339,6 +351,8 @@ class Detector:
             n_components=n_components,
             covariance_type=covariance_type,
             min_step=self.forgetting,
+            covariance_shrinkage=covariance_shrinkage,
+            refit_size=refit_events,
             warmup_size=model_warmup,
             random_state=random_state,
             **self.engine_params,
@@ -437,6 +451,7 @@ class Detector:
         typical = np.full(n, np.nan)
         log_resp_best = np.full(n, np.nan)
         thr_before = self.threshold.threshold
+        refits_before = self.model.n_refits_
         params = None
 
         if not self.model.is_fitted:
@@ -478,6 +493,9 @@ class Detector:
         warming |= np.isnan(score)
         is_anomaly = self.threshold.update(score)
         is_anomaly &= ~warming
+        if self.model.n_refits_ != refits_before and self.model.held_out_log_likelihood_ is not None:
+            # all rows, the flagged ones too (leaving them out would truncate the tail)
+            self.threshold.rebase(-self.model.held_out_log_likelihood_)
         self.n_events_seen += n
 
         if self.protect and params is not None:
@@ -694,6 +712,7 @@ class Detector:
             clusters = OnlineGaussianMixture(
                 n_components="auto" if max_k > 1 else 1,
                 covariance_type=self.covariance_type,
+                covariance_shrinkage=self.model.covariance_shrinkage,
                 max_components=max_k,
                 n_init=1,
                 max_iter=50,
@@ -751,6 +770,8 @@ class Detector:
             "flagged_weight": self.flagged_weight,
             "shift_window": self.shift_window,
             "shift_fraction": self.shift_fraction,
+            "covariance_shrinkage": self.model.covariance_shrinkage,
+            "refit_events": self.model.refit_size,
             "warmup_size": self.model.warmup_size,
             **self.engine_params,
         }

@@ -55,7 +55,7 @@ __all__ = ["OnlineGaussianMixture"]
 log = logging.getLogger(__name__)
 
 _STATE_KIND = "OnlineGaussianMixture"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: n_eff (events behind the statistics)
 # score_samples remembers its last E-step for batches at least this large, so that scoring a
 # batch and then learning it (score_many then learn_many in River) runs the E-step once.
 _MEMO_MIN_ROWS = 256
@@ -93,6 +93,12 @@ class OnlineGaussianMixture:
         Number of components. ``"auto"`` chooses it on the warm-up buffer (or in ``fit``) by
         two-fold held-out likelihood, between 1 and ``max_components``.
     covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+    covariance_shrinkage : {None, "oas"}, default=None
+        ``"oas"`` shrinks each full (or tied) covariance towards its diagonal by the Oracle
+        Approximating Shrinkage rule, with the intensity set by the number of events behind
+        the component (:func:`~streamgmm._covariance.shrink_to_diagonal`): correlations that
+        few events support fade, and the shrinkage vanishes as events accrue. For many
+        features and few events. ``None`` keeps scikit-learn's maximum-likelihood estimate.
     reg_covar : float, default=1e-6
         Added to the covariances' diagonals, in units of each feature's variance on the data the
         model was initialised from (absolute units for features that were constant then). At
@@ -108,6 +114,13 @@ class OnlineGaussianMixture:
     warmup_size : int, optional
         Rows gathered by ``partial_fit`` before the model initialises itself. Defaults to
         ``max(500, 10 * K * d)`` with ``K`` the (maximum) number of components.
+    refit_size : int, optional
+        After initialising, keep the rows learned and refit the mixture to all of them by batch
+        EM (choosing K again) each time their number has grown by half, up to ``refit_size``
+        rows; then they are dropped and learning is purely online. A young stream thus gets the
+        batch fit of everything seen so far (which stepwise EM only approaches), with K growing
+        as the data supports it, at a bounded cost (the sizes grow geometrically) and memory
+        (``refit_size`` rows). ``None`` (default): initialise once.
     n_init : int, default=3
         Restarts (k-means++ seeding followed by batch EM) at initialisation; the best is kept.
     max_iter : int, default=100
@@ -125,6 +138,12 @@ class OnlineGaussianMixture:
     ----------
     weights_, means_, covariances_, precisions_cholesky_ : ndarray
         Fitted parameters, in scikit-learn's shapes.
+    n_refits_ : int
+        Refits since initialisation (see ``refit_size``).
+    held_out_log_likelihood_, held_out_sample_weight_ : ndarray or None
+        Two-fold cross-fitted log-likelihoods (each row scored by the half it was not fitted
+        on) and weights of the rows of the last initialisation or refit: honest scores of
+        data the model was fitted to, e.g. to recalibrate a threshold after a refit.
     n_events_learned_ : int
         Rows passed to ``fit``/``partial_fit`` since creation (including the warm-up rows).
     converged_, n_iter_, lower_bound_ :
@@ -154,11 +173,13 @@ class OnlineGaussianMixture:
         n_components: int | str = 3,
         *,
         covariance_type: str = "full",
+        covariance_shrinkage: str | None = None,
         reg_covar: float = 1e-6,
         step_exponent: float = 0.7,
         min_step: float = 0.0,
         batch_size: int = 256,
         warmup_size: int | None = None,
+        refit_size: int | None = None,
         n_init: int = 3,
         max_iter: int = 100,
         tol: float = 1e-3,
@@ -170,11 +191,13 @@ class OnlineGaussianMixture:
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
+        self.covariance_shrinkage = covariance_shrinkage
         self.reg_covar = reg_covar
         self.step_exponent = step_exponent
         self.min_step = min_step
         self.batch_size = batch_size
         self.warmup_size = warmup_size
+        self.refit_size = refit_size
         self.n_init = n_init
         self.max_iter = max_iter
         self.tol = tol
@@ -192,6 +215,11 @@ class OnlineGaussianMixture:
         self.lower_bound_ = -np.inf
         self._fitted = False
         self._steps = 0.0
+        self._n_eff = 0.0  # effective number of events behind the statistics (Kish)
+        self._next_refit = 0  # buffered rows at which to refit (0: no more refits)
+        self.n_refits_ = 0
+        self.held_out_log_likelihood_: np.ndarray | None = None
+        self.held_out_sample_weight_: np.ndarray | None = None
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self._memo: tuple[np.ndarray, np.ndarray] | None = None
@@ -208,6 +236,10 @@ class OnlineGaussianMixture:
             raise ValueError(
                 f"covariance_type must be one of {cv.COVARIANCE_TYPES}, "
                 f"got {self.covariance_type!r}"
+            )
+        if self.covariance_shrinkage not in (None, "oas"):
+            raise ValueError(
+                f"covariance_shrinkage must be None or 'oas', got {self.covariance_shrinkage!r}"
             )
         if not (self.reg_covar >= 0 and np.isfinite(self.reg_covar)):
             raise ValueError(f"reg_covar must be a finite number >= 0, got {self.reg_covar!r}")
@@ -311,8 +343,9 @@ class OnlineGaussianMixture:
         self._memo = None
         self.weights_ = self._weight_stat / self._weight_stat.sum()
         self.means_ = self._means + self._shift
+        counts = None if self.covariance_shrinkage is None else self.weights_ * self._n_eff
         self.covariances_ = cv.covariances_from_scatter(
-            self.covariance_type, self._scatter, self.weights_, self._reg
+            self.covariance_type, self._scatter, self.weights_, self._reg, counts
         )
         self.precisions_cholesky_ = cv.precision_cholesky(self.covariance_type, self.covariances_)
         self._log_weights = np.log(np.maximum(self.weights_, np.finfo(float).tiny))
@@ -423,13 +456,21 @@ class OnlineGaussianMixture:
         fallback = np.zeros((resp.shape[1], Xc.shape[1]))
         mass, means, scatter = cv.batch_statistics(self.covariance_type, Xc, resp, fallback)
         self._weight_stat = np.maximum(mass / mass.sum(), np.finfo(float).tiny)
+        self._n_eff = float(mass.sum())
         self._means = means
         self._scatter = scatter
         self._activity = np.ones(len(mass))
 
     def _kmeans_pp_resp(self, Xc: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
-        """Hard responsibilities from k-means++ seeding followed by a few Lloyd iterations."""
+        """Hard responsibilities from k-means++ seeding followed by a few Lloyd iterations.
+
+        Distances are measured on rows scaled to unit variance per feature, so that the seeding
+        (and with it the fitted mixture) does not depend on the features' units.
+        """
         n = len(Xc)
+        spread = Xc.std(axis=0)
+        scale = np.where(spread > 0, spread, 1.0)
+        Xc = Xc / scale
         p = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
         centers = [Xc[self._rng.choice(n, p=p)]]
         d2 = ((Xc - centers[0]) ** 2).sum(axis=1)
@@ -556,7 +597,11 @@ class OnlineGaussianMixture:
         folds = (order[: n // 2], order[n // 2 :])
         d = X.shape[1]
         max_k = max(1, min(self.max_components, n // 4))
-        while max_k > 1 and cv.n_parameters(self.covariance_type, max_k, d) > n // 2:
+        # Shrunk full covariances cost about as much data as diagonal ones.
+        counted = self.covariance_type
+        if self.covariance_shrinkage is not None and cv.is_matrix_type(counted):
+            counted = "diag"
+        while max_k > 1 and cv.n_parameters(counted, max_k, d) > n // 2:
             max_k -= 1
         best_k, best, falls, previous = 1, -np.inf, 0, -np.inf
         per_row: dict[int, np.ndarray] = {}
@@ -564,9 +609,7 @@ class OnlineGaussianMixture:
             held_out = 0.0
             per_row[k] = np.empty(n)
             for train, test in (folds, folds[::-1]):
-                self._initialise(X[train], w[train], k)
-                ll = cv.log_sum_exp(self._weighted_log_prob(X[test]))
-                per_row[k][test] = ll
+                per_row[k][test] = ll = self._held_out(X, w, k, train, test)
                 held_out += 0.5 * float(w[test] @ ll) / max(w[test].sum(), 1e-300)
             if held_out > best:
                 best_k, best = k, held_out
@@ -585,7 +628,15 @@ class OnlineGaussianMixture:
                 best_k = k
                 break
         log.info("n_components='auto' chose %d components by held-out likelihood", best_k)
+        self.held_out_log_likelihood_, self.held_out_sample_weight_ = per_row[best_k], w
         return best_k
+
+    def _held_out(
+        self, X: np.ndarray, w: np.ndarray, k: int, train: np.ndarray, test: np.ndarray
+    ) -> np.ndarray:
+        """Log-likelihoods of ``X[test]`` under ``k`` components fitted to ``X[train]``."""
+        self._initialise(X[train], w[train], k)
+        return cv.log_sum_exp(self._weighted_log_prob(X[test]))
 
     def _fit_batch(self, X: np.ndarray, w: np.ndarray) -> None:
         if self.n_components == "auto":
@@ -596,6 +647,13 @@ class OnlineGaussianMixture:
             raise ValueError(
                 f"need at least n_components={k} rows to initialise, got {len(X)}"
             )
+        if self.n_components != "auto" and self.refit_size is not None and len(X) >= 2 * k:
+            order = self._rng.permutation(len(X))
+            a, b = order[: len(X) // 2], order[len(X) // 2 :]
+            ll = np.empty(len(X))
+            ll[b] = self._held_out(X, w, k, a, b)
+            ll[a] = self._held_out(X, w, k, b, a)
+            self.held_out_log_likelihood_, self.held_out_sample_weight_ = ll, w
         self._initialise(X, w, k)
         self._steps = len(X) / self.batch_size
 
@@ -644,6 +702,8 @@ class OnlineGaussianMixture:
             step = np.minimum(step, mass / (mass + floor_points))
         self._means, self._scatter = cv.combine(step, self._means, self._scatter, means, scatter)
         self._weight_stat = (1.0 - gamma) * weights + gamma * share
+        # Kish's effective sample size of the exponentially weighted statistics
+        self._n_eff = 1.0 / ((1.0 - gamma) ** 2 / max(self._n_eff, 1e-300) + gamma**2 / wsum)
         rate = 1.0 - (1.0 - _ACTIVITY_RATE) ** (wsum / self.batch_size)
         self._activity = (1.0 - rate) * self._activity + rate * np.minimum(relative, 10.0)
         self._steps += wsum / self.batch_size
@@ -756,7 +816,33 @@ class OnlineGaussianMixture:
         w = None if sample_weight is None else self._validate_weights(sample_weight, n)
         self._learn(Xc, w, resp)
         self.n_events_learned_ += n
+        if self._next_refit:
+            self._gather_refit(X, np.ones(n) if w is None else w)
         return (ll, resp) if return_resp else ll
+
+    def _gather_refit(self, X: np.ndarray, w: np.ndarray) -> None:
+        """Keep learned rows; refit to all of them when their number reaches the next size."""
+        self._buffer.append(X.copy())
+        self._buffer_weights.append(w.copy())
+        buffered = sum(len(b) for b in self._buffer)
+        if buffered < self._next_refit:
+            return
+        data, weights = np.vstack(self._buffer), np.concatenate(self._buffer_weights)
+        if weights.sum() > 0:
+            self._fit_batch(data, weights)
+            self.n_refits_ += 1
+            log.debug("refitted %d components to %d rows", len(self.weights_), len(data))
+        self._plan_refits(data, weights)
+
+    def _plan_refits(self, data: np.ndarray, weights: np.ndarray) -> None:
+        """After a fit to ``data``: keep it and set the next refit size, or stop refitting."""
+        n, limit = len(data), self.refit_size
+        if limit is not None and n < limit:
+            self._buffer, self._buffer_weights = [data], [weights]
+            self._next_refit = min(max(n + n // 2, n + 1), int(limit))
+        else:
+            self._buffer, self._buffer_weights = [], []
+            self._next_refit = 0
 
     def _gather(self, X: np.ndarray, w: np.ndarray) -> None:
         if self.n_features_in_ is None and len(X):
@@ -770,7 +856,7 @@ class OnlineGaussianMixture:
             if weights.sum() <= 0:
                 return
             self._fit_batch(data, weights)
-            self._buffer, self._buffer_weights = [], []
+            self._plan_refits(data, weights)
             log.info(
                 "initialised %d components on a warm-up buffer of %d rows",
                 len(self.weights_),
@@ -941,6 +1027,7 @@ class OnlineGaussianMixture:
         merged._weight_stat = total / total.sum()
         merged._activity = np.ones(len(total))
         merged._steps = self._steps + other._steps
+        merged._n_eff = self._n_eff + other._n_eff
         merged.n_events_learned_ = self.n_events_learned_ + other.n_events_learned_
         merged._recentre()
         merged._update_parameters()
@@ -973,6 +1060,7 @@ class OnlineGaussianMixture:
         model.n_features_in_ = d
         model._shift = np.zeros(d)
         model._reg = np.zeros(d)
+        model._n_eff = 1e12  # given parameters are taken as exact: no shrinkage
         model._weight_stat = weights / weights.sum()
         model._activity = np.ones(k)
         model._means = means.copy()
@@ -994,11 +1082,13 @@ class OnlineGaussianMixture:
     _PARAMS = (
         "n_components",
         "covariance_type",
+        "covariance_shrinkage",
         "reg_covar",
         "step_exponent",
         "min_step",
         "batch_size",
         "warmup_size",
+        "refit_size",
         "n_init",
         "max_iter",
         "tol",
@@ -1033,6 +1123,9 @@ class OnlineGaussianMixture:
             "params": self.get_params(),
             "fitted": self._fitted,
             "steps": self._steps,
+            "n_eff": self._n_eff,
+            "next_refit": self._next_refit,
+            "n_refits": self.n_refits_,
             "n_events_learned": int(self.n_events_learned_),
             "n_features_in": self.n_features_in_,
             "converged": bool(self.converged_),
@@ -1051,6 +1144,10 @@ class OnlineGaussianMixture:
             model = cls(**meta["params"])
             model._fitted = bool(meta["fitted"])
             model._steps = float(meta["steps"])
+            # states of version 1 predate n_eff (every learned event counts) and refits
+            model._n_eff = float(meta.get("n_eff", meta["n_events_learned"]))
+            model._next_refit = int(meta.get("next_refit", 0))
+            model.n_refits_ = int(meta.get("n_refits", 0))
             model.n_events_learned_ = int(meta["n_events_learned"])
             model.n_features_in_ = meta["n_features_in"]
             model.converged_ = bool(meta["converged"])

@@ -263,6 +263,28 @@ class _ScoreScale:
         new = np.sort(values)
         self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
 
+    def rebase(self, scores: Any) -> None:
+        """Replace the recent scores by ``scores``: the scorer changed (a model was refitted).
+
+        Counters stay; a warm adaptive threshold is recalibrated on the new scores (cut at
+        its rejection level, so far anomalies among them do not count). Fewer than 10 finite
+        scores are ignored.
+        """
+        s = _as_scores(scores)
+        s = s[~np.isnan(s)][-self.window_size :]
+        if s.size < 10:
+            return
+        self._filled = 0
+        self._cursor = 0
+        self._sorted = np.empty(0, dtype=np.float64)
+        self._push(s)
+        if not self.warming_up:
+            self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        """Hook for :meth:`rebase` (the fixed threshold has nothing to recalibrate)."""
+        self.offset = float(np.median(self._sorted))
+
     @property
     def warming_up(self) -> bool:
         """True until a threshold exists; nothing is flagged meanwhile."""
@@ -525,6 +547,16 @@ class AdaptiveThreshold(_ScoreScale):
 
     def _tail_model(self) -> _Tail:
         return self._tail if self._tail is not None else super()._tail_model()
+
+    def _recalibrate(self) -> None:
+        # As in update: fit, then keep the scores up to the rejection level.
+        fit = self._fit(self._sorted, math.inf)
+        keep = self._sorted[self._sorted <= fit[2]]
+        self._filled = 0
+        self._cursor = 0
+        self._sorted = np.empty(0, dtype=np.float64)
+        self._push(keep)
+        self._set(*fit)
 
     def _initialise(self) -> None:
         """First threshold from the warm-up sample, robust to the anomalies it may hold."""

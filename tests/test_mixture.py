@@ -330,7 +330,7 @@ def test_corrupt_foreign_and_future_files_are_refused(tmp_path):
     (tmp_path / "truncated.npz").write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt|truncated"):
         OnlineGaussianMixture.load(tmp_path / "truncated.npz")
-    arrays, meta = read_state(path, "OnlineGaussianMixture", 1)
+    arrays, meta = read_state(path, "OnlineGaussianMixture", 2)
     meta.pop("version")
     write_state(tmp_path / "future.npz", "OnlineGaussianMixture", 99, arrays, meta)
     with pytest.raises(CheckpointError, match="newer"):
