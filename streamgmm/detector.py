@@ -493,7 +493,8 @@ class Detector:
         warming |= np.isnan(score)
         is_anomaly = self.threshold.update(score)
         is_anomaly &= ~warming
-        if self.model.n_refits_ != refits_before and self.model.held_out_log_likelihood_ is not None:
+        refitted = self.model.n_refits_ != refits_before
+        if refitted and self.model.held_out_log_likelihood_ is not None:
             # all rows, the flagged ones too (leaving them out would truncate the tail)
             self.threshold.rebase(-self.model.held_out_log_likelihood_)
         self.n_events_seen += n
