@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -178,7 +179,7 @@ class GMMDetector(base.AnomalyDetector):
         flagged_weight: float = 0.1,
         adoption_persistence: int = 1000,
         covariance_shrinkage: str | None = "oas",
-        refit_events: int | None = 2048,
+        refit_events: int | None = 512,
         seed: int | None = None,
     ):
         self.n_components = n_components
@@ -206,6 +207,10 @@ class GMMDetector(base.AnomalyDetector):
         self._fallback: dict[Any, list[float]] = {}
         self._fast: tuple[np.ndarray, ...] | None = None
         self._alarms = 0  # bit i: whether the (i+1)-th last score_one was above the threshold
+        self._last_x: dict | None = None  # the event score_one saw last, and its row
+        self._last_row: np.ndarray | None = None
+        self._last_complete: np.ndarray | None = None  # the last row _row found complete
+        self._batch_target = _MIN_BATCH  # learn_one flushes at this many buffered events
 
     @classmethod
     def _unit_test_params(cls):
@@ -230,12 +235,17 @@ class GMMDetector(base.AnomalyDetector):
         return out
 
     def _row(self, x: dict) -> np.ndarray:
+        if x is self._last_x:  # learn_one right after score_one of the same event
+            return self._last_row
         if len(x) == len(self._index):  # the usual case: exactly the known features
             try:
-                row = np.array([x[name] for name in self._index], dtype=np.float64)
+                row = np.array(self._getter(x), dtype=np.float64)
             except (KeyError, TypeError, ValueError):
                 pass
             else:
+                if math.isfinite(row.sum()):  # no NaN and no inf: the usual case
+                    self._last_complete = row
+                    return row
                 if not np.isinf(row).any():
                     return row
         row = np.full(len(self._index), np.nan)
@@ -255,6 +265,8 @@ class GMMDetector(base.AnomalyDetector):
     def _fix_features(self, names) -> None:
         self.features = sorted(names, key=lambda n: (str(type(n)), n))
         self._index = {name: j for j, name in enumerate(self.features)}
+        getter = operator.itemgetter(*self.features)
+        self._getter = getter if len(self.features) > 1 else (lambda x: (getter(x),))
 
     def _make_detector(self) -> Detector:
         return Detector(
@@ -284,7 +296,8 @@ class GMMDetector(base.AnomalyDetector):
         else:
             self._rows.append(self._row(x))
             size = len(self._rows)
-        if size >= self._current_batch_size() or self._in_alarm(size):
+        self._last_x = None
+        if size >= self._batch_target or self._in_alarm(size):
             self.flush()
 
     def _in_alarm(self, size: int) -> bool:
@@ -322,6 +335,7 @@ class GMMDetector(base.AnomalyDetector):
         if usable.any():
             self.detector.process(batch[usable])
         self._fast = None
+        self._batch_target = self._current_batch_size()
 
     def _fast_parts(self):
         """The mixture as one stacked whitening map: ``z = A x - b`` holds every component's
@@ -340,15 +354,19 @@ class GMMDetector(base.AnomalyDetector):
             )
             stacked = inv_chol.reshape(k * d, d)
             offset = np.einsum("kij,kj->ki", inv_chol, model.means_).reshape(k * d)
-            sums = np.kron(np.eye(k), np.ones(d))
-            self._fast = (stacked, offset, sums, log_const)
+            sums = np.kron(np.eye(k), np.ones(d)).T  # (k d, k): adds each component's squares
+            self._fast = (stacked, offset, sums, log_const.tolist())
         return self._fast
 
     def _score_complete_row(self, row: np.ndarray) -> float:
         """``-log p(x)`` of one complete row (same number as ``Detector.score_samples``)."""
         stacked, offset, sums, log_const = self._fast_parts()
         z = stacked @ row - offset
-        return -float(np.logaddexp.reduce(log_const - 0.5 * (sums @ (z * z))))
+        if len(log_const) == 1:
+            return 0.5 * float(z @ z) - log_const[0]
+        terms = [c - 0.5 * q for c, q in zip(log_const, (z * z) @ sums, strict=True)]
+        top = max(terms)
+        return -(top + math.log(sum(math.exp(t - top) for t in terms)))
 
     def learn_many(self, X) -> None:
         """Flush the buffer, then learn the rows of the DataFrame ``X`` as one batch."""
@@ -448,9 +466,9 @@ class GMMDetector(base.AnomalyDetector):
             assert self.detector is not None
             threshold = self.detector.threshold
             row = self._row(x)
+            self._last_x, self._last_row = x, row
             if threshold.n_events_seen >= 10:
-                total = float(row.sum())
-                if total == total:  # no NaN: the fast path
+                if row is self._last_complete:  # no NaN: the fast path
                     score = self._score_complete_row(row)
                 elif np.isnan(row).all():
                     return self._fallback_score(x)

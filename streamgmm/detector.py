@@ -310,7 +310,7 @@ class Detector:
         shift_window: int | None = None,
         shift_fraction: float = 0.5,
         covariance_shrinkage: str | None = "oas",
-        refit_events: int | None = 2048,
+        refit_events: int | None = 512,
         **engine_params: Any,
     ):
         if int(warmup_events) < 2:

@@ -350,12 +350,12 @@ class _ScoreScale:
         """:meth:`tail_probability` of one score, without array overhead (for per-event APIs)."""
         srt = self._sorted
         n = srt.size
-        if n < 10 or math.isnan(score):
+        if n < 10 or score != score:
             return math.nan
         tail = self._tail_model()
         if score > tail.t:
             return min(float(tail.survival(score)), 1.0)
-        above = n - int(np.searchsorted(srt, score, side="left"))
+        above = n - int(srt.searchsorted(score))
         return min((above + 1.0) / (n + 1.0), 1.0)
 
     def _tail_model(self) -> _Tail:
