@@ -17,8 +17,10 @@ Scores and scales (per event, :class:`DetectionResult`)
     ``typical_score`` (the expected score of an event from that component) and ``explain(i)``.
 
 Warm-up
-    The first ``warmup_events // 2`` complete events initialise the model (their scores are NaN,
-    their ``component`` -1); the next ``warmup_events - warmup_events // 2`` are scored and
+    The first ``warmup_events // 2`` complete events initialise the model (their ``component``
+    is -1 and their score the predictive ``-log p(x)`` under a diagonal Gaussian of the events
+    before them, :meth:`~streamgmm.mixture.OnlineGaussianMixture.warmup_score_samples`, so even
+    a stream shorter than the warm-up is ranked; NaN for the first two); the next ``warmup_events - warmup_events // 2`` are scored and
     calibrate the threshold. During both, nothing is flagged and ``warming_up`` is True.
 
 Missing features
@@ -454,8 +456,13 @@ class Detector:
         refits_before = self.model.n_refits_
         params = None
 
+        predictive = np.zeros(n, dtype=bool)
         if not self.model.is_fitted:
             if complete.any():
+                rows = np.flatnonzero(complete)
+                ll[rows] = self.model.warmup_score_samples(X[rows])
+                score[rows] = -ll[rows]
+                predictive[rows] = True
                 self.model.partial_fit(X[complete])
         else:
             params = (self.model.weights_, self.model.means_, self.model.covariances_)
@@ -490,8 +497,9 @@ class Detector:
             typical[scored] = self._typical_scores(component[scored], params, covs)
 
         warming = np.full(n, not math.isfinite(thr_before))
-        warming |= np.isnan(score)
-        is_anomaly = self.threshold.update(score)
+        warming |= np.isnan(score) | predictive
+        # warm-up predictive scores are of another model: kept out of the calibration
+        is_anomaly = self.threshold.update(np.where(predictive, np.nan, score))
         is_anomaly &= ~warming
         refitted = self.model.n_refits_ != refits_before
         if refitted and self.model.held_out_log_likelihood_ is not None:
@@ -516,7 +524,8 @@ class Detector:
                 log_likelihood_floor=-getattr(self.threshold, "rejection_level", math.inf),
             )
         else:
-            report = self.drift.update(ll, is_anomaly, decided=decided_mask)
+            report = self.drift.update(np.where(predictive, np.nan, ll), is_anomaly,
+                                       decided=decided_mask)
 
         thr = np.full(n, thr_before)
         a_score = np.full(n, np.nan)

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.special import gammaln
 
 from . import _covariance as cv
 from .checkpoint import read_state, write_state
@@ -386,6 +387,58 @@ class OnlineGaussianMixture:
         if len(X) >= _MEMO_MIN_ROWS:
             self._memo = (X.copy(), wlp)
         return cv.log_sum_exp(wlp)
+
+    def warmup_score_samples(self, X: Any) -> np.ndarray:
+        """Predictive log-density of rows while the model gathers its warm-up buffer.
+
+        Row ``i`` is scored under a Gaussian of unknown mean and variance per feature, fitted to
+        the ``n`` rows buffered so far *and the rows of* ``X`` *before it* (prequential within
+        the batch): each feature's predictive is a Student-t with ``n - 1`` degrees of freedom,
+        location the mean and scale ``s (1 + 1/n)^(1/2)`` (at least the feature's rounding
+        resolution), the features taken as independent. Wider than the plug-in Gaussian while
+        ``n`` is small, so the first rows of a stream get honest log-densities before the
+        mixture exists. NaN while fewer than two rows precede a row, and once the model is
+        fitted (use :meth:`score_samples`). Nothing is learned.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> m = OnlineGaussianMixture(2, warmup_size=100)
+        >>> ll = m.warmup_score_samples(np.vstack([np.random.default_rng(0).normal(size=(50, 2)),
+        ...                                        [[0.0, 0.0], [5.0, 5.0]]]))
+        >>> bool(np.isnan(ll[:2]).all() and ll[50] > ll[51] + 10)
+        True
+        """
+        X = self._validate_X(X)
+        out = np.full(len(X), np.nan)
+        if self._fitted or len(X) == 0:
+            return out
+        past = (np.vstack(self._buffer)[np.concatenate(self._buffer_weights) > 0]
+                if self._buffer else np.empty((0, X.shape[1])))
+        data = np.vstack([past, X])
+        centre = data[0]
+        c = data - centre
+        # statistics of the rows before each row of X: cumulative sums, centred for stability
+        n = np.arange(len(past), len(data), dtype=np.float64)[:, None]
+        s1 = np.cumsum(c, axis=0)[len(past) - 1 : -1] if len(past) else None
+        s2 = np.cumsum(c * c, axis=0)[len(past) - 1 : -1] if len(past) else None
+        zero = np.zeros((1, X.shape[1]))
+        if s1 is None:
+            s1 = np.vstack([zero, np.cumsum(c[:-1], axis=0)])
+            s2 = np.vstack([zero, np.cumsum(c[:-1] ** 2, axis=0)])
+        ok = n[:, 0] >= 2
+        if not ok.any():
+            return out
+        n, s1, s2, x = n[ok], s1[ok], s2[ok], c[len(past):][ok]
+        mean = s1 / n
+        var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1.0)
+        floor = np.maximum(_rounding_variance(data), 1e-12 * (1.0 + (mean + centre) ** 2))
+        nu = n - 1.0
+        scale2 = np.maximum(var, floor) * (1.0 + 1.0 / n)
+        const = gammaln((nu + 1.0) / 2.0) - gammaln(nu / 2.0) - 0.5 * np.log(nu * math.pi)
+        z2 = (x - mean) ** 2 / (nu * scale2)
+        out[ok] = (const - 0.5 * np.log(scale2) - 0.5 * (nu + 1.0) * np.log1p(z2)).sum(axis=1)
+        return out
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
         """The weighted log-probabilities of ``X`` if ``score_samples`` just computed them under
