@@ -21,7 +21,8 @@ Warm-up
     is -1 and their score the predictive ``-log p(x)`` under a diagonal Gaussian of the events
     before them, :meth:`~streamgmm.mixture.OnlineGaussianMixture.warmup_score_samples`, so even
     a stream shorter than the warm-up is ranked; NaN for the first two); the next
-    ``warmup_events - warmup_events // 2`` are scored by the mixture and calibrate the threshold. During both, nothing is flagged and ``warming_up`` is True.
+    ``warmup_events - warmup_events // 2`` are scored by the mixture and calibrate the
+    threshold. During both, nothing is flagged and ``warming_up`` is True.
 
 Missing features
     ``NaN`` marks a missing feature. Such an event is scored by the exact marginal density of its
