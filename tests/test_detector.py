@@ -190,3 +190,29 @@ def test_feature_count_must_not_change():
         det.process(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="feature_names"):
         Detector(feature_names=["a"]).process(np.zeros((1, 2)))
+
+
+def test_a_stream_shorter_than_the_warm_up_is_ranked_by_the_predictive():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    X = rng.normal([5.0, -3.0, 100.0], [1.0, 2.0, 10.0], (300, 3))
+    y = np.zeros(300, dtype=int)
+    y[[60, 120, 180, 240, 290]] = 1
+    X[y == 1] += [6.0, -10.0, 60.0]
+    det = Detector(warmup_events=1000, random_state=0)
+    results = [det.process(X[i : i + 50]) for i in range(0, 300, 50)]
+    score = np.concatenate([r.score for r in results])
+    assert np.concatenate([r.warming_up for r in results]).all()
+    assert not np.concatenate([r.is_anomaly for r in results]).any()
+    assert roc_auc_score(y[2:], score[2:]) > 0.99
+
+
+def test_refits_recalibrate_the_threshold_on_cross_fitted_scores():
+    X = _stream(3000, seed=5)
+    det = Detector(warmup_events=200, false_alarm_rate=0.01, random_state=0, refit_events=1000)
+    results = _warm(det, X, batch=50)
+    assert det.model.n_refits_ >= 3
+    flags = np.concatenate([r.is_anomaly for r in results])
+    decided = ~np.concatenate([r.warming_up for r in results])
+    assert 0.005 < flags[decided].mean() < 0.02

@@ -447,3 +447,90 @@ def test_awkward_inputs_keep_the_model_finite(
     assert np.isfinite(ll).all()
     # a fitted model ranks its own data above a far-away point
     assert ll.mean() > model.score_samples(X[:1] + 1e3 * scale)[0]
+
+
+# ----------------------------------------------------------------------------- few events, many features
+
+
+def _low_rank_stream(n: int, d: int, seed: int) -> np.ndarray:
+    """Correlated features: a 3-factor model plus noise, d features."""
+    rng = np.random.default_rng(seed)
+    loadings = rng.normal(size=(3, d))
+    return rng.normal(size=(n, 3)) @ loadings + 0.5 * rng.normal(size=(n, d))
+
+
+def test_oas_shrinkage_generalises_better_with_few_events_and_vanishes_with_many():
+    X = _low_rank_stream(2200, 40, seed=0)
+    train, test = X[:120], X[200:]
+    plain = OnlineGaussianMixture(1, random_state=0).fit(train)
+    shrunk = OnlineGaussianMixture(1, covariance_shrinkage="oas", random_state=0).fit(train)
+    assert shrunk.score(test) > plain.score(test) + 1.0  # nats per event, held out
+    many = X[:2000]
+    a = OnlineGaussianMixture(1, random_state=0).fit(many)
+    b = OnlineGaussianMixture(1, covariance_shrinkage="oas", random_state=0).fit(many)
+    assert abs(a.score(test) - b.score(test)) < 0.05
+
+
+def test_auto_counts_shrunk_covariances_as_diagonal_ones():
+    # 30 features, 3 modes, 420 rows: full covariances have too many parameters for K > 1 by
+    # the maximum-likelihood count, but shrunk ones are estimable and the modes are found.
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 4, (3, 30))
+    X = np.vstack([rng.normal(c, 1.0, (140, 30)) for c in centres])[rng.permutation(420)]
+    assert OnlineGaussianMixture("auto", random_state=0).fit(X).n_components_ == 1
+    shrunk = OnlineGaussianMixture("auto", covariance_shrinkage="oas", random_state=0).fit(X)
+    assert shrunk.n_components_ == 3
+
+
+def test_the_fit_does_not_depend_on_the_features_units():
+    X = random_mixture(3, 3, 4)(600)
+    scale = np.array([1e-4, 1.0, 1e3, 1e6])
+    a = OnlineGaussianMixture(3, random_state=0).fit(X)
+    b = OnlineGaussianMixture(3, random_state=0).fit(X * scale)
+    # the same partition, and log-likelihoods that differ by the Jacobian only
+    assert np.array_equal(a.predict(X), b.predict(X * scale))
+    shift = np.log(scale).sum()
+    assert np.allclose(a.score_samples(X), b.score_samples(X * scale) + shift, atol=1e-6)
+
+
+def test_refits_make_a_young_stream_the_batch_fit_of_everything_seen():
+    draw = random_mixture(4, 3, 2, separation=10.0)
+    X = draw(600)
+    model = OnlineGaussianMixture("auto", warmup_size=16, refit_size=400, random_state=0)
+    for batch in np.array_split(X[:16], 1):
+        model.partial_fit(batch)
+    early_k = model.n_components_
+    for batch in np.array_split(X[16:400], 24):
+        model.partial_fit(batch)
+    assert model.n_refits_ >= 4 and model.n_components_ == 3 and early_k < 3
+    batch_fit = OnlineGaussianMixture("auto", random_state=0).fit(X[:400])
+    assert abs(model.score(X[400:]) - batch_fit.score(X[400:])) < 0.05
+    assert model.held_out_log_likelihood_.shape == (400,)
+    # no more refits: the buffer is gone and learning is online
+    for batch in np.array_split(X[400:], 10):
+        model.partial_fit(batch)
+    refits = model.n_refits_
+    for batch in np.array_split(draw(200), 4):
+        model.partial_fit(batch)
+    assert model.n_refits_ == refits and model._buffer == []
+    plain = OnlineGaussianMixture("auto", warmup_size=16, random_state=0)
+    for batch in np.array_split(X[:400], 25):
+        plain.partial_fit(batch)
+    assert plain.n_refits_ == 0
+
+
+def test_warm_up_rows_are_scored_by_the_predictive_of_the_rows_before_them():
+    rng = np.random.default_rng(2)
+    X = rng.normal(10.0, 2.0, (60, 3))
+    model = OnlineGaussianMixture(1, warmup_size=100)
+    model.partial_fit(X[:40])
+    from scipy import stats
+
+    ll = model.warmup_score_samples(X[40:])
+    for i in (0, 7, 19):  # row 40 + i is scored by the 40 + i rows before it
+        past = X[: 40 + i]
+        n = len(past)
+        scale = past.std(axis=0, ddof=1) * np.sqrt(1 + 1 / n)
+        expected = stats.t.logpdf(X[40 + i], n - 1, past.mean(axis=0), scale).sum()
+        assert ll[i] == pytest.approx(expected, rel=1e-9)
+    assert np.isnan(OnlineGaussianMixture(1).warmup_score_samples(X[:2])).all()
