@@ -449,7 +449,7 @@ def test_awkward_inputs_keep_the_model_finite(
     assert ll.mean() > model.score_samples(X[:1] + 1e3 * scale)[0]
 
 
-# ----------------------------------------------------------------------------- few events, many features
+# ------------------------------------------------------------- few events, many features
 
 
 def _low_rank_stream(n: int, d: int, seed: int) -> np.ndarray:
