@@ -522,8 +522,9 @@ class BatchSink:
         (best effort) and :class:`KafkaUnavailable` is raised — rebuild the sink and retry. A
         batch with nothing to publish (the common case) commits its offsets with a plain,
         synchronous offset commit: atomic by itself, one round trip instead of a transaction's
-        three, and the only way that works with librdkafka on Tansu 0.6, which drops the offsets
-        of a transaction that holds no records.
+        three, and the only way that works on Tansu 0.6, which drops the offsets of a
+        transaction that holds no records (any but a producer's first, with either client;
+        ``tests/test_broker_differences.py`` shows it, and that Kafka keeps them).
 
         Raises
         ------
