@@ -340,14 +340,26 @@ class ApacheKafka:
         self._process.wait()
         self._process = None
 
-    def restart(self, down_seconds: float = 0.0, empty: bool = False,
+    def restart(self, down_seconds: float = 0.0, empty: bool = False, hard: bool = False,
                 timeout: float = 60.0) -> ApacheKafka:
         """Stop the broker, stay down ``down_seconds``, and start it again on the same ports.
 
-        With ``empty=True`` the log directory is wiped and formatted anew (a broker that comes
-        back without its data, like the embedded one after any restart).
+        Parameters
+        ----------
+        down_seconds
+            How long the broker stays away.
+        empty
+            Wipe the log directory and format it anew: a broker that comes back without its data
+            (like the embedded one after any restart).
+        hard
+            Crash (``SIGKILL``) instead of a controlled shutdown; the log is recovered on start.
+        timeout
+            Seconds the broker may take to serve metadata again.
         """
-        self.stop()
+        if hard:
+            self.kill()
+        else:
+            self.stop()
         if empty:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         time.sleep(down_seconds)  # the outage itself is what the caller asked for

@@ -197,8 +197,15 @@ def _client_error(what: str, exc: Exception) -> KafkaUnavailable:
 def ensure_topics(
     bootstrap_servers: str, topics: Iterable[str], partitions: int = 1, **client_options: Any
 ) -> None:
-    """Create the topics that do not exist yet (replication factor 1 on a single broker)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_options)
+    """Create the topics that do not exist yet (replication factor 1 on a single broker).
+
+    The admin client gets the daemon's short bootstrap timeout and reconnect backoff: with
+    kafka-python's defaults (30 s each) a daemon reconnecting to a restarting Kafka waited 30 s
+    for a broker that had been back for 25.
+    """
+    options = {key: CONSUMER_DEFAULTS[key] for key in
+               ("bootstrap_timeout_ms", "reconnect_backoff_max_ms", "request_timeout_ms")}
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **{**options, **client_options})
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t not in existing]
