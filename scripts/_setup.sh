@@ -39,7 +39,9 @@ if [[ "${NEED_PROMETHEUS:-0}" == 1 ]]; then
         openjdk-17-jre-headless maven >/dev/null) || echo "warning: could not install Java/Maven"
     fi
   fi
-  if ! jars=$("$PY" -m streamgmm.apache_kafka resolve); then
+  # The tests' broker (the POM's version) and the compose stack's (its apache/kafka image tag).
+  compose_kafka=$(sed -n 's|^ *image: apache/kafka:||p' docker/compose.yml | head -1)
+  if ! jars=$("$PY" -m streamgmm.apache_kafka resolve "" $compose_kafka); then
     if [[ "${CI:-}" == true ]]; then
       echo "error: the Apache Kafka test broker is required in CI and its jars could not be resolved" >&2
       exit 1

@@ -104,15 +104,19 @@ def _java() -> str:
     return java
 
 
-def resolve_jars(cache_dir: str | os.PathLike | None = None, timeout: float = 600.0) -> Path:
+def resolve_jars(cache_dir: str | os.PathLike | None = None, version: str | None = None,
+                 timeout: float = 600.0) -> Path:
     """Folder holding every jar of the broker, resolved by Maven on first use.
 
-    The folder is reused while the POM is unchanged (a stamp file holds the POM's hash).
+    The folder is reused while the POM and the version are unchanged (a stamp file marks a
+    complete resolution).
 
     Parameters
     ----------
     cache_dir
-        Parent folder of the jar folder; :func:`default_cache_dir` by default.
+        Parent folder of the jar folders; :func:`default_cache_dir` by default.
+    version
+        Kafka version (``"3.9.0"``); the POM's ``kafka.version`` by default.
     timeout
         Seconds Maven may take (the first resolution downloads ~45 MB).
 
@@ -121,9 +125,9 @@ def resolve_jars(cache_dir: str | os.PathLike | None = None, timeout: float = 60
     BrokerError
         If Maven is missing or fails (its output is in the message).
     """
-    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(POM.read_bytes() + (version or "").encode()).hexdigest()[:12]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    jars = folder / f"jars-{digest}"
+    jars = folder / f"jars-{version or 'default'}-{digest}"
     stamp = jars / ".resolved"
     if stamp.exists():
         return jars
@@ -135,6 +139,8 @@ def resolve_jars(cache_dir: str | os.PathLike | None = None, timeout: float = 60
     partial = Path(tempfile.mkdtemp(prefix="jars-", dir=_mkdir(folder)))
     command = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
                f"-DoutputDirectory={partial}", "-DincludeScope=runtime"]
+    if version:
+        command.append(f"-Dkafka.version={version}")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -176,6 +182,16 @@ class ApacheKafka:
         a deployment's ``KAFKA_*`` environment).
     host
         The interface to listen on and advertise.
+    jars
+        Folder of the broker's jars; :func:`resolve_jars` (for ``version``) by default.
+    version
+        Kafka version to resolve; the POM's by default.
+    base
+        The settings ``properties`` extend; :data:`BASE_PROPERTIES` by default, ``{}`` to run
+        exactly the given ``properties`` (listeners, ports and ``log.dirs`` are still added
+        unless ``properties`` sets them).
+    cluster_id
+        The id the log directory is formatted with; a random one by default.
 
     Attributes
     ----------
@@ -195,7 +211,13 @@ class ApacheKafka:
         properties: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         jars: str | os.PathLike | None = None,
+        version: str | None = None,
+        base: Mapping[str, str] = BASE_PROPERTIES,
+        cluster_id: str | None = None,
     ) -> None:
+        self.version = version
+        self.base = dict(base)
+        self.cluster_id = cluster_id
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(
             tempfile.mkdtemp(prefix="apache-kafka-"))
@@ -221,12 +243,13 @@ class ApacheKafka:
 
     def properties(self) -> dict[str, str]:
         """The complete ``server.properties`` this broker runs with."""
-        props = dict(BASE_PROPERTIES)
+        props = dict(self.base)
+        node = props.get("node.id", self.extra_properties.get("node.id", "1"))
         props.update({
             "listeners": f"PLAINTEXT://{self.host}:{self.port},"
                          f"CONTROLLER://{self.host}:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
-            "controller.quorum.voters": f"{props['node.id']}@{self.host}:{self.controller_port}",
+            "controller.quorum.voters": f"{node}@{self.host}:{self.controller_port}",
             "log.dirs": str(self.log_dir),
         })
         props.update(self.extra_properties)
@@ -239,8 +262,9 @@ class ApacheKafka:
         (self.workdir / "log4j2.properties").write_text(_LOG4J2)
         return config
 
-    def _java_command(self, main: str, *args: str) -> list[str]:
-        jars = self._jars if self._jars is not None else resolve_jars()
+    def java_command(self, main: str, *args: str) -> list[str]:
+        """``java … main args`` on the broker's class path (``org.apache.kafka.tools.…``)."""
+        jars = self._jars if self._jars is not None else resolve_jars(version=self.version)
         return [_java(), *_JVM_OPTIONS,
                 f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
                 "-cp", f"{jars}{os.sep}*", main, *args]
@@ -248,9 +272,9 @@ class ApacheKafka:
     def _format(self, config: Path) -> None:
         if (self.log_dir / "meta.properties").exists():
             return
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cid = self.cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         done = subprocess.run(
-            self._java_command("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(config)),
+            self.java_command("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(config)),
             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise BrokerError(f"formatting the Kafka log directory {self.log_dir} failed:\n"
@@ -282,7 +306,7 @@ class ApacheKafka:
         self._format(config)
         with open(self.log_path, "ab") as out:
             self._process = subprocess.Popen(
-                self._java_command("kafka.Kafka", str(config)), stdout=out,
+                self.java_command("kafka.Kafka", str(config)), stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self._serves_metadata():
@@ -383,17 +407,20 @@ class ApacheKafka:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamgmm.apache_kafka resolve``: resolve the jars (for set-up scripts)."""
+    """``python -m streamgmm.apache_kafka resolve [VERSION…]``: resolve jars (for set-up scripts).
+
+    Prints each jar folder; without a version, the POM's.
+    """
     args = sys.argv[1:] if argv is None else argv
-    if args != ["resolve"]:
-        sys.stderr.write("usage: python -m streamgmm.apache_kafka resolve\n")
+    if not args or args[0] != "resolve":
+        sys.stderr.write("usage: python -m streamgmm.apache_kafka resolve [VERSION ...]\n")
         return 2
     try:
-        jars = resolve_jars()
+        for version in args[1:] or [None]:
+            sys.stdout.write(f"{resolve_jars(version=version)}\n")
     except BrokerError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    sys.stdout.write(f"{jars}\n")
     return 0
 
 

@@ -36,16 +36,17 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
 
 
-def start_broker(kind: str, workdir, port: int | None = None):
+def start_broker(kind: str, workdir, port: int | None = None, **options):
     """Start a broker of ``kind`` (``"tansu"`` or ``"apache"``) whose files go to ``workdir``.
 
-    An Apache Kafka that cannot start (no Java, no jars) skips the test, or fails it under
-    ``CI=true``, where every broker must run.
+    ``options`` go to :class:`~streamgmm.apache_kafka.ApacheKafka`. An Apache Kafka that cannot
+    start (no Java, no jars) skips the test, or fails it under ``CI=true``, where every broker
+    must run.
     """
     if kind == "tansu":
         return EmbeddedBroker(port=port, log_path=workdir / "broker.log").start()
     try:
-        return ApacheKafka(workdir=workdir, port=port).start()
+        return ApacheKafka(workdir=workdir, port=port, **options).start()
     except BrokerError as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"Apache Kafka must run in CI: {exc}", pytrace=False)
