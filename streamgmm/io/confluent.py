@@ -8,8 +8,8 @@ selects :mod:`streamgmm.io.kafka` instead.
 
 What stays on kafka-python whatever the backend: creating topics, reading first and end offsets
 (:class:`streamgmm.io.kafka.OffsetsReader`) and reading back the output topics on recovery
-(:func:`streamgmm.io.kafka.read_published_sources`); all rare, none needs speed, and Tansu answers
-librdkafka's watermark query wrongly.
+(:func:`streamgmm.io.kafka.read_published_sources`); all rare and none needs speed. (Tansu's end
+offsets are wrong for either client; see :class:`~streamgmm.io.kafka.OffsetsReader`.)
 
 Settings: the ``[kafka]`` security keys are translated to librdkafka's names
 (:func:`librdkafka_security`); anything else goes under ``[kafka.librdkafka]`` with librdkafka's

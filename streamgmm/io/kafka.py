@@ -221,9 +221,11 @@ def ensure_topics(
 class OffsetsReader:
     """First and end offsets of partitions, read by a kafka-python client at ``read_uncommitted``.
 
-    Both backends use it. Tansu 0.6 reports a last stable offset (what ``read_committed``
-    clients get) below committed data, and its answer to librdkafka's watermark query is wrong
-    too; kafka-python at ``read_uncommitted`` gets the high watermark right.
+    Both backends use it. On Tansu 0.6 no end offset from ListOffsets is right once a batch
+    holds several records — it answers the last batch's base offset + 1, to kafka-python as to
+    librdkafka (``tests/test_broker_differences.py``) — so the daemon uses these ends only where
+    too low is harmless: as the start of the read-back (which then reads a little more). On
+    Apache Kafka every client's answer is right.
 
     Raises
     ------
