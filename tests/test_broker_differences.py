@@ -268,3 +268,24 @@ def test_data_survives_a_broker_restart_only_on_apache_kafka(tmp_path):
             assert time.monotonic() - started < 10
         finally:
             broker.kill()
+
+
+def test_the_kip848_consumer_protocol_assigns_partitions(kafka_broker):
+    """``group.protocol=consumer`` (KIP-848): Kafka assigns in about a second, Tansu never.
+
+    Tansu answers with no error and no assignment, so a client configured for the new protocol
+    silently consumes nothing there. The daemon uses the classic protocol on both.
+    """
+    bootstrap, topic = kafka_broker.bootstrap_servers, unique_name("kip848")
+    ensure_topics(bootstrap, [topic], partitions=2)
+    consumer = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("g"),
+                            "group.protocol": "consumer"})
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + (20 if kafka_broker.kind == "apache" else 6)
+        while not consumer.assignment() and time.monotonic() < deadline:
+            consumer.poll(0.2)
+        assigned = {tp.partition for tp in consumer.assignment()}
+    finally:
+        consumer.close()
+    assert assigned == ({0, 1} if kafka_broker.kind == "apache" else set())
