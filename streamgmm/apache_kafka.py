@@ -161,6 +161,18 @@ def resolve_jars(cache_dir: str | os.PathLike | None = None, version: str | None
     return jars
 
 
+def _random_cluster_id() -> str:
+    """A cluster id as ``kafka-storage random-uuid`` makes one, without starting a JVM.
+
+    Base64url of 16 random bytes; like Kafka's ``Uuid.randomUuid`` it never starts with ``-``
+    (a command line would take it for an option).
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -272,9 +284,10 @@ class ApacheKafka:
     def _format(self, config: Path) -> None:
         if (self.log_dir / "meta.properties").exists():
             return
-        cid = self.cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cid = self.cluster_id or _random_cluster_id()
         done = subprocess.run(
-            self.java_command("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(config)),
+            self.java_command("kafka.tools.StorageTool", "format", f"--cluster-id={cid}",
+                              f"--config={config}"),
             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise BrokerError(f"formatting the Kafka log directory {self.log_dir} failed:\n"
