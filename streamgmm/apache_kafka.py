@@ -276,8 +276,9 @@ class ApacheKafka:
 
     def java_command(self, main: str, *args: str) -> list[str]:
         """``java … main args`` on the broker's class path (``org.apache.kafka.tools.…``)."""
+        java = _java()  # first: no Java, no need to resolve jars
         jars = self._jars if self._jars is not None else resolve_jars(version=self.version)
-        return [_java(), *_JVM_OPTIONS,
+        return [java, *_JVM_OPTIONS,
                 f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
                 "-cp", f"{jars}{os.sep}*", main, *args]
 
