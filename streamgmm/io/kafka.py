@@ -86,6 +86,12 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "max_block_ms": 15000,
     "bootstrap_timeout_ms": 5000,
     "reconnect_backoff_max_ms": 2000,
+    # Kafka's transaction coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
+    # previous transaction's markers; the client retries after retry_backoff_ms (100 ms by
+    # default; Kafka's Java client retries that one after 20 ms). Measured on Apache Kafka 4.4.0
+    # (records + offsets per transaction): 121 ms per transaction at 100 ms, 24 ms at 10 ms.
+    # Reconnecting to a lost broker keeps its own backoff (reconnect_backoff_max_ms).
+    "retry_backoff_ms": 10,
 }
 
 # Kafka Connect and Spring Kafka dead-letter header names.
