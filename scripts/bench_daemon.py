@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""The daemon against its ceiling, its latency and its memory, in one run, on the embedded broker.
+"""The daemon against its ceiling, its latency and its memory, in one run, on each broker.
+
+Everything below is measured on the embedded broker (Tansu) and then on a real Apache Kafka 4.4.0
+(KRaft, single node, from Maven Central: ``streamgmm.apache_kafka``), one after the other in the
+same run (``--brokers``); the table has a column per broker.
 
 1. **Ceiling**: consume the input topic with kafka-python alone (manual assignment, no group, no
    output) and decode every record with orjson — nothing else. Several client settings are tried
@@ -175,6 +179,20 @@ def daemon_run(bootstrap: str, topic: str, n: int, max_records: int, workdir: st
     return (n1 - n0) / (t1 - t0), daemon.stats
 
 
+BROKER_NAMES = {"tansu": "embedded broker (Tansu 0.6)", "apache": "Apache Kafka 4.4.0"}
+
+
+def start_broker(kind: str, workdir: str):
+    """The embedded broker, or a real Apache Kafka (KRaft, from Maven Central), on loopback."""
+    from streamgmm.apache_kafka import ApacheKafka
+    from streamgmm.embedded import EmbeddedBroker
+
+    os.makedirs(workdir, exist_ok=True)
+    if kind == "tansu":
+        return EmbeddedBroker(log_path=os.path.join(workdir, "broker.log"))
+    return ApacheKafka(workdir=workdir)
+
+
 #: librdkafka settings of the latency reader: short fetch waits, so that the reader adds little.
 READER_OPTIONS = {"fetch.wait.max.ms": 10}
 
@@ -279,6 +297,61 @@ def latency_and_memory(bootstrap: str, workdir: str, rate: float, duration: floa
     }
 
 
+def measure(bs: str, args, sizes: list[int], backends: list[str], workdir: str) -> dict:
+    """Ceiling, daemon throughput and (unless skipped) the paced run on the broker at ``bs``."""
+    results: dict = {"events": args.events}
+    produce(bs, "bench", args.events)
+    print("ceiling: kafka-python consume + orjson decode, manual assignment", flush=True)
+    ceil, settings = best_ceiling(bs, "bench", args.events)
+    results["ceiling_per_s"], results["ceiling_settings"] = ceil, settings
+    results["json_stdlib_per_s"] = ceiling(bs, "bench", args.events, json.loads, **settings)
+    results["no_crc_check_per_s"] = ceiling(bs, "bench", args.events, check_crcs=False,
+                                            **settings)
+    print(f"ceiling {ceil:,.0f}/s ({settings or 'defaults'}); with json instead of orjson "
+          f"{results['json_stdlib_per_s']:,.0f}/s; without CRC checks (the daemon keeps "
+          f"them) {results['no_crc_check_per_s']:,.0f}/s", flush=True)
+    backends = args.backends.split(",")
+    if "confluent-kafka" in backends:
+        results["librdkafka_ceiling_per_s"] = librdkafka_ceiling(bs, "bench", args.events)
+        print(f"confluent-kafka consume + orjson decode (the fast backend's own ceiling): "
+              f"{results['librdkafka_ceiling_per_s']:,.0f}/s", flush=True)
+    # Ceiling and daemon runs take turns, best of --repeat each: on a shared machine a
+    # neighbour's load then hits both sides alike.
+    for round_ in range(args.repeat):
+        if round_:
+            ceil = max(ceil, ceiling(bs, "bench", args.events, **settings))
+            print(f"  ceiling again: best {ceil:,.0f}/s", flush=True)
+        for backend in backends:
+            for size in sizes:
+                rate, stats = daemon_run(bs, "bench", args.events, size, workdir, backend,
+                                         f"-{round_}")
+                key = f"daemon_per_s_{backend}_batch_{size}"
+                results[key] = max(rate, results.get(key, 0.0))
+                print(f"  daemon ({backend}, exactly-once, max_records={size}): "
+                      f"{rate:,.0f}/s; {stats.anomalies} anomalies, {stats.batches} batches",
+                      flush=True)
+    results["ceiling_per_s"] = ceil
+    for backend in backends:
+        for size in sizes:
+            rate = results[f"daemon_per_s_{backend}_batch_{size}"]
+            print(f"daemon ({backend}, exactly-once, max_records={size}), best of "
+                  f"{args.repeat}: {rate:,.0f}/s = {rate / ceil:.0%} of the ceiling "
+                  f"({ceil:,.0f}/s)")
+    if not args.skip_latency:
+        print(f"paced run: {args.rate:,.0f} events/s for {args.duration:g} s through "
+              "`streamgmm run`", flush=True)
+        lat = latency_and_memory(bs, workdir, args.rate, args.duration, args.warmup,
+                                 args.rss_interval)
+        results["paced"] = lat
+        lat.pop("_latencies")
+        print(f"latency produce→anomaly (read_committed), {lat['latency_samples']} anomalies: "
+              f"p50 {lat['latency_p50_ms']:.0f} ms, p99 {lat['latency_p99_ms']:.0f} ms, "
+              f"max {lat['latency_max_ms']:.0f} ms; daemon RSS {lat['rss_start_mib']:.0f} → "
+              f"{lat['rss_end_mib']:.0f} MiB (max {lat['rss_max_mib']:.0f}); samples "
+              f"{lat['rss_samples_mib']}", flush=True)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,97 +372,69 @@ def main() -> int:
                         help="daemon Kafka backends to measure (default: %(default)s); the "
                              "paced run uses the configured default backend")
     parser.add_argument("--skip-latency", action="store_true", help="throughput only")
+    parser.add_argument("--brokers", default="tansu,apache",
+                        help="brokers to measure on, one after the other (default: %(default)s)")
     args = parser.parse_args()
     from streamgmm.config import BatchConfig
-    from streamgmm.embedded import EmbeddedBroker
 
     default_batch = BatchConfig().max_records
     sizes = sorted({int(s) for s in args.batch_sizes.split(",")} | {default_batch})
     workdir = tempfile.mkdtemp(prefix="bench-daemon-")
-    results: dict = {"events": args.events}
-    with EmbeddedBroker(log_path=os.path.join(workdir, "broker.log")) as broker:
-        bs = broker.bootstrap_servers
-        produce(bs, "bench", args.events)
-        print("ceiling: kafka-python consume + orjson decode, manual assignment", flush=True)
-        ceil, settings = best_ceiling(bs, "bench", args.events)
-        results["ceiling_per_s"], results["ceiling_settings"] = ceil, settings
-        results["json_stdlib_per_s"] = ceiling(bs, "bench", args.events, json.loads, **settings)
-        results["no_crc_check_per_s"] = ceiling(bs, "bench", args.events, check_crcs=False,
-                                                **settings)
-        print(f"ceiling {ceil:,.0f}/s ({settings or 'defaults'}); with json instead of orjson "
-              f"{results['json_stdlib_per_s']:,.0f}/s; without CRC checks (the daemon keeps "
-              f"them) {results['no_crc_check_per_s']:,.0f}/s", flush=True)
-        backends = args.backends.split(",")
-        if "confluent-kafka" in backends:
-            results["librdkafka_ceiling_per_s"] = librdkafka_ceiling(bs, "bench", args.events)
-            print(f"confluent-kafka consume + orjson decode (the fast backend's own ceiling): "
-                  f"{results['librdkafka_ceiling_per_s']:,.0f}/s", flush=True)
-        # Ceiling and daemon runs take turns, best of --repeat each: on a shared machine a
-        # neighbour's load then hits both sides alike.
-        for round_ in range(args.repeat):
-            if round_:
-                ceil = max(ceil, ceiling(bs, "bench", args.events, **settings))
-                print(f"  ceiling again: best {ceil:,.0f}/s", flush=True)
-            for backend in backends:
-                for size in sizes:
-                    rate, stats = daemon_run(bs, "bench", args.events, size, workdir, backend,
-                                             f"-{round_}")
-                    key = f"daemon_per_s_{backend}_batch_{size}"
-                    results[key] = max(rate, results.get(key, 0.0))
-                    print(f"  daemon ({backend}, exactly-once, max_records={size}): "
-                          f"{rate:,.0f}/s; {stats.anomalies} anomalies, {stats.batches} batches",
-                          flush=True)
-        results["ceiling_per_s"] = ceil
-        for backend in backends:
-            for size in sizes:
-                rate = results[f"daemon_per_s_{backend}_batch_{size}"]
-                print(f"daemon ({backend}, exactly-once, max_records={size}), best of "
-                      f"{args.repeat}: {rate:,.0f}/s = {rate / ceil:.0%} of the ceiling "
-                      f"({ceil:,.0f}/s)")
-        if not args.skip_latency:
-            print(f"paced run: {args.rate:,.0f} events/s for {args.duration:g} s through "
-                  "`streamgmm run`", flush=True)
-            lat = latency_and_memory(bs, workdir, args.rate, args.duration, args.warmup,
-                                     args.rss_interval)
-            results["paced"] = lat
-            lat.pop("_latencies")
-            print(f"latency produce→anomaly (read_committed), {lat['latency_samples']} anomalies: "
-                  f"p50 {lat['latency_p50_ms']:.0f} ms, p99 {lat['latency_p99_ms']:.0f} ms, "
-                  f"max {lat['latency_max_ms']:.0f} ms; daemon RSS {lat['rss_start_mib']:.0f} → "
-                  f"{lat['rss_end_mib']:.0f} MiB (max {lat['rss_max_mib']:.0f}); samples "
-                  f"{lat['rss_samples_mib']}", flush=True)
+    backends = args.backends.split(",")
+    brokers = args.brokers.split(",")
+    results: dict = {"events": args.events, "brokers": {}}
+    for kind in brokers:
+        print(f"== broker: {BROKER_NAMES[kind]}", flush=True)
+        with start_broker(kind, os.path.join(workdir, kind)) as broker:
+            results["brokers"][kind] = measure(broker.bootstrap_servers, args, sizes, backends,
+                                               os.path.join(workdir, kind))
     from streamgmm.config import KafkaConfig
 
     default_backend = KafkaConfig().backend
-    best_backend = max(backends, key=lambda b: results[f"daemon_per_s_{b}_batch_{default_batch}"])
-    for backend in backends:
-        ratio = results[f"daemon_per_s_{backend}_batch_{default_batch}"] / ceil
-        results[f"ratio_{backend}"] = ratio
-        print(f"\ngoal (daemon at the default max_records={default_batch} >= 80% of the "
-              f"ceiling), {backend} backend: {ratio:.0%} — {'met' if ratio >= 0.8 else 'NOT met'}")
-    print(f"fastest backend: {best_backend}; the configured default: {default_backend}\n")
-    print("| measured on the embedded broker (Tansu), 2 shared cores | value |")
-    print("|---|---|")
-    print(f"| ceiling: kafka-python consume + orjson decode | {ceil:,.0f} events/s |")
-    if "librdkafka_ceiling_per_s" in results:
-        print(f"| confluent-kafka consume + orjson decode | "
-              f"{results['librdkafka_ceiling_per_s']:,.0f} events/s |")
-    for backend in backends:
-        for size in sizes:
-            r = results[f"daemon_per_s_{backend}_batch_{size}"]
-            default = " (default)" if size == default_batch else ""
-            print(f"| daemon, {backend}, exactly-once, `max_records = {size}`{default} | "
-                  f"{r:,.0f} events/s ({r / ceil:.0%} of the ceiling) |")
-    if "paced" in results:
-        lat = results["paced"]
-        print(f"| latency produce → anomaly (read_committed), at {lat['rate']:,.0f} events/s | "
-              f"p50 {lat['latency_p50_ms']:.0f} ms, p99 {lat['latency_p99_ms']:.0f} ms |")
-        print(f"| daemon RSS over {lat['duration_s']:g} s ({lat['events']:,} events) | "
-              f"{lat['rss_start_mib']:.0f} MiB after warm-up → {lat['rss_end_mib']:.0f} MiB "
-              "at the end |")
+    for kind, found in results["brokers"].items():
+        ceil = found["ceiling_per_s"]
+        for backend in backends:
+            ratio = found[f"daemon_per_s_{backend}_batch_{default_batch}"] / ceil
+            found[f"ratio_{backend}"] = ratio
+            print(f"\n{BROKER_NAMES[kind]}: goal (daemon at the default max_records="
+                  f"{default_batch} >= 80% of the ceiling), {backend} backend: {ratio:.0%} — "
+                  f"{'met' if ratio >= 0.8 else 'NOT met'}")
+    print(f"the configured default backend: {default_backend}\n")
+    print_table(results["brokers"], backends, sizes, default_batch)
     print()
     print(json.dumps(results))
     return 0
+
+
+def print_table(by_broker: dict, backends: list[str], sizes: list[int], default_batch: int
+                ) -> None:
+    """The README's table: one column per broker, measured in the same run."""
+    kinds = list(by_broker)
+    print("| measured on 2 shared cores, same run | "
+          + " | ".join(BROKER_NAMES[k] for k in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+
+    def row(label, cell):
+        print(f"| {label} | " + " | ".join(cell(by_broker[k]) for k in kinds) + " |")
+
+    row("ceiling: kafka-python consume + orjson decode",
+        lambda r: f"{r['ceiling_per_s']:,.0f} events/s")
+    if all("librdkafka_ceiling_per_s" in r for r in by_broker.values()):
+        row("confluent-kafka consume + orjson decode",
+            lambda r: f"{r['librdkafka_ceiling_per_s']:,.0f} events/s")
+    for backend in backends:
+        for size in sizes:
+            key = f"daemon_per_s_{backend}_batch_{size}"
+            default = " (default)" if size == default_batch else ""
+            row(f"daemon, {backend}, exactly-once, `max_records = {size}`{default}",
+                lambda r, key=key: f"{r[key]:,.0f} events/s ({r[key] / r['ceiling_per_s']:.0%})")
+    if all("paced" in r for r in by_broker.values()):
+        lat = next(iter(by_broker.values()))["paced"]
+        row(f"latency produce → anomaly (read_committed), at {lat['rate']:,.0f} events/s",
+            lambda r: f"p50 {r['paced']['latency_p50_ms']:.0f} ms, "
+                      f"p99 {r['paced']['latency_p99_ms']:.0f} ms")
+        row(f"daemon RSS over {lat['duration_s']:g} s ({lat['events']:,} events)",
+            lambda r: f"{r['paced']['rss_start_mib']:.0f} → {r['paced']['rss_end_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,11 @@ class EmbeddedBroker:
         ``"host:port"``, what Kafka clients take as ``bootstrap_servers``.
     pid : int or None
         Process id of the running broker.
+    kind : str
+        ``"tansu"`` (:class:`streamgmm.apache_kafka.ApacheKafka` says ``"apache"``).
     """
+
+    kind = "tansu"
 
     def __init__(
         self,

@@ -1,9 +1,17 @@
-"""Shared fixtures: one embedded Kafka-protocol broker (Tansu) for the whole test session.
+"""Shared fixtures: two real Kafka-protocol brokers, each started once for the whole session.
 
-The broker is started lazily, by the first test that asks for it, on a free loopback port, and
-killed with ``SIGKILL`` when the session ends (Tansu ignores ``SIGTERM`` for several seconds and
-keeps nothing on disk). Tests isolate themselves with unique topic and group names
-(:func:`unique_name`), not with separate brokers.
+Every test that takes ``bootstrap`` (or ``kafka_broker``) runs twice, once on each broker, and its
+id names the broker (``[tansu-…]``, ``[apache-…]``):
+
+* ``tansu`` — the embedded broker (:mod:`streamgmm.embedded`), in memory, killed with ``SIGKILL``
+  when the session ends (it ignores ``SIGTERM`` for seconds and keeps nothing on disk);
+* ``apache`` — a real single-node Apache Kafka in KRaft mode (:mod:`streamgmm.apache_kafka`), the
+  broker users run. Without Java or its jars its tests are skipped, except under ``CI=true``,
+  where that is a failure.
+
+Each broker is started lazily, by the first test that asks for it, on free loopback ports. Tests
+isolate themselves with unique topic and group names (:func:`unique_name`), not with separate
+brokers; a test that stops or restarts a broker starts its own with :func:`start_broker`.
 """
 
 from __future__ import annotations
@@ -14,9 +22,13 @@ import uuid
 
 import pytest
 
-from streamgmm.embedded import EmbeddedBroker
+from streamgmm.apache_kafka import ApacheKafka
+from streamgmm.embedded import BrokerError, EmbeddedBroker
 
 _counter = itertools.count()
+
+#: The brokers every broker test runs on.
+BROKERS = ("tansu", "apache")
 
 
 def unique_name(prefix: str) -> str:
@@ -24,20 +36,50 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory):
-    """A running :class:`~streamgmm.embedded.EmbeddedBroker`; killed at the end of the session."""
-    log = tmp_path_factory.mktemp("tansu") / "broker.log"
-    broker = EmbeddedBroker(log_path=log).start()
+def start_broker(kind: str, workdir, port: int | None = None, **options):
+    """Start a broker of ``kind`` (``"tansu"`` or ``"apache"``) whose files go to ``workdir``.
+
+    ``options`` go to :class:`~streamgmm.apache_kafka.ApacheKafka`. An Apache Kafka that cannot
+    start (no Java, no jars) skips the test, or fails it under ``CI=true``, where every broker
+    must run.
+    """
+    if kind == "tansu":
+        return EmbeddedBroker(port=port, log_path=workdir / "broker.log").start()
+    try:
+        return ApacheKafka(workdir=workdir, port=port, **options).start()
+    except BrokerError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Apache Kafka must run in CI: {exc}", pytrace=False)
+        pytest.skip(f"no Apache Kafka here ({exc}); scripts/_setup.sh resolves it")
+
+
+def _session_broker(kind, tmp_path_factory):
+    broker = start_broker(kind, tmp_path_factory.mktemp(kind))
     try:
         yield broker
     finally:
-        if broker.pid is not None:
-            try:
-                os.kill(broker.pid, 9)
-            except ProcessLookupError:
-                pass
-        broker.kill()
+        if isinstance(broker, EmbeddedBroker):
+            broker.kill()
+        else:
+            broker.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tansu_broker(tmp_path_factory):
+    """The session's :class:`~streamgmm.embedded.EmbeddedBroker`."""
+    yield from _session_broker("tansu", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def apache_broker(tmp_path_factory):
+    """The session's :class:`~streamgmm.apache_kafka.ApacheKafka`."""
+    yield from _session_broker("apache", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def kafka_broker(request):
+    """The session's broker of each kind in turn (``.kind`` says which)."""
+    return request.getfixturevalue(f"{request.param}_broker")
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,24 @@ def test_embedded_broker_refuses_a_taken_port():
             EmbeddedBroker(port=port).start()
 
 
+def test_an_apache_kafka_that_cannot_start_fails_the_run_in_ci_and_is_skipped_elsewhere(
+        tmp_path, monkeypatch):
+    from conftest import start_broker
+
+    from streamgmm.apache_kafka import ApacheKafka
+
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java-here"))
+    with pytest.raises(BrokerError, match="needs Java 17"):
+        ApacheKafka(workdir=tmp_path / "k", jars=tmp_path).start()
+    monkeypatch.setenv("STREAMGMM_KAFKA_JARS", str(tmp_path / "jars"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="must run in CI"):
+        start_broker("apache", tmp_path / "ci")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="scripts/_setup.sh"):
+        start_broker("apache", tmp_path / "dev")
+
+
 def test_source_without_broker_raises_kafka_unavailable():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -865,3 +865,145 @@ def test_rules_and_dashboard_hold_on_the_real_daemon(running_daemon, tmp_path):
     finally:
         stop(prometheus)
         log.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the compose stack's Kafka settings, topic creation and daemon config, run on Apache Kafka
+# --------------------------------------------------------------------------------------------
+
+
+def _kafka_properties(environment: dict) -> dict[str, str]:
+    """``server.properties`` the apache/kafka image makes of its ``KAFKA_*`` environment.
+
+    The image's rule: drop ``KAFKA_``, lower-case, ``___`` → ``-``, ``__`` → ``_``, ``_`` → ``.``.
+
+    >>> _kafka_properties({"KAFKA_NODE_ID": 1, "KAFKA_LOG__X___Y": "v", "CLUSTER_ID": "c"})
+    {'node.id': '1', 'log_x-y': 'v'}
+    """
+    props = {}
+    for key, value in environment.items():
+        if not key.startswith("KAFKA_"):
+            continue
+        name = key[len("KAFKA_"):].lower()
+        name = name.replace("___", "\0").replace("__", "\1").replace("_", ".")
+        props[name.replace("\0", "-").replace("\1", "_")] = str(value)
+    return props
+
+
+def _remap_addresses(props: dict[str, str]) -> dict[str, int]:
+    """Point every listener, advertised listener and voter at a free loopback port, in place.
+
+    Returns the new port of each of the compose file's ports.
+    """
+    from streamgmm.embedded import free_port
+
+    ports: dict[str, int] = {}
+
+    def loopback(match):
+        return f"127.0.0.1:{ports.setdefault(match.group(2), free_port())}"
+
+    for key in ("listeners", "advertised.listeners", "controller.quorum.voters"):
+        props[key] = re.sub(r"([\w.-]*):(\d+)", loopback, props[key])
+    return ports
+
+
+@pytest.mark.integration
+def test_the_compose_kafka_settings_topic_creation_and_daemon_config_run_on_apache_kafka(
+        tmp_path):
+    """The compose stack without Docker: its broker settings, kafka-init and daemon, for real.
+
+    The kafka service's environment becomes the broker's whole ``server.properties`` (ports
+    remapped to loopback, ``log.dirs`` to a temporary folder) on the image's Kafka version;
+    kafka-init's script runs with the same Kafka's ``kafka-topics.sh`` class; the daemon runs
+    ``config/streamgmm.toml`` with the compose overrides, fed by the compose producer's command.
+    """
+    import confluent_kafka.admin
+    from conftest import read_topic, start_broker
+    from test_recovery import committed_total
+
+    compose = _compose()
+    kafka = compose["services"]["kafka"]
+    version = kafka["image"].split(":", 1)[1]
+    props = _kafka_properties(kafka["environment"])
+    ports = _remap_addresses(props)
+    props["log.dirs"] = str(tmp_path / "kafka" / "data")
+    internal = dict(item.split("://") for item in props["advertised.listeners"].split(","))[
+        props["inter.broker.listener.name"]]
+    controller_port = int(props["controller.quorum.voters"].rsplit(":", 1)[1])
+    broker = start_broker("apache", tmp_path / "kafka", port=int(internal.rsplit(":", 1)[1]),
+                          controller_port=controller_port, version=version, base={},
+                          properties=props, cluster_id=str(kafka["environment"]["CLUSTER_ID"]))
+    try:
+        assert set(ports) == {"9092", "9093", "9094"}
+        # kafka-init: its own script, with this Kafka's TopicCommand as kafka-topics.sh
+        tools = tmp_path / "bin"
+        tools.mkdir()
+        topics_sh = tools / "kafka-topics.sh"
+        topics_sh.write_text("#!/bin/sh\nexec " + " ".join(
+            f"'{part}'" for part in broker.java_command("org.apache.kafka.tools.TopicCommand"))
+            + ' "$@"\n')
+        topics_sh.chmod(0o755)
+        init = compose["services"]["kafka-init"]
+        script = (init["command"][0].replace("$$", "$").replace("/opt/kafka/bin/", f"{tools}/")
+                  .replace("kafka:9092", internal))
+        env = {**os.environ, **{k: str(v) for k, v in init["environment"].items()}}
+        created = subprocess.run(["/bin/bash", "-ec", script], env=env, capture_output=True,
+                                 text=True, timeout=180)
+        assert created.returncode == 0, created.stdout + created.stderr
+        config = _config()["kafka"]
+        for topic in (config["input_topic"], config["output_topic"], config["dead_letter_topic"]):
+            assert re.search(rf"Topic: {re.escape(topic)}\s.*PartitionCount: 3", created.stdout)
+
+        # the producer service's command (bootstrap remapped), as fast as it goes, 3000 events
+        command = [arg.replace("kafka:9092", internal) for arg in
+                   compose["services"]["producer"]["command"] if not arg.startswith("--rate=")]
+        produced = _run([sys.executable, str(PRODUCER), *command, "--rate=0", "--count=3000",
+                         "--seed=5"], timeout=120)
+        assert produced.returncode == 0, produced.stderr
+
+        # the daemon: the mounted config with the compose overrides, bootstrap remapped
+        from streamgmm.embedded import free_port
+
+        port = free_port()
+        daemon_env = {**os.environ,
+                      **{k: str(v) for k, v in compose["services"]["streamgmm"]["environment"]
+                         .items()},
+                      "STREAMGMM_KAFKA__BOOTSTRAP_SERVERS": internal,
+                      "STREAMGMM_CHECKPOINT__PATH": str(tmp_path / "checkpoint.npz"),
+                      "STREAMGMM_METRICS__HOST": "127.0.0.1",
+                      "STREAMGMM_METRICS__PORT": str(port)}
+        with open(tmp_path / "daemon.log", "wb") as log:
+            daemon = subprocess.Popen(
+                [str(Path(sys.executable).with_name("streamgmm")), "run", "--config", str(CONFIG)],
+                env=daemon_env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                def committed_everything():
+                    try:
+                        return committed_total(internal, config["group_id"],
+                                               config["input_topic"], partitions=3) >= 3000
+                    except confluent_kafka.KafkaException:  # the offsets topic is being made
+                        return False
+
+                wait_for(committed_everything, "the daemon to commit the whole stream", 120,
+                         [("the daemon", daemon)])
+                families = _exported_families(_scrape(port))
+                assert stop(daemon, timeout=30) == 0
+            finally:
+                if daemon.poll() is None:
+                    daemon.kill()
+                    daemon.wait()
+        letters = read_topic(internal, config["dead_letter_topic"], idle=0.5)
+        anomalies = read_topic(internal, config["output_topic"], idle=0.5)
+        counted = {name: sum(sample.value for sample in families[name]) for name in
+                   ("streamgmm_events_total", "streamgmm_dead_letters_total")}
+        assert counted["streamgmm_dead_letters_total"] == len(letters)
+        assert counted["streamgmm_events_total"] + len(letters) == 3000
+        assert len(anomalies) > 0
+        # no topic was auto-created (auto.create.topics.enable=false): only those three and
+        # Kafka's own
+        names = set(confluent_kafka.admin.AdminClient({"bootstrap.servers": internal})
+                    .list_topics(timeout=10).topics)
+        assert {n for n in names if not n.startswith("__")} == {
+            config["input_topic"], config["output_topic"], config["dead_letter_topic"]}
+    finally:
+        broker.cleanup()
