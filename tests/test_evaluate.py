@@ -62,7 +62,7 @@ def test_run_tiny_subset(tmp_path):
                          out=tmp_path, show_progress=False)
     assert base["roc_auc"].tolist() == again["roc_auc"].tolist()
     text = evaluate.report(df, tmp_path)
-    assert "test half" in text and (tmp_path / "results.csv").exists()
+    assert "test half" in text and (tmp_path / "results_test.csv").exists()
 
 
 @pytest.mark.slow
