@@ -443,10 +443,17 @@ class Method:
 
 
 def streamgmm_version() -> str:
-    """Hash of the ``streamgmm`` package's source: the cache key of streamgmm's results."""
+    """Hash of the source of the ``streamgmm`` that is imported: the key of its cached results.
+
+    The imported package, not this worktree's: a script elsewhere that imports this harness
+    with its own ``streamgmm`` and shares the cache (``out=``) keeps its results apart.
+    """
+    import streamgmm
+
+    package = Path(streamgmm.__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted((ROOT / "streamgmm").rglob("*.py")):
-        h.update(path.relative_to(ROOT).as_posix().encode())
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package.parent).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -585,6 +592,21 @@ def prune_cache(cache_dir: Path) -> int:
     return removed
 
 
+def save_result(path: Path, result: dict) -> None:
+    """Write a cache entry atomically (a uniquely named temporary file, then a rename)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **result)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 # -- running ------------------------------------------------------------------------------------
 
 
@@ -621,10 +643,7 @@ def _evaluate_stream(i: int) -> tuple[list[dict], dict]:
                 events = as_dicts(X)
             result = run_method(m, X, events)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, **result)
-                os.replace(tmp, path)
+                save_result(path, result)
         roc, pr = _metrics(y, result["scores"])
         rows.append({"half": stream.half, "family": stream.family, "kind": stream.kind,
                      "stream": stream.id, "method": m.name, "group": m.group,
@@ -869,8 +888,7 @@ def shuttle_protocol(out: Path, cache: bool = True, show_progress: bool = True) 
             result = run_method(m, X, events)
             scores = result["scores"]
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(path, **result)
+                save_result(path, result)
         rolling = metrics.RollingROCAUC(window_size=10_000)
         for yt, sc in zip(y[:10_000], scores[:10_000], strict=True):
             rolling.update(bool(yt), float(sc))
