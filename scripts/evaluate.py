@@ -1209,7 +1209,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="results, plots and the cache (default out/evaluation)")
     parser.add_argument("--list", action="store_true", help="list streams and their halves")
     parser.add_argument("--prune-cache", action="store_true",
-                        help="delete cached results of older streamgmm sources and baselines")
+                        help="delete cached results of every other streamgmm source and "
+                             "baseline version (also those of other worktrees that share "
+                             "this --out)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--no-speed", action="store_true",
                         help="skip the speed sections (per event and batch path)")
