@@ -134,3 +134,247 @@ def gradual_drift(n: int, n_features: int = 4, total_shift: float = 10.0,
             X[i] = X[i] + rng.choice([-1.0, 1.0], n_features) * rng.uniform(15, 30, n_features)
         y[idx] = 1
     return X, y
+
+
+# -- wide streams (20-100 features) for the evaluation's held-out suite ------------------------
+#
+# Each generator draws normal events with one particular shape (correlated, low-rank, heavy
+# tails, discrete, constant features, several modes, drift) and replaces a fraction of them,
+# after the first 10 %, with anomalies made by :func:`_subtle_anomalies`: half shift a few
+# features by 4-6 of their standard deviations, half break the correlations (each feature taken
+# from a different normal event, so every marginal stays normal). Neither kind is far outside
+# the data's range, so the streams rank detectors rather than all being solved.
+
+__all__ += [
+    "correlated",
+    "low_rank",
+    "heavy_tails",
+    "discrete",
+    "constant_features",
+    "multimodal",
+    "wide_abrupt_drift",
+    "wide_gradual_drift",
+    "WIDE_STREAMS",
+]
+
+
+def _random_covariance(d: int, rng: np.random.Generator, condition: float = 100.0) -> np.ndarray:
+    """A random correlation-rich covariance with eigenvalues spread over ``condition``."""
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    eig = np.geomspace(1.0, 1.0 / condition, d)
+    cov = (q * eig) @ q.T
+    sd = np.sqrt(np.diag(cov))
+    return cov / np.outer(sd, sd)  # unit variances: the structure is in the correlations
+
+
+def _anomaly_rows(n: int, contamination: float, rng: np.random.Generator) -> np.ndarray:
+    k = max(5, int(round(contamination * n)))
+    return np.sort(rng.choice(np.arange(n // 10, n), size=min(k, n - n // 10), replace=False))
+
+
+def _subtle_anomalies(X: np.ndarray, idx: np.ndarray, rng: np.random.Generator,
+                      varying: np.ndarray | None = None) -> np.ndarray:
+    """Anomalies near the data: feature shifts (first half) and broken correlations (second half).
+
+    ``varying`` (boolean mask) restricts both kinds to features that are not constant.
+    """
+    d = X.shape[1]
+    cols = np.flatnonzero(varying) if varying is not None else np.arange(d)
+    normal = np.setdiff1d(np.arange(len(X)), idx)
+    sd = X[normal].std(axis=0)
+    out = X[idx].copy()
+    half = len(idx) // 2
+    k = max(2, len(cols) // 10)
+    for i in range(half):
+        j = rng.choice(cols, size=min(k, len(cols)), replace=False)
+        out[i, j] += rng.choice([-1.0, 1.0], len(j)) * rng.uniform(4.0, 6.0, len(j)) * sd[j]
+    for i in range(half, len(idx)):
+        donors = rng.choice(normal, size=d)
+        out[i, cols] = X[donors[cols], cols]
+    return out
+
+
+def correlated(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0):
+    """One Gaussian with a random, strongly correlated covariance (condition number 100)."""
+    rng = np.random.default_rng(seed)
+    cov = _random_covariance(n_features, rng)
+    X = rng.multivariate_normal(rng.normal(0, 3, n_features), cov, n)
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    X[idx] = _subtle_anomalies(X, idx, rng)
+    y[idx] = 1
+    return X, y
+
+
+def low_rank(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0):
+    """Low-rank signal plus noise: ``z @ W`` with ``rank = max(2, d // 10)``, noise sd 0.1."""
+    rng = np.random.default_rng(seed)
+    rank = max(2, n_features // 10)
+    W = rng.normal(size=(rank, n_features))
+    X = rng.normal(size=(n, rank)) @ W + 0.1 * rng.normal(size=(n, n_features))
+    X += rng.normal(0, 5, n_features)
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    X[idx] = _subtle_anomalies(X, idx, rng)
+    y[idx] = 1
+    return X, y
+
+
+def heavy_tails(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0,
+                df: float = 3.0):
+    """Multivariate Student-t (``df = 3``) with a random correlated scale matrix.
+
+    Normal events reach far out (all features at once); anomalies are Gaussian events with a
+    few features at 4-6 marginal sd, or with their correlations broken.
+    """
+    rng = np.random.default_rng(seed)
+    cov = _random_covariance(n_features, rng, condition=20.0)
+    g = rng.multivariate_normal(np.zeros(n_features), cov, n)
+    w = np.sqrt(df / rng.chisquare(df, size=n))[:, None]
+    X = g * w + rng.normal(0, 3, n_features)
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    light = g + rng.normal(0, 3, n_features)  # the same events without the heavy tail
+    X[idx] = light[idx]
+    X[idx] = _subtle_anomalies(X, idx, rng)
+    y[idx] = 1
+    return X, y
+
+
+def discrete(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0):
+    """Integer features only: counts (Poisson), binary flags and 3-5-level codes, two regimes.
+
+    Anomalies take a few counts at four times their rate and set a few rare flags, or mix the
+    two regimes feature by feature.
+    """
+    rng = np.random.default_rng(seed)
+    n_counts, n_flags = int(0.4 * n_features), int(0.3 * n_features)
+    n_levels = n_features - n_counts - n_flags
+    lam = rng.uniform(1, 20, (2, n_counts))
+    p = rng.uniform(0.02, 0.5, (2, n_flags))
+    levels = rng.integers(3, 6, n_levels)
+    probs = [[rng.dirichlet(np.ones(L) * 2) for L in levels] for _ in range(2)]
+    regime = (rng.random(n) < 0.3).astype(int)
+
+    def draw(r: np.ndarray) -> np.ndarray:
+        m = len(r)
+        counts = rng.poisson(lam[r])
+        flags = (rng.random((m, n_flags)) < p[r]).astype(float)
+        codes = np.column_stack([
+            [rng.choice(L, p=probs[ri][j]) for ri in r] for j, L in enumerate(levels)
+        ]) if n_levels else np.empty((m, 0))
+        return np.column_stack([counts, flags, codes]).astype(float)
+
+    X = draw(regime)
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    half = len(idx) // 2
+    for i in idx[:half]:
+        r = regime[i]
+        j = rng.choice(n_counts, size=max(1, n_counts // 8), replace=False)
+        X[i, j] = rng.poisson(4 * lam[r, j])
+        rare = np.argsort(p[r])[: max(1, n_flags // 5)]
+        X[i, n_counts + rare] = 1.0
+    other = draw(1 - regime[idx[half:]])
+    mix = rng.random(other.shape) < 0.5
+    X[idx[half:]] = np.where(mix, other, X[idx[half:]])
+    y[idx] = 1
+    return X, y
+
+
+def constant_features(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0):
+    """A third of the features never change (0 or another constant); the rest: two modes.
+
+    A quarter of the anomalies differ from normal events only in one constant feature (by 1).
+    """
+    rng = np.random.default_rng(seed)
+    n_const = n_features // 3
+    varying = np.ones(n_features, dtype=bool)
+    const_cols = rng.choice(n_features, n_const, replace=False)
+    varying[const_cols] = False
+    d = int(varying.sum())
+    means = rng.normal(0, 4 / np.sqrt(d), (2, d)) * 3
+    covs = [_random_covariance(d, rng, condition=30.0) for _ in range(2)]
+    comp = (rng.random(n) < 0.35).astype(int)
+    X = np.empty((n, n_features))
+    X[:, const_cols] = np.where(rng.random(n_const) < 0.5, 0.0, rng.integers(1, 100, n_const))
+    inner = np.empty((n, d))
+    for k in range(2):
+        inner[comp == k] = rng.multivariate_normal(means[k], covs[k], int((comp == k).sum()))
+    X[:, varying] = inner
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    X[idx] = _subtle_anomalies(X, idx, rng, varying=varying)
+    quarter = idx[: max(1, len(idx) // 4)]
+    for i in quarter:
+        X[i] = X[rng.choice(np.setdiff1d(np.arange(n), idx))]
+        X[i, rng.choice(const_cols)] += 1.0
+    y[idx] = 1
+    return X, y
+
+
+def multimodal(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0,
+               n_modes: int = 5):
+    """Five correlated Gaussian modes about 6 sd apart, unequal weights (the rarest at 4 %)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 4.0 / np.sqrt(n_features), (n_modes, n_features)) * 1.5
+    covs = [_random_covariance(n_features, rng, condition=30.0) for _ in range(n_modes)]
+    weights = rng.dirichlet(np.full(n_modes, 3.0))
+    weights[-1] = 0.04
+    weights[:-1] *= 0.96 / weights[:-1].sum()
+    comp = rng.choice(n_modes, n, p=weights)
+    X = np.empty((n, n_features))
+    for k in range(n_modes):
+        X[comp == k] = rng.multivariate_normal(means[k], covs[k], int((comp == k).sum()))
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    X[idx] = _subtle_anomalies(X, idx, rng)
+    y[idx] = 1
+    return X, y
+
+
+def _wide_modes(n: int, d: int, rng: np.random.Generator):
+    means = rng.normal(0, 4.0 / np.sqrt(d), (3, d)) * 1.5
+    covs = [_random_covariance(d, rng, condition=30.0) for _ in range(3)]
+    comp = rng.choice(3, n, p=[0.5, 0.35, 0.15])
+    X = np.empty((n, d))
+    for k in range(3):
+        X[comp == k] = rng.multivariate_normal(means[k], covs[k], int((comp == k).sum()))
+    return X
+
+
+def wide_abrupt_drift(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0):
+    """Three correlated modes; at mid-stream 30 % of the features jump by 2 sd (stays normal)."""
+    rng = np.random.default_rng(seed)
+    X = _wide_modes(n, n_features, rng)
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    X[idx] = _subtle_anomalies(X, idx, rng)
+    cols = rng.choice(n_features, max(1, int(0.3 * n_features)), replace=False)
+    X[n // 2 :, cols] += rng.choice([-2.0, 2.0], len(cols))
+    y[idx] = 1
+    return X, y
+
+
+def wide_gradual_drift(n: int, n_features: int = 30, contamination: float = 0.02, seed: int = 0):
+    """Three correlated modes moving linearly by 3 sd in every feature over the stream."""
+    rng = np.random.default_rng(seed)
+    X = _wide_modes(n, n_features, rng)
+    y = np.zeros(n, dtype=int)
+    idx = _anomaly_rows(n, contamination, rng)
+    X[idx] = _subtle_anomalies(X, idx, rng)
+    X += np.linspace(0.0, 3.0, n)[:, None] * rng.choice([-1.0, 1.0], n_features)
+    y[idx] = 1
+    return X, y
+
+
+WIDE_STREAMS = {
+    "correlated": correlated,
+    "low-rank": low_rank,
+    "heavy tails": heavy_tails,
+    "discrete": discrete,
+    "constant features": constant_features,
+    "multimodal": multimodal,
+    "wide abrupt drift": wide_abrupt_drift,
+    "wide gradual drift": wide_gradual_drift,
+}
