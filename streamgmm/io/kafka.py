@@ -30,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -169,9 +170,13 @@ def source_of_output(value: bytes | None) -> tuple[str, int, int] | None:
     True
     """
     try:
-        src = orjson.loads(value)["source"]
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:  # valid JSON orjson refuses (a 400-digit number)
+            doc = json.loads(value)
+        src = doc["source"]
         return str(src["topic"]), int(src["partition"]), int(src["offset"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

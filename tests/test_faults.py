@@ -1,0 +1,214 @@
+"""Fault injection: the daemon never stalls or dies on one message, a full disk or a broker restart.
+
+Every test runs real ``streamgmm run`` processes against a real broker (the ``bootstrap`` fixture,
+or a broker of its own when the test restarts it) and reads the outputs with an independent
+client (confluent-kafka, ``read_committed``). Each is bounded in time: waits have deadlines and a
+daemon still running at the end is killed.
+
+The rule under test: a fault tied to one message is that message's problem (it is dead-lettered
+with a reason and the rest of its batch goes on); a fault of the environment is retried, reported
+truthfully and loses nothing; nothing hangs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import orjson
+import pytest
+import tomli_w
+from conftest import produce, read_topic, unique_name
+from test_recovery import committed_total, wait_until_recovered, write_config
+from waiting import wait_for
+
+from streamgmm.io.kafka import ensure_topics, source_of_dead_letter, source_of_output
+
+BACKENDS = ["confluent-kafka", "kafka-python"]
+
+
+def normal_events(n: int, seed: int = 0, start: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [orjson.dumps({"i": start + i, "x": rng.gauss(0, 1), "y": rng.gauss(0, 1)})
+            for i in range(n)]
+
+
+def configure(path, bootstrap, topics, group, checkpoint, backend, **sections) -> None:
+    """``write_config``'s daemon configuration with some keys replaced (``features={...}``)."""
+    write_config(path, bootstrap, topics, group, checkpoint, backend=backend)
+    config = tomllib.loads(path.read_text())
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(tomli_w.dumps(config))
+
+
+def create_input_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """An input topic that takes records of up to 10 MB (outputs keep the broker's default)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1,
+                                      topic_configs={"max.message.bytes": "10000000"})])
+    finally:
+        admin.close()
+
+
+class Daemon:
+    """A ``streamgmm run`` process with its log, on fresh topics of ``bootstrap``."""
+
+    def __init__(self, tmp_path, bootstrap, backend, partitions=1, **sections):
+        self.bootstrap = bootstrap
+        self.topics = tuple(unique_name(p) for p in ("in", "out", "dlq"))
+        self.group = unique_name("group")
+        ensure_topics(bootstrap, self.topics[1:], partitions=partitions)
+        create_input_topic(bootstrap, self.topics[0], partitions)
+        self.checkpoint = tmp_path / "ck" / "checkpoint.npz"
+        self.config = tmp_path / "streamgmm.toml"
+        configure(self.config, bootstrap, self.topics, self.group, self.checkpoint, backend,
+                  **sections)
+        self.log_path = tmp_path / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *args: str, wait: bool = True) -> subprocess.Popen:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamgmm.cli", "run", "--config", str(self.config),
+                 *args], stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            wait_until_recovered(self.checkpoint, self.proc)
+        return self.proc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_committed(self, n: int, timeout: float = 90) -> None:
+        wait_for(lambda: committed_total(self.bootstrap, self.group, self.topics[0]) >= n,
+                 f"{n} input events committed", timeout, [("the daemon", self.proc)])
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def outputs(self, **kw) -> list:
+        return read_topic(self.bootstrap, self.topics[1], **kw)
+
+    def dead_letters(self, **kw) -> list:
+        return read_topic(self.bootstrap, self.topics[2], **kw)
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+def strict_json(value: bytes):
+    """Parse as strictly as a careful consumer would: UTF-8, no NaN, no lone surrogates."""
+    text = value.decode("utf-8")  # strict: a lone surrogate encoded in UTF-8 is refused here
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    orjson.loads(value)  # orjson refuses escaped lone surrogates too
+    return doc
+
+
+# -- case 2: any input gives valid JSON output, the daemon never crashes on one message --------
+
+HOSTILE = {
+    "lone_surrogate": b'{"x": 10000, "y": 10000, "note": "bad \\ud800 here"}',
+    "deep_nesting": b'{"x": 10000, "y": -10000, "meta": ' + b"[" * 500 + b"]" * 500 + b"}",
+    "huge_integer": b'{"x": -10000, "y": 10000, "id": ' + b"9" * 400 + b"}",
+    "nan_elsewhere": b'{"x": -10000, "y": -10000, "ratio": NaN, "limit": Infinity}',
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hostile_anomalies_are_published_as_valid_json_and_the_daemon_goes_on(
+        tmp_path, bootstrap, backend, daemons):
+    daemon = Daemon(tmp_path, bootstrap, backend)
+    daemons.append(daemon)
+    values = normal_events(400) + list(HOSTILE.values()) + normal_events(100, seed=1, start=400)
+    produce(bootstrap, daemon.topics[0], values)
+    daemon.start()
+    daemon.wait_committed(len(values))
+    outputs = daemon.outputs()
+    letters = daemon.dead_letters(idle=0.5)
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    hostile_offsets = set(range(400, 400 + len(HOSTILE)))
+    published = {source_of_output(m.value())[2]: m for m in outputs}
+    dead = {source_of_dead_letter(m.headers())[2] for m in letters}
+    for name, offset in zip(HOSTILE, sorted(hostile_offsets), strict=True):
+        assert offset in published or offset in dead, f"{name}: neither published nor dead-lettered"
+    for m in outputs:
+        doc = strict_json(m.value())
+        assert doc["score"] > doc["threshold"]
+    assert hostile_offsets <= set(published), "hostile but valid anomalies are still anomalies"
+    assert "Traceback" not in daemon.log()
+
+
+# -- case 1: an oversized event or message is that message's problem ------------------------
+
+
+def produce_large(bootstrap: str, topic: str, values) -> None:
+    """Produce records of up to 10 MB (the input topic accepts them: see ``Daemon``)."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                                         "message.max.bytes": 10_000_000})
+    errors = []
+    for value in values:
+        producer.produce(topic, value=value, on_delivery=lambda e, _m: e and errors.append(e))
+        producer.poll(0)
+    assert producer.flush(30) == 0 and not errors, errors
+
+
+def dead_letter_headers_of(message) -> dict[str, bytes]:
+    return dict(message.headers() or ())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oversized_events_are_dead_lettered_truncated_and_the_batch_goes_on(
+        tmp_path, bootstrap, backend, daemons):
+    daemon = Daemon(tmp_path, bootstrap, backend, batch={"max_records": 500})
+    daemons.append(daemon)
+    padding = "p" * 1_010_000  # a valid event above the producer's default message size
+    big_valid = orjson.dumps({"x": 10000, "y": 10000, "pad": padding})
+    huge = orjson.dumps({"x": 0.1, "y": 0.2, "pad": "q" * 5_000_000})
+    over_default = orjson.dumps({"x": 0.1, "y": 0.2, "pad": "r" * 1_050_000})
+    values = normal_events(400) + [big_valid, huge, over_default] + normal_events(
+        100, seed=2, start=400)
+    produce(bootstrap, daemon.topics[0], values[:400])
+    daemon.start()
+    produce_large(bootstrap, daemon.topics[0], values[400:])
+    daemon.wait_committed(len(values), timeout=60)
+    letters = daemon.dead_letters(idle=0.5)
+    outputs = daemon.outputs(idle=0.5)
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    by_offset = {source_of_dead_letter(m.headers())[2]: m for m in letters}
+    by_offset.update({source_of_output(m.value())[2]: m for m in outputs})
+    for offset, original in ((400, big_valid), (401, huge), (402, over_default)):
+        assert offset in by_offset, f"offset {offset}: no output nor dead letter\n{daemon.log()}"
+        message = by_offset[offset]
+        assert len(message.value()) < 1_000_000
+        headers = dead_letter_headers_of(message)
+        if message.topic() == daemon.topics[2]:
+            assert headers["streamgmm.reason"] == b"oversize"
+            assert int(headers["streamgmm.original-size"]) == len(original)
+            assert headers["streamgmm.original-sha256"] == hashlib.sha256(
+                original).hexdigest().encode()
+            assert original.startswith(message.value())  # truncated, not rewritten
+    assert "Traceback" not in daemon.log()
