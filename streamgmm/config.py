@@ -80,6 +80,13 @@ logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "STREAMGMM_"
 
+#: Room an output message needs beyond the event it carries (its own fields, headers, framing).
+MESSAGE_OVERHEAD_BYTES = 65_536
+#: The producers' default limits on one message: librdkafka's ``message.max.bytes`` and
+#: kafka-python's ``max_request_size``.
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+KAFKA_PYTHON_MAX_REQUEST_SIZE = 1_048_576
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key, the problem and the remedy.
@@ -599,6 +606,27 @@ class KafkaConfig(_Section):
         return {**librdkafka_security(self.security_kwargs()), **self.librdkafka}
 
     @property
+    def max_message_bytes(self) -> tuple[int, str]:
+        """The producer's limit on one message, and the setting that sets it.
+
+        Examples
+        --------
+        >>> KafkaConfig().max_message_bytes
+        (1000000, 'kafka.librdkafka."message.max.bytes"')
+        >>> KafkaConfig(backend="kafka-python", producer={"max_request_size": 2000000}
+        ...             ).max_message_bytes
+        (2000000, 'kafka.producer.max_request_size')
+        """
+        if self.backend == "confluent-kafka":
+            value = self.librdkafka.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES)
+            return int(value), 'kafka.librdkafka."message.max.bytes"'
+        for table in ("producer", "client"):
+            if "max_request_size" in getattr(self, table):
+                return (int(getattr(self, table)["max_request_size"]),
+                        f"kafka.{table}.max_request_size")
+        return KAFKA_PYTHON_MAX_REQUEST_SIZE, "kafka.producer.max_request_size"
+
+    @property
     def effective_transactional_id(self) -> str:
         """``transactional_id``, or ``"<group_id>-<input_topic>"`` when it is not set."""
         return self.transactional_id or f"{self.group_id}-{self.input_topic}"
@@ -664,8 +692,10 @@ class FeaturesConfig(_Section):
         "dead-letter", _Choice("dead-letter", "marginalize"),
         hint='"dead-letter" sends events with a missing field to the dead-letter topic; '
              '"marginalize" scores them on the fields they have')
-    max_event_bytes: int = _key(1_048_576, _Int(), _between(2, 1 << 30),
-                                "events larger than this go to the dead-letter topic")
+    max_event_bytes: int = _key(
+        900_000, _Int(), _between(2, 1 << 30),
+        "events larger than this go to the dead-letter topic; keep it "
+        f"{MESSAGE_OVERHEAD_BYTES} bytes below the producer's message limit")
 
 
 @dataclass(frozen=True)
@@ -779,6 +809,18 @@ class Config:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        limit, setting = self.kafka.max_message_bytes
+        largest = self.features.max_event_bytes + MESSAGE_OVERHEAD_BYTES
+        if largest > limit:
+            raise ConfigError(
+                "features.max_event_bytes",
+                f"is {self.features.max_event_bytes}, so an output message may reach {largest} "
+                f"bytes (the event plus {MESSAGE_OVERHEAD_BYTES} for its own fields), more than "
+                f"the producer's limit {setting} = {limit}",
+                f"lower features.max_event_bytes to at most {limit - MESSAGE_OVERHEAD_BYTES}, or "
+                f"raise {setting} (and the topics' max.message.bytes on the broker)")
 
     def detector_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`streamgmm.detector.Detector`.

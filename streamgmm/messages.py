@@ -27,6 +27,8 @@ the output topic and readers of a replay's output file share one parser:
     when it was scored: ISO 8601 UTC with milliseconds, e.g. ``"2026-11-25T10:15:30.123Z"``
 ``model_events``
     how many events the model had learned from (after the event's batch)
+``event_omitted``
+    only when the event was too large to embed (``event`` is then ``null``): why
 
 Numbers that are not finite (an infinite score) are written as ``null``, since JSON has no
 infinity. Every message is strict UTF-8 JSON whatever the event held (:func:`encode`): lone
@@ -243,9 +245,22 @@ def anomaly_record(event: Mapping[str, Any], result: Any, row: int, source: Sour
 
 
 def anomaly_message(event: Mapping[str, Any], result: Any, row: int, source: Source,
-                    model_events: int, detected_at: float | None = None) -> bytes:
-    """:func:`anomaly_record` as JSON bytes, the value of an output-topic message."""
-    return encode(anomaly_record(event, result, row, source, model_events, detected_at))
+                    model_events: int, detected_at: float | None = None,
+                    max_bytes: int | None = None) -> bytes:
+    """:func:`anomaly_record` as JSON bytes, the value of an output-topic message.
+
+    When the message would be longer than ``max_bytes``, its ``event`` is ``null`` and
+    ``event_omitted`` says why (the message's ``source`` locates the original event); the
+    scores and the explanation stay.
+    """
+    record = anomaly_record(event, result, row, source, model_events, detected_at)
+    message = encode(record)
+    if max_bytes is not None and len(message) > max_bytes:
+        record["event"] = None
+        record["event_omitted"] = (f"the event made this message {len(message)} bytes, more "
+                                   f"than the {max_bytes} an output message may take")
+        message = encode(record)
+    return message
 
 
 def dead_letter_record(value: bytes | str | None, dead_letter: Any, source: Source,

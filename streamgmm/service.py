@@ -68,6 +68,7 @@ from streamgmm.io.kafka import (
     broker_reachable,
     dead_letter_headers,
     ensure_topics,
+    fit_record,
     read_published_sources,
 )
 from streamgmm.messages import anomaly_message
@@ -182,6 +183,9 @@ class Daemon:
             config.features.fields, missing=config.features.missing,
             max_event_bytes=config.features.max_event_bytes,
         )
+        # The largest record to publish: what the producer takes, less room for the framing.
+        limit, _ = kafka.max_message_bytes
+        self._max_record_bytes = limit - 1024
         self.stats = DaemonStats()
         self._stop = threading.Event()
         self._source: KafkaSource | None = None
@@ -425,14 +429,17 @@ class Daemon:
         return source not in self._already_published
 
     def _dead_letter(self, rec, letter) -> OutgoingRecord:
+        """The dead letter of ``rec``: its value (truncated to fit) with the reason in headers."""
         headers = list(rec.headers or ()) + dead_letter_headers(
             letter.reason, letter.message, rec.topic, rec.partition, rec.offset)
-        return OutgoingRecord(self.config.kafka.dead_letter_topic, rec.value, rec.key, headers,
-                              source=(rec.topic, rec.partition, rec.offset))
+        record = OutgoingRecord(self.config.kafka.dead_letter_topic, rec.value, rec.key, headers,
+                                source=(rec.topic, rec.partition, rec.offset))
+        return fit_record(record, self._max_record_bytes)
 
     def _anomaly(self, rec, event: dict, result, row: int) -> OutgoingRecord:
+        room = self._max_record_bytes - len(rec.key or b"") - 512
         value = anomaly_message(event, result, row, source=(rec.topic, rec.partition, rec.offset),
-                                model_events=self.detector.n_events_learned)
+                                model_events=self.detector.n_events_learned, max_bytes=room)
         return OutgoingRecord(self.config.kafka.output_topic, value, rec.key,
                               source=(rec.topic, rec.partition, rec.offset))
 

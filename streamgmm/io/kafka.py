@@ -30,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
@@ -53,6 +54,8 @@ __all__ = [
     "KafkaSink",
     "KafkaUnavailable",
     "dead_letter_headers",
+    "record_size",
+    "fit_record",
     "source_of_dead_letter",
     "source_of_output",
     "read_published_sources",
@@ -139,6 +142,45 @@ def dead_letter_headers(
         (_SPRING + "original-offset", str(offset).encode()),
         (_SPRING + "exception-message", text),
     ]
+
+
+#: Bytes a record needs on the wire beyond its key, value and headers (a generous bound).
+RECORD_FRAMING_BYTES = 512
+
+
+def record_size(record: OutgoingRecord) -> int:
+    """Bytes ``record`` takes against a producer's message limit (an upper bound)."""
+    headers = sum(len(name) + len(value) for name, value in record.headers)
+    return (len(record.value or b"") + len(record.key or b"") + headers
+            + RECORD_FRAMING_BYTES)
+
+
+def fit_record(record: OutgoingRecord, max_bytes: int) -> OutgoingRecord:
+    """``record``, its value truncated so that it fits in ``max_bytes``.
+
+    A record that fits is returned as it is. Otherwise the value keeps its first bytes and the
+    headers say what was cut: ``streamgmm.truncated`` (``true``), ``streamgmm.original-size``
+    and ``streamgmm.original-sha256`` (of the whole value), so that the original can be matched
+    with its source (the dead-letter headers name its topic, partition and offset).
+
+    Examples
+    --------
+    >>> letter = OutgoingRecord("dlq", b"x" * 5000, headers=[("streamgmm.reason", b"oversize")])
+    >>> fitted = fit_record(letter, 2000)
+    >>> record_size(fitted) <= 2000, dict(fitted.headers)["streamgmm.original-size"]
+    (True, b'5000')
+    >>> fit_record(letter, 10_000) is letter
+    True
+    """
+    if record_size(record) <= max_bytes:
+        return record
+    value = record.value or b""
+    headers = [*record.headers, ("streamgmm.truncated", b"true"),
+               ("streamgmm.original-size", str(len(value)).encode()),
+               ("streamgmm.original-sha256", hashlib.sha256(value).hexdigest().encode())]
+    cut = OutgoingRecord(record.topic, b"", record.key, headers, record.source)
+    room = max(0, max_bytes - record_size(cut))
+    return OutgoingRecord(record.topic, value[:room], record.key, headers, record.source)
 
 
 def source_of_dead_letter(
