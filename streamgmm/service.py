@@ -503,15 +503,12 @@ class Daemon:
             raise CheckpointError(
                 f"{path}: made for input topic {meta.get('input_topic')!r}, not "
                 f"{self.config.kafka.input_topic!r}; delete it or set checkpoint.path elsewhere")
-        from streamgmm.detector import Detector
-
-        det_arrays = {k[len("detector/"):]: v for k, v in arrays.items()
-                      if k.startswith("detector/")}
-        detector = Detector.from_state(det_arrays, meta["detector"])
-        self._learned = {_tp_from_key(k): int(v) for k, v in meta["learned_offsets"].items()}
-        self._output_positions = {_tp_from_key(k): int(v)
-                                  for k, v in meta["output_positions"].items()}
-        self._last_checkpoint_wall = float(meta.get("written_at", time.time()))
+        detector = _restore_detector(path, arrays, meta, len(fields))
+        self._learned = _offsets_of(path, meta, "learned_offsets")
+        self._output_positions = _offsets_of(path, meta, "output_positions")
+        written_at = meta.get("written_at")
+        self._last_checkpoint_wall = (float(written_at) if isinstance(written_at, int | float)
+                                      else time.time())
         logger.info("restored checkpoint %s: %d events learned, offsets %s", path,
                     detector.n_events_learned, meta["learned_offsets"])
         return detector
@@ -543,6 +540,61 @@ class Daemon:
         self.metrics.dead_letters(extraction.reason_counts())
         self.metrics.set_model(self.detector)
         self._report_lag()
+
+
+def _offsets_of(path, meta: Mapping[str, Any], key: str) -> dict[TopicPartition, int]:
+    """The ``{"topic:partition": offset}`` table ``key`` of a checkpoint, checked.
+
+    Raises
+    ------
+    CheckpointError
+        If it is missing, or holds anything but ``"topic:partition"`` names with offsets that
+        are integers of at least 0.
+    """
+    table = meta.get(key)
+    if not isinstance(table, Mapping):
+        raise CheckpointError(f"{path}: {key!r} is {'missing' if table is None else 'not a table'}"
+                              "; the file was not written by this daemon or was edited")
+    offsets = {}
+    for name, offset in table.items():
+        topic, _, partition = str(name).rpartition(":")
+        if not topic or not partition.isdigit():
+            raise CheckpointError(f"{path}: {key} names {name!r}, not a \"topic:partition\"")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise CheckpointError(f"{path}: {key}[{name!r}] is {offset!r}, not an offset (an "
+                                  "integer of at least 0)")
+        offsets[TopicPartition(topic, int(partition))] = offset
+    return offsets
+
+
+def _restore_detector(path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                      n_features: int):
+    """The detector of a checkpoint, checked: finite model arrays that it can score with.
+
+    Raises
+    ------
+    CheckpointError
+        If the detector's state is missing, inconsistent (wrong array shapes) or not finite.
+    """
+    from streamgmm.detector import Detector
+
+    det_arrays = {k[len("detector/"):]: v for k, v in arrays.items()
+                  if k.startswith("detector/")}
+    for name, array in det_arrays.items():
+        # The model and the drift reference are numbers; NaN there poisons every score. (The
+        # threshold's window holds NaN where it has no score yet.)
+        if name.startswith(("model/", "drift/")) and array.dtype.kind == "f" \
+                and not np.isfinite(array).all():
+            raise CheckpointError(f"{path}: the array detector/{name} holds NaN or infinity")
+    if not isinstance(meta.get("detector"), Mapping):
+        raise CheckpointError(f"{path}: holds no detector state")
+    try:
+        detector = Detector.from_state(det_arrays, meta["detector"])
+        detector.score_samples(np.zeros((1, n_features)))
+    except Exception as exc:  # whatever a malformed state breaks in the detector's code
+        raise CheckpointError(f"{path}: the detector state is inconsistent ({type(exc).__name__}: "
+                              f"{exc})") from exc
+    return detector
 
 
 def offsets_as_dict(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:

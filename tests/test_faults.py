@@ -227,3 +227,102 @@ def test_an_event_limit_above_the_producer_limit_is_refused_at_start_naming_the_
     assert "features.max_event_bytes" in proc.stderr
     assert 'kafka.librdkafka."message.max.bytes" = 1000000' in proc.stderr
     assert "at most 934464" in proc.stderr
+
+
+# -- case 6: every malformed state file exits 3 and says how to start fresh -------------------
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, bootstrap):
+    """A daemon's real checkpoint (and its configuration), to break in many ways."""
+    tmp_path = tmp_path_factory.mktemp("good-checkpoint")
+    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka")
+    produce(bootstrap, daemon.topics[0], normal_events(400) + [b"not json"])
+    try:
+        daemon.start()
+        daemon.wait_committed(401)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    return daemon
+
+
+def _edit_meta(key, value):
+    def edit(arrays, meta):
+        if value is _DELETE:
+            del meta[key]
+        else:
+            meta[key] = value(meta) if callable(value) else value
+    return edit
+
+
+def _edit_array(name, change):
+    def edit(arrays, meta):
+        arrays[name] = change(arrays[name])
+    return edit
+
+
+_DELETE = object()
+MALFORMED = {
+    "no learned offsets": (_edit_meta("learned_offsets", _DELETE), "'learned_offsets' is missing"),
+    "offset not an integer": (
+        _edit_meta("learned_offsets", lambda m: {k: "12x" for k in m["learned_offsets"]}),
+        "not an offset"),
+    "offset a float": (
+        _edit_meta("learned_offsets", lambda m: {k: 1.5 for k in m["learned_offsets"]}),
+        "not an offset"),
+    "negative offset": (
+        _edit_meta("learned_offsets", lambda m: {k: -5 for k in m["learned_offsets"]}),
+        "not an offset"),
+    "bad partition name": (
+        _edit_meta("output_positions", {"no-partition": 3}), 'not a "topic:partition"'),
+    "wrong array shape": (
+        _edit_array("detector/model/means", lambda a: a.reshape(-1)[:3].copy()),
+        "inconsistent"),
+    "NaN model": (
+        _edit_array("detector/model/scatter", lambda a: a * float("nan")),
+        "NaN or infinity"),
+    "no detector": (_edit_meta("detector", _DELETE), "no detector state"),
+}
+
+
+def run_expecting_exit_3(daemon) -> str:
+    proc = subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config",
+                           str(daemon.config)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "--fresh" in proc.stderr and str(daemon.checkpoint) in proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_checkpoint_with_a_valid_digest_but_bad_content_exits_3_saying_what(
+        good_checkpoint, case, tmp_path):
+    from streamgmm.checkpoint import read_state, write_state
+    from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
+
+    daemon = good_checkpoint
+    original = daemon.checkpoint.read_bytes()
+    try:
+        arrays, meta = read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+        meta.pop("version")
+        edit, expected = MALFORMED[case]
+        edit(arrays, meta)
+        write_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION, arrays, meta)
+        assert expected in run_expecting_exit_3(daemon)
+    finally:
+        daemon.checkpoint.write_bytes(original)
+
+
+@pytest.mark.integration
+def test_a_directory_in_place_of_the_checkpoint_exits_3(good_checkpoint):
+    daemon = good_checkpoint
+    aside = daemon.checkpoint.with_suffix(".aside")
+    daemon.checkpoint.rename(aside)
+    daemon.checkpoint.mkdir()
+    try:
+        assert "is a directory" in run_expecting_exit_3(daemon)
+    finally:
+        daemon.checkpoint.rmdir()
+        aside.rename(daemon.checkpoint)
