@@ -147,6 +147,10 @@ class Metrics:
         self.checkpoint_age = gauge("streamgmm_checkpoint_age_seconds",
                                     "Seconds since the last checkpoint was written.")
         self.checkpoint_age.set_function(self._checkpoint_age)
+        self.checkpoint_failures = counter(
+            "streamgmm_checkpoint_failures",
+            "Checkpoints that could not be written (full or read-only disk, ...); detection goes "
+            "on and the last good checkpoint stays.")
         self.model_events_learned = gauge("streamgmm_model_events_learned",
                                           "Events the model has learned from.")
         self.warming_up = gauge("streamgmm_warming_up",
@@ -235,6 +239,10 @@ class Metrics:
         """Note that a checkpoint was written at ``timestamp`` (default: now)."""
         with self._lock:
             self._last_checkpoint = self._clock() if timestamp is None else float(timestamp)
+
+    def checkpoint_failed(self) -> None:
+        """Count a checkpoint that could not be written."""
+        self.checkpoint_failures.inc()
 
     def _checkpoint_age(self) -> float:
         with self._lock:

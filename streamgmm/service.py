@@ -132,6 +132,7 @@ class DaemonStats:
     batches: int = 0
     reconnects: int = 0
     checkpoints: int = 0
+    checkpoint_failures: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -478,9 +479,19 @@ class Daemon:
             "events_learned": int(self.detector.n_events_learned),
             "written_at": time.time(),
         }
-        write_state(self.config.checkpoint.path, CHECKPOINT_KIND, CHECKPOINT_VERSION,
-                    state_arrays, state_meta)
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = time.monotonic()  # after a failure too: retry at the interval
+        try:
+            write_state(self.config.checkpoint.path, CHECKPOINT_KIND, CHECKPOINT_VERSION,
+                        state_arrays, state_meta)
+        except OSError as exc:  # the disk, not the stream: keep detecting
+            self.stats.checkpoint_failures += 1
+            if self.metrics is not None:
+                self.metrics.checkpoint_failed()
+            logger.error("cannot write the checkpoint %s (%s); detection goes on and the last "
+                         "good checkpoint stays. Free space or fix the permissions of its "
+                         "directory (docs/operations.md, StreamgmmCheckpointFailing)",
+                         self.config.checkpoint.path, exc)
+            return
         self._last_checkpoint_wall = time.time()
         self.stats.checkpoints += 1
         if self.metrics is not None:

@@ -41,9 +41,9 @@ def normal_events(n: int, seed: int = 0, start: int = 0) -> list[bytes]:
             for i in range(n)]
 
 
-def configure(path, bootstrap, topics, group, checkpoint, backend, **sections) -> None:
+def configure(path, bootstrap, topics, group, checkpoint_path, backend, **sections) -> None:
     """``write_config``'s daemon configuration with some keys replaced (``features={...}``)."""
-    write_config(path, bootstrap, topics, group, checkpoint, backend=backend)
+    write_config(path, bootstrap, topics, group, checkpoint_path, backend=backend)
     config = tomllib.loads(path.read_text())
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
@@ -326,3 +326,78 @@ def test_a_directory_in_place_of_the_checkpoint_exits_3(good_checkpoint):
     finally:
         daemon.checkpoint.rmdir()
         aside.rename(daemon.checkpoint)
+
+
+# -- case 4: a full or read-only checkpoint directory does not stop detection ----------------
+
+
+def metric(port: int, name: str) -> float | None:
+    """The value of an unlabelled sample on the daemon's /metrics endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 kB tmpfs: room for one checkpoint (~330 kB) but not for writing a second."""
+    mount_point = tmp_path / "ck"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_checkpoint_disk_does_not_stop_detection(
+        tmp_path, bootstrap, small_disk, fault, daemons):
+    from streamgmm.checkpoint import read_state
+    from streamgmm.embedded import free_port
+    from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
+
+    port = free_port()
+    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka",
+                    metrics={"enabled": True, "host": "127.0.0.1", "port": port},
+                    checkpoint={"interval_seconds": 0.3})
+    daemons.append(daemon)
+    produce(bootstrap, daemon.topics[0], normal_events(400))
+    daemon.start()  # its first checkpoint fits
+    good = daemon.checkpoint.read_bytes()
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    else:  # fill what is left
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                fh.write(b"\0" * 1_000_000)
+            except OSError:
+                pass
+    produce(bootstrap, daemon.topics[0], normal_events(200, seed=1, start=400) + [b"bad 1"])
+    daemon.wait_committed(601)
+    wait_for(lambda: (metric(port, "streamgmm_checkpoint_failures_total") or 0) >= 2,
+             "checkpoint failures counted", 30, [("the daemon", daemon.proc)])
+    assert daemon.proc.poll() is None
+    assert daemon.checkpoint.read_bytes() == good, "the last good checkpoint stays"
+    assert daemon.stop() == 0  # even its final checkpoint fails
+    log = daemon.log()
+    assert "Traceback" not in log
+    assert "cannot write the checkpoint" in log and "detection goes on" in log
+
+    # A restart on the same disk restores the last good checkpoint and goes on.
+    daemon.start(wait=False)
+    produce(bootstrap, daemon.topics[0], [b"bad 2"] + normal_events(50, seed=2, start=600))
+    daemon.wait_committed(652)
+    assert any(m.value() == b"bad 2" for m in daemon.dead_letters(expect=2))
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
