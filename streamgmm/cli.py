@@ -1,7 +1,9 @@
 """The ``streamgmm`` command: run the daemon, the demo, a file replay or the embedded broker.
 
 Exit codes: 0 success (also after ``SIGTERM``/``SIGINT``), 1 runtime failure, 2 invalid
-configuration or arguments (nothing was connected), 3 unusable checkpoint.
+configuration or arguments (nothing was connected), 3 unusable checkpoint, 4 the daemon was stuck
+(its loop made no progress for ``[watchdog] stall_seconds``, or it did not stop within
+``[watchdog] stop_seconds`` of a ``SIGTERM``): restart it, nothing is lost.
 
 Examples
 --------
@@ -27,7 +29,7 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("streamgmm.cli")
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_CHECKPOINT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_CHECKPOINT, EXIT_STUCK = 0, 1, 2, 3, 4
 
 _DESCRIPTION = """\
 streamgmm: streaming Gaussian-mixture anomaly detection on event streams.
@@ -165,13 +167,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(config.to_toml())
         return EXIT_OK
     _setup_logging(args.log_level)
-    import signal
+    from streamgmm.watchdog import Watchdog
 
-    # Handle SIGTERM/SIGINT from the start: a stop that arrives while connecting is honoured.
-    stop_requested: list = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
+    # SIGTERM/SIGINT are handled on a thread of their own from the start: a stop that arrives
+    # while connecting, or while a Kafka call blocks, is honoured.
+    watchdog = Watchdog(config.watchdog.stall_seconds, config.watchdog.stop_seconds)
+    watchdog.watch_signals()
     from streamgmm.checkpoint import CheckpointError
+    from streamgmm.io.kafka import abandoned_clients
     from streamgmm.metrics import Metrics
     from streamgmm.service import Daemon
 
@@ -182,7 +185,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"streamgmm: moved the old checkpoint to {aside}; starting fresh", file=sys.stderr)
     metrics = Metrics() if config.metrics.enabled else None
     try:
-        daemon = Daemon(config, metrics=metrics, create_topics=args.create_topics)
+        daemon = Daemon(config, metrics=metrics, create_topics=args.create_topics,
+                        watchdog=watchdog)
     except CheckpointError as exc:
         _error(f"unusable checkpoint: {exc}\n(to start fresh: streamgmm run --fresh, or delete "
                f"{path})")
@@ -193,14 +197,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(str(exc))
         return EXIT_CONFIG
-    daemon.install_signal_handlers()
-    if stop_requested:
+    watchdog.on_stop(daemon.request_stop)
+    if watchdog.stop_requested:
         daemon.request_stop()
+    watchdog.start()
     try:
-        return daemon.run()
+        code = daemon.run()
     finally:
         if metrics is not None:
             metrics.close()
+    if abandoned_clients():  # destroying a client blocked in a call would block the exit
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """Typed configuration of the daemon: a TOML file plus environment overrides.
 
 The configuration is a tree of frozen dataclasses, one per TOML section (``[kafka]``, ``[batch]``,
-``[features]``, ``[model]``, ``[threshold]``, ``[metrics]``, ``[checkpoint]``). :func:`load_config`
-reads a TOML file (optional), applies every environment variable of the form
+``[features]``, ``[model]``, ``[threshold]``, ``[metrics]``, ``[checkpoint]``, ``[watchdog]``).
+:func:`load_config` reads a TOML file (optional), applies every environment variable of the form
 ``STREAMGMM_<SECTION>__<KEY>`` (``STREAMGMM_THRESHOLD__FALSE_ALARM_RATE=0.01``; the value is parsed
 to the key's type: numbers, ``true``/``false``, comma-separated lists) and validates the result.
 
@@ -72,6 +72,7 @@ __all__ = [
     "ThresholdConfig",
     "MetricsConfig",
     "CheckpointConfig",
+    "WatchdogConfig",
     "load_config",
     "ENV_PREFIX",
 ]
@@ -775,6 +776,21 @@ class CheckpointConfig(_Section):
                                    "seconds between checkpoints, e.g. 30")
 
 
+@dataclass(frozen=True)
+class WatchdogConfig(_Section):
+    """``[watchdog]``: when a stuck daemon ends its process (exit code 4) to be restarted."""
+
+    _name = "watchdog"
+
+    stall_seconds: float = _key(
+        120.0, _Float(), _between(10, 86_400),
+        "seconds the loop may go without progress; above the longest Kafka deadline (60 s)")
+    stop_seconds: float = _key(
+        20.0, _Float(), _between(1, 3600),
+        "seconds from SIGTERM to the end of the process; below the supervisor's grace period "
+        "(docker stop's 10 s by default, compose's stop_grace_period)")
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "kafka": KafkaConfig,
     "batch": BatchConfig,
@@ -783,6 +799,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "threshold": ThresholdConfig,
     "metrics": MetricsConfig,
     "checkpoint": CheckpointConfig,
+    "watchdog": WatchdogConfig,
 }
 _PASSTHROUGH_TABLES = ("client", "consumer", "producer")
 
@@ -809,6 +826,7 @@ class Config:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def __post_init__(self) -> None:
         limit, setting = self.kafka.max_message_bytes

@@ -30,8 +30,21 @@ So every valid event is learned exactly once and every anomaly and dead letter a
 
 Broker loss: any Kafka failure closes the clients, keeps the unpublished batch in memory, and
 reconnects with an exponential back-off (capped at :attr:`Daemon.max_backoff` seconds); the daemon
-never exits because the broker is away. ``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish
-the current batch, publish, commit, checkpoint and return.
+never exits because the broker is away. A client call that blocks past its deadline
+(:func:`streamgmm.io.kafka.bounded_call`) abandons that client and reconnects the same way; should
+the loop still make no progress for ``[watchdog] stall_seconds``, the watchdog
+(:mod:`streamgmm.watchdog`) ends the process with exit code 4. ``streamgmm_broker_up`` comes from a
+probe on a thread of its own (:mod:`streamgmm.io.probe`), so it is true while the loop blocks.
+``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish the current batch, publish, commit,
+checkpoint and return.
+
+Message faults: an event or a message that cannot be handled is that message's problem. It goes to
+the dead-letter topic with its reason (truncated to fit the producer's limit, with its original
+size and SHA-256 in headers), an anomaly message too large for the limit leaves out its event, and
+every message is strict JSON (:func:`streamgmm.messages.encode`); the rest of the batch goes on.
+
+Disk faults: a checkpoint that cannot be written is logged and counted
+(``streamgmm_checkpoint_failures_total``); detection goes on and the last good checkpoint stays.
 
 Examples
 --------
@@ -153,6 +166,8 @@ class Daemon:
         live console uses it); must be quick.
     create_topics : bool
         Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
+    watchdog : streamgmm.watchdog.Watchdog, optional
+        Told (:meth:`~streamgmm.watchdog.Watchdog.beat`) whenever the loop makes progress.
 
     Attributes
     ----------
@@ -172,8 +187,10 @@ class Daemon:
         detector_factory: Callable[[], Any] | None = None,
         on_batch: Callable[..., None] | None = None,
         create_topics: bool = False,
+        watchdog: Any = None,
     ) -> None:
         self.config = config
+        self.watchdog = watchdog
         self.metrics = metrics
         self.on_batch = on_batch
         self.create_topics = create_topics
@@ -240,14 +257,17 @@ class Daemon:
         """
         backoff = 0.5
         last_record = time.monotonic()
+        probe = self._start_probe()
         try:
             while not self._stop.is_set():
                 try:
                     self._connect()
+                    self._progress()
                     self._recover()
                     backoff = 0.5
                     while not self._stop.is_set():
                         n = self._step()
+                        self._progress()
                         now = time.monotonic()
                         if n:
                             last_record = now
@@ -258,15 +278,17 @@ class Daemon:
                             logger.info("no event for %.1f s; stopping", idle_exit_seconds)
                             self._stop.set()
                 except KafkaUnavailable as exc:
-                    self._set_broker_up(False)
                     logger.warning("Kafka unavailable (%s); reconnecting in %.1f s", exc, backoff)
                     self._close_clients()
                     self.stats.reconnects += 1
+                    self._progress()  # retrying is the loop at work, not a stuck loop
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
             self._finish()
         finally:
             self._close_clients()
+            if probe is not None:
+                probe.stop()
         return 0
 
     def _finish(self) -> None:
@@ -309,7 +331,6 @@ class Daemon:
                                 **producer_kwargs)
         self._source = source_class(self._bootstrap, kafka.input_topic, kafka.group_id,
                                     auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
-        self._set_broker_up(True)
 
     def _close_clients(self) -> None:
         if self._source is not None:
@@ -323,8 +344,10 @@ class Daemon:
         """Align the consumer with what the detector learned and what is already published."""
         source, kafka = self._source, self.config.kafka
         assigned = source.wait_for_assignment()
+        self._progress()
         committed = source.committed()
         beginnings = source.beginning_offsets()
+        self._progress()
         for tp in sorted(assigned):
             c, learned = committed.get(tp), self._learned.get(tp)
             begin = beginnings.get(tp, 0)
@@ -353,6 +376,7 @@ class Daemon:
             **kafka.security_kwargs(),
         )
         self._already_published |= published
+        self._progress()
         if not self._output_positions:
             self._output_positions = {tp: 0 for tp in ends_out}
         if self._pending is not None:
@@ -526,18 +550,39 @@ class Daemon:
 
     # -- metrics ----------------------------------------------------------------------------
 
+    def _progress(self) -> None:
+        """The loop is at work: tell the watchdog and the progress metric."""
+        if self.watchdog is not None:
+            self.watchdog.beat()
+        if self.metrics is not None:
+            self.metrics.progressed(time.time())
+
     def _set_broker_up(self, up: bool) -> None:
+        """What the broker probe found (on its thread): the metric, and a log line on change."""
         if up != self._broker_up:
-            logger.info("broker %s", "reachable" if up else "unreachable")
+            logger.info("broker %s", "answers" if up else "does not answer")
         self._broker_up = up
         if self.metrics is not None:
             self.metrics.set_broker_up(up)
+
+    def _start_probe(self):
+        """Probe the broker from a thread of its own, for a ``broker_up`` that stays true while
+        the main thread blocks (only with metrics: the probe exists for them)."""
+        if self.metrics is None:
+            return None
+        from streamgmm.io.confluent import librdkafka_security
+        from streamgmm.io.probe import BrokerProbe
+
+        kafka = self.config.kafka
+        settings = (kafka.librdkafka_settings() if kafka.backend == "confluent-kafka"
+                    else librdkafka_security(kafka.security_kwargs()))
+        return BrokerProbe({**settings, "bootstrap.servers": self._bootstrap},
+                           self._set_broker_up).start()
 
     def _probe_broker(self) -> None:
         """An idle poll says nothing about the broker: check that it can be reached at all."""
         if not broker_reachable(self._bootstrap, timeout=0.5):
             raise KafkaUnavailable(f"no broker answers at {self._bootstrap}")
-        self._set_broker_up(True)
 
     def _report_lag(self) -> None:
         if self.metrics is not None and self._source is not None:

@@ -401,3 +401,44 @@ def test_a_full_or_read_only_checkpoint_disk_does_not_stop_detection(
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
     read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+
+
+# -- case 3: a broker that restarts empty inside a transaction does not hang the daemon -------
+
+
+def mixed_events(n: int, seed: int = 0) -> list[bytes]:
+    """Normal events with an unscorable one in every five: every batch publishes something."""
+    values = normal_events(n, seed)
+    return [b"bad %d" % i if i % 5 == 4 else v for i, v in enumerate(values)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon(
+        tmp_path, backend, daemons):
+    from streamgmm.embedded import EmbeddedBroker, free_port
+
+    port = free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker1.log").start()
+    try:
+        daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
+                        batch={"max_records": 10, "max_wait_ms": 20})
+        daemons.append(daemon)
+        produce(broker.bootstrap_servers, daemon.topics[0], mixed_events(20000))
+        daemon.start("--create-topics")
+        wait_for(lambda: len(daemon.dead_letters(idle=0.2, timeout=2)) >= 50,
+                 "transactions under way", 60, [("the daemon", daemon.proc)])
+        broker.kill()  # inside a transaction: nearly every moment of this daemon is in one
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        restarted = time.monotonic()
+        produce(broker.bootstrap_servers, daemon.topics[0], [b"after restart"])
+        wait_for(lambda: any(m.value() == b"after restart"
+                             for m in daemon.dead_letters(idle=0.3, timeout=3)),
+                 "the daemon to work on the restarted broker", 120, [("the daemon", daemon.proc)])
+        recovery = time.monotonic() - restarted
+        stopping = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - stopping < 15
+        print(f"{backend}: back to work {recovery:.1f} s after the broker restarted")
+    finally:
+        broker.kill()

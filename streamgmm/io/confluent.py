@@ -38,10 +38,12 @@ from kafka import TopicPartition
 
 from streamgmm.io.kafka import (
     BatchSink,
+    CallTimedOut,
     GroupMember,
     KafkaUnavailable,
     OffsetsReader,
     OutgoingRecord,
+    bounded_call,
 )
 
 __all__ = [
@@ -413,7 +415,8 @@ class ConfluentSink(BatchSink):
         try:
             self._producer = ck.Producer(conf)
             if delivery == "exactly-once":
-                self._producer.init_transactions(operation_timeout)
+                self._bounded("init_transactions", self._producer.init_transactions,
+                              operation_timeout)
         except ck.KafkaException as exc:
             raise _unavailable(f"cannot start a producer on {bootstrap_servers}", exc) from exc
 
@@ -444,21 +447,32 @@ class ConfluentSink(BatchSink):
             raise KafkaUnavailable(f"{remaining} records not acknowledged within "
                                    f"{self.operation_timeout:g} s")
 
+    def _bounded(self, what: str, call, timeout: float, *args: Any) -> Any:
+        """``call(*args, timeout)``, abandoning the producer if it blocks well past ``timeout``."""
+        try:
+            return bounded_call(what, timeout + 5.0, call, *args, timeout,
+                                client=self._producer)
+        except CallTimedOut:
+            self._producer = None  # blocked inside librdkafka: never flushed, closed or reused
+            raise
+
     def _publish_transaction(self, records, offsets, source) -> None:
         producer, timeout = self._producer, self.operation_timeout
         producer.begin_transaction()
         try:
             self._produce(records)
             if offsets:
-                producer.send_offsets_to_transaction(
-                    [_to_confluent(tp, o) for tp, o in offsets.items()], source.group_metadata(),
-                    timeout)
-            producer.commit_transaction(timeout)
+                self._bounded("send_offsets_to_transaction", producer.send_offsets_to_transaction,
+                              timeout, [_to_confluent(tp, o) for tp, o in offsets.items()],
+                              source.group_metadata())
+            self._bounded("commit_transaction", producer.commit_transaction, timeout)
         except Exception:
-            try:
-                producer.abort_transaction(min(timeout, 5.0))
-            except Exception as abort_exc:  # the broker may be gone; the next instance fences us
-                logger.debug("abort after a failed transaction: %s", abort_exc)
+            if self._producer is not None:
+                try:
+                    self._bounded("abort_transaction", producer.abort_transaction,
+                                  min(timeout, 5.0))
+                except Exception as abort_exc:  # the broker may be gone; the next one fences us
+                    logger.debug("abort after a failed transaction: %s", abort_exc)
             raise
 
     def close(self, timeout: float = 2.0) -> None:

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ __all__ = [
     "BatchSink",
     "KafkaSink",
     "KafkaUnavailable",
+    "CallTimedOut",
+    "bounded_call",
+    "abandoned_clients",
     "dead_letter_headers",
     "record_size",
     "fit_record",
@@ -99,6 +103,61 @@ _SPRING = "kafka_dlt-"
 
 class KafkaUnavailable(ConnectionError):
     """The Kafka cluster cannot be reached or a Kafka operation failed; retry later."""
+
+
+class CallTimedOut(KafkaUnavailable):
+    """A client call did not return by its deadline; the client is abandoned, not reused."""
+
+
+# Clients one of whose calls never returned. They stay referenced (destroying a client that is
+# blocked inside a call blocks too) until the process ends; see abandoned_clients().
+_ABANDONED: list[Any] = []
+
+
+def abandoned_clients() -> int:
+    """How many clients were abandoned in a blocked call (the process should end by ``os._exit``:
+    destroying them at interpreter exit would block)."""
+    return len(_ABANDONED)
+
+
+def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = None) -> Any:
+    """``call(*args)``, given up after ``deadline`` seconds even if the call itself never returns.
+
+    The call runs on a thread of its own. A call that returns in time returns (or raises) as if
+    called directly. One that does not is left running, ``client`` (the object it blocks in) is
+    kept from being destroyed, and :class:`CallTimedOut` is raised: build a new client and retry.
+    librdkafka's transaction calls can block past their own timeout (seen: a broker that restarted
+    empty while ``send_offsets_to_transaction`` waited), and a blocked main thread cannot even run
+    the signal handler.
+
+    Examples
+    --------
+    >>> bounded_call("adding", 1.0, lambda a, b: a + b, 2, 3)
+    5
+    >>> bounded_call("sleeping", 0.05, time.sleep, 1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamgmm.io.kafka.CallTimedOut: sleeping did not return within 0.05 s; the client is ...
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller's thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"streamgmm-{what}", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        if client is not None:
+            _ABANDONED.append(client)
+        raise CallTimedOut(f"{what} did not return within {deadline:g} s; the client is "
+                           "abandoned and rebuilt")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 @dataclass(frozen=True)
