@@ -329,6 +329,7 @@ class Daemon:
         self._sink = sink_class(self._bootstrap, delivery=kafka.delivery,
                                 transactional_id=kafka.effective_transactional_id,
                                 **producer_kwargs)
+        self._sink.cancel = self._stop
         self._source = source_class(self._bootstrap, kafka.input_topic, kafka.group_id,
                                     auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
 

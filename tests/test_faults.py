@@ -442,3 +442,54 @@ def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon
         print(f"{backend}: back to work {recovery:.1f} s after the broker restarted")
     finally:
         broker.kill()
+
+
+# -- case 5: broker_up and the progress timestamp tell the truth while calls block -----------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
+        tmp_path, backend, daemons):
+    import os
+
+    from streamgmm.embedded import EmbeddedBroker, free_port
+
+    port, metrics_port = free_port(), free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker1.log").start()
+    try:
+        daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
+                        batch={"max_records": 10, "max_wait_ms": 20},
+                        metrics={"enabled": True, "host": "127.0.0.1", "port": metrics_port})
+        daemons.append(daemon)
+        produce(broker.bootstrap_servers, daemon.topics[0], mixed_events(20000))
+        daemon.start("--create-topics")
+        procs = [("the daemon", daemon.proc)]
+
+        def up() -> float | None:
+            return metric(metrics_port, "streamgmm_broker_up")
+
+        wait_for(lambda: up() == 1, "broker_up = 1", 30, procs)
+        os.kill(broker.pid, signal.SIGSTOP)  # frozen: it accepts connections, answers nothing
+        try:
+            frozen = time.monotonic()
+            # The probe asks every 2 s with a 2 s deadline, whatever the main thread is doing.
+            wait_for(lambda: up() == 0, "broker_up = 0 for a frozen broker", 8, procs)
+            print(f"{backend}: frozen broker seen after {time.monotonic() - frozen:.1f} s")
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        thawed = time.time()
+        wait_for(lambda: up() == 1, "broker_up = 1 once it answers again", 20, procs)
+        wait_for(lambda: metric(metrics_port, "streamgmm_last_progress_timestamp_seconds")
+                 > thawed, "the loop to make progress again", 60, procs)
+        broker.kill()
+        wait_for(lambda: up() == 0, "broker_up = 0 for a dead broker", 8, procs)
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        wait_for(lambda: up() == 1, "broker_up = 1 for the restarted broker", 20, procs)
+        # While the daemon recovers from the empty broker, broker_up stays 1: it is healthy.
+        for _ in range(10):
+            assert up() == 1
+            time.sleep(0.5)
+        assert daemon.stop() == 0
+    finally:
+        broker.kill()

@@ -451,7 +451,7 @@ class ConfluentSink(BatchSink):
         """``call(*args, timeout)``, abandoning the producer if it blocks well past ``timeout``."""
         try:
             return bounded_call(what, timeout + 5.0, call, *args, timeout,
-                                client=self._producer)
+                                client=self._producer, cancel=self.cancel)
         except CallTimedOut:
             self._producer = None  # blocked inside librdkafka: never flushed, closed or reused
             raise

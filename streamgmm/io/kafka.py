@@ -120,12 +120,36 @@ def abandoned_clients() -> int:
     return len(_ABANDONED)
 
 
-def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = None) -> Any:
+#: Seconds a blocking call still gets once the daemon is stopping.
+STOP_GRACE_SECONDS = 2.0
+
+
+class _Deadline:
+    """``seconds`` from now, or :data:`STOP_GRACE_SECONDS` after ``cancel`` is set if sooner."""
+
+    def __init__(self, seconds: float, cancel: threading.Event | None) -> None:
+        self._ends = time.monotonic() + seconds
+        self._cancel = cancel
+        self.cancelled = False
+
+    def passed(self) -> bool:
+        now = time.monotonic()
+        if not self.cancelled and self._cancel is not None and self._cancel.is_set():
+            self.cancelled = True
+            self._ends = min(self._ends, now + STOP_GRACE_SECONDS)
+        return now > self._ends
+
+
+def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = None,
+                 cancel: threading.Event | None = None) -> Any:
     """``call(*args)``, given up after ``deadline`` seconds even if the call itself never returns.
 
     The call runs on a thread of its own. A call that returns in time returns (or raises) as if
     called directly. One that does not is left running, ``client`` (the object it blocks in) is
     kept from being destroyed, and :class:`CallTimedOut` is raised: build a new client and retry.
+    Once ``cancel`` is set (the daemon is stopping) the call gets :data:`STOP_GRACE_SECONDS` more
+    at most: a stop does not wait for a call that may never return (what it was publishing is
+    published after the restart, once).
     librdkafka's transaction calls can block past their own timeout (seen: a broker that restarted
     empty while ``send_offsets_to_transaction`` waited), and a blocked main thread cannot even run
     the signal handler.
@@ -149,10 +173,14 @@ def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = Non
 
     worker = threading.Thread(target=run, name=f"streamgmm-{what}", daemon=True)
     worker.start()
-    worker.join(deadline)
+    ends = _Deadline(deadline, cancel)
+    while worker.is_alive() and not ends.passed():
+        worker.join(0.1)
     if worker.is_alive():
         if client is not None:
             _ABANDONED.append(client)
+        if ends.cancelled:
+            raise CallTimedOut(f"{what} given up: stopping")
         raise CallTimedOut(f"{what} did not return within {deadline:g} s; the client is "
                            "abandoned and rebuilt")
     if "error" in outcome:
@@ -611,6 +639,8 @@ class BatchSink:
             raise ValueError("exactly-once delivery needs a transactional_id")
         self.delivery = delivery
         self.operation_timeout = operation_timeout
+        #: Set when the daemon stops: a blocking call is then given up at once.
+        self.cancel: threading.Event | None = None
 
     @staticmethod
     def _unavailable(what: str, exc: BaseException) -> KafkaUnavailable:
@@ -689,8 +719,13 @@ class KafkaSink(BatchSink):
 
     def _wait(self, result, what: str) -> None:
         self._producer._sender.wakeup()
-        if not result.wait(timeout_ms=self.operation_timeout * 1000):
-            raise KafkaUnavailable(f"{what} did not finish within {self.operation_timeout:g} s")
+        ends = _Deadline(self.operation_timeout, self.cancel)
+        while not result.wait(timeout_ms=100):
+            if ends.passed():
+                if ends.cancelled:
+                    raise KafkaUnavailable(f"{what} given up: stopping")
+                raise KafkaUnavailable(
+                    f"{what} did not finish within {self.operation_timeout:g} s")
 
     def _send(self, records: Sequence[OutgoingRecord]) -> list:
         return [
