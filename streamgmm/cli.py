@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write the anomalies")
     _add_logging(replay)
 
+    health = sub.add_parser(
+        "health", help="exit 0 if the local daemon's metrics endpoint answers (for HEALTHCHECK)",
+        description="Fetch /metrics from the daemon on this host, on the port of the "
+        "configuration ([metrics] port, or STREAMGMM_METRICS__PORT): exit 0 if it answers, 1 if "
+        "not. The container image's HEALTHCHECK runs it, so it follows the configured port.")
+    health.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    health.add_argument("--timeout", type=float, default=4.0,
+                        help="seconds to wait for the answer (default: %(default)s)")
+
     broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker alone",
                             description="Run the embedded Tansu broker (in memory: its data is "
                             "lost when it stops) until Ctrl-C, for local development.")
@@ -236,6 +245,29 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return int(replay.main(config, args.input, args.output) or 0)
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    config = _load_config(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    metrics = config.metrics
+    if not metrics.enabled or metrics.port == 0:
+        print("streamgmm: metrics are disabled or on a random port; nothing to check",
+              file=sys.stderr)
+        return EXIT_OK
+    host = "127.0.0.1" if metrics.host in ("0.0.0.0", "::", "") else metrics.host
+    url = f"http://{host}:{metrics.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            ok = response.status == 200
+    except (OSError, urllib.error.URLError) as exc:
+        _error(f"{url} does not answer: {exc}")
+        return EXIT_FAILURE
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     import signal
@@ -268,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"run": _cmd_run, "demo": _cmd_demo, "replay": _cmd_replay,
-                "broker": _cmd_broker}
+                "health": _cmd_health, "broker": _cmd_broker}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

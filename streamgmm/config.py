@@ -359,10 +359,13 @@ class _Section:
             if "kind" not in f.metadata:
                 continue
             key = f"{self._name}.{f.name}"
+            secret = f.metadata["secret"] or _is_secret(f.name)
             try:
                 value = f.metadata["kind"].coerce(getattr(self, f.name))
             except _WrongType as exc:
-                raise ConfigError(key, str(exc), f.metadata["hint"]) from None
+                problem = (f"expected {f.metadata['kind'].description}, got a value of another "
+                           "type (not shown: it is a secret)") if secret else str(exc)
+                raise ConfigError(key, problem, f.metadata["hint"]) from None
             object.__setattr__(self, f.name, value)
             check = f.metadata["check"]
             problem = check(value) if check else None
@@ -380,7 +383,8 @@ class _Section:
             value = getattr(self, f.name)
             if "kind" in f.metadata:
                 value = f.metadata["kind"].to_toml(value)
-                if redact and f.metadata["secret"] and value is not None:
+                secret = f.metadata["secret"] or _is_secret(f.name)
+                if redact and secret and value is not None:
                     value = "***"
             elif isinstance(value, Mapping):
                 value = {k: ("***" if redact and _is_secret(k) else v) for k, v in value.items()}
@@ -393,8 +397,32 @@ def _toml_key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_value(name)
 
 
+#: Words that mark a setting's value as secret wherever they appear in its name.
+_SECRET_WORDS = ("password", "passwd", "secret", "key", "token", "credential", "passphrase",
+                 "sasl", "oauth", "jaas", "pem")
+#: Names that hold one of those words but nothing secret.
+_NOT_SECRET = frozenset({"sasl_mechanism", "sasl.mechanism", "sasl.mechanisms"})
+
+
 def _is_secret(name: str) -> bool:
-    return "password" in name or "token" in name or "secret" in name
+    """Whether the value of setting ``name`` must never be shown (``--print-config``, errors).
+
+    By name patterns (:data:`_SECRET_WORDS`: ``sasl.*``, ``*password*``, ``*key*``, ...) and by
+    librdkafka's own list of sensitive properties.
+
+    Examples
+    --------
+    >>> [_is_secret(n) for n in ("ssl.key.pem", "sasl.oauthbearer.config", "sasl_mechanism",
+    ...                          "linger.ms", "ssl_keyfile", "api_token")]
+    [True, True, False, False, True, True]
+    """
+    from streamgmm.io.confluent import SENSITIVE_PROPERTIES
+
+    lowered = name.lower()
+    if lowered in _NOT_SECRET:
+        return False
+    dotted = lowered if "." in lowered else lowered.replace("_", ".")
+    return dotted in SENSITIVE_PROPERTIES or any(word in lowered for word in _SECRET_WORDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,11 +619,15 @@ class KafkaConfig(_Section):
                                   "set kafka.security_protocol, kafka.sasl_* or kafka.ssl_* "
                                   "instead")
             if isinstance(value, (Mapping, list)):
-                raise ConfigError(key, f"expected a single value, got {_show(value)}",
+                shown = "a table or list (not shown: it is a secret)" if _is_secret(prop) \
+                    else _show(value)
+                raise ConfigError(key, f"expected a single value, got {shown}",
                                   'librdkafka takes strings, numbers and booleans, e.g. "a,b"')
             problem = check_librdkafka_settings({prop: value})
             if problem:
-                raise ConfigError(key, f"is refused by librdkafka: {problem}",
+                if _is_secret(prop):  # a value may slip into the complaint: never show it
+                    problem = problem.replace(str(value), "***")
+                raise ConfigError(key, f"is not a valid librdkafka setting: {problem}",
                                   "see librdkafka's CONFIGURATION.md for the property names")
             settings[prop] = value
         object.__setattr__(self, "librdkafka", settings)

@@ -493,3 +493,80 @@ def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
         assert daemon.stop() == 0
     finally:
         broker.kill()
+
+
+# -- case 7: --print-config shows no secret and has no side effects -------------------------
+
+PRIVATE_KEY = "-----BEGIN PRIVATE KEY-----MIIEvQIBADANBgkqhkiG9w0BAQEFAASC-----END PRIVATE KEY-----"
+
+
+def print_config(tmp_path, text: str, env=None) -> subprocess.CompletedProcess:
+    import os
+
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    return subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config", str(config),
+                           "--print-config"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_print_config_redacts_every_secret_bearing_setting(tmp_path):
+    proc = print_config(tmp_path, f"""
+[features]
+fields = ["x"]
+[kafka]
+security_protocol = "SASL_SSL"
+sasl_mechanism = "OAUTHBEARER"
+sasl_plain_username = "svc-user-7"
+ssl_password = "pw-for-the-key-file"
+[kafka.librdkafka]
+"ssl.key.pem" = "{PRIVATE_KEY}"
+"sasl.oauthbearer.config" = "principal=svc scope=all secret=oauth-s3cr3t"
+"sasl.oauthbearer.client.secret" = "client-s3cr3t"
+"ssl.keystore.password" = "keystore-s3cr3t"
+"linger.ms" = 7
+""", env={"STREAMGMM_KAFKA__SASL_PLAIN_PASSWORD": "env-s3cr3t"})
+    assert proc.returncode == 0, proc.stderr
+    for secret in ("BEGIN PRIVATE KEY", "oauth-s3cr3t", "client-s3cr3t", "keystore-s3cr3t",
+                   "env-s3cr3t", "svc-user-7", "pw-for-the-key-file"):
+        assert secret not in proc.stdout, secret
+    assert '"linger.ms" = 7' in proc.stdout and 'sasl_mechanism = "OAUTHBEARER"' in proc.stdout
+
+
+def test_a_config_error_never_echoes_a_secret(tmp_path):
+    proc = print_config(tmp_path, """
+[features]
+fields = ["x"]
+[kafka]
+security_protocol = "SASL_SSL"
+sasl_mechanism = "PLAIN"
+sasl_plain_password = 918273645
+""")
+    assert proc.returncode == 2
+    assert "kafka.sasl_plain_password" in proc.stderr and "918273645" not in proc.stderr
+    proc = print_config(tmp_path, """
+[features]
+fields = ["x"]
+[kafka.librdkafka]
+"ssl.keystore.password" = ["k1-s3cr3t"]
+""")
+    assert proc.returncode == 2 and "k1-s3cr3t" not in proc.stderr
+
+
+def test_checking_the_config_loads_no_plugin_and_builds_no_client(tmp_path):
+    # A plugin library that cannot be loaded: building a librdkafka client to check the
+    # configuration tried to load it and refused the configuration.
+    plugin = tmp_path / "libnot-a-plugin.so"
+    plugin.write_bytes(b"not a shared object")
+    proc = print_config(tmp_path, f"""
+[features]
+fields = ["x"]
+[kafka.librdkafka]
+"plugin.library.paths" = "{plugin}"
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert str(plugin) in proc.stdout
+    # A bad name or value is still refused, by librdkafka's documented property list.
+    proc = print_config(tmp_path, '[features]\nfields = ["x"]\n[kafka.librdkafka]\n'
+                                  '"compression.type" = "brotli"\n')
+    assert proc.returncode == 2 and "compression.type" in proc.stderr
