@@ -63,7 +63,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -402,20 +402,8 @@ class Daemon:
             self._report_lag()
             return 0
         started = time.perf_counter()
-        extraction = self._extractor.extract([r.value for r in records])
-        result = self.detector.process(extraction.features) if len(extraction.indices) else None
-
-        outgoing: list[OutgoingRecord] = []
-        for letter in extraction.dead_letters:
-            rec = records[letter.index]
-            outgoing.append(self._dead_letter(rec, letter))
-        n_anomalies = 0
-        if result is not None:
-            flagged = np.flatnonzero(result.is_anomaly)
-            n_anomalies = len(flagged)
-            for row in flagged:
-                rec = records[int(extraction.indices[row])]
-                outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
+        outgoing, extraction, result = self.process_batch(records)
+        n_anomalies = len(outgoing) - len(extraction.dead_letters)
         offsets = _next_offsets(records)
         self._learned.update(offsets)
         to_publish = [r for r in outgoing if self._should_publish(r.source)]
@@ -445,6 +433,38 @@ class Daemon:
             self.on_batch(self, records, extraction, result)
         self._maybe_checkpoint()
         return len(records)
+
+    def process_batch(self, records: Sequence[Any]):
+        """Decode, score, decide and learn one batch of consumed records; no I/O.
+
+        Parameters
+        ----------
+        records : sequence
+            Consumed records: ``value``, ``key``, ``headers``, ``topic``, ``partition``,
+            ``offset``.
+
+        Returns
+        -------
+        outgoing : list of OutgoingRecord
+            The batch's dead letters, then its anomaly messages, each within the producer's
+            message limit.
+        extraction : streamgmm.features.Extraction
+        result : detector batch result, or None when no record could be scored
+        """
+        extraction = self._extractor.extract([r.value for r in records])
+        result = self.detector.process(extraction.features) if len(extraction.indices) else None
+        outgoing = [self._dead_letter(records[letter.index], letter)
+                    for letter in extraction.dead_letters]
+        if result is not None:
+            for row in np.flatnonzero(result.is_anomaly):
+                rec = records[int(extraction.indices[row])]
+                outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
+        return outgoing, extraction, result
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record the daemon publishes (the producer's limit less framing room)."""
+        return self._max_record_bytes
 
     def _should_publish(self, source: tuple[str, int, int] | None) -> bool:
         if source is None:
