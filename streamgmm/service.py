@@ -58,6 +58,7 @@ The loop needs a broker; with the embedded one (see ``streamgmm demo`` for a com
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ from streamgmm.io.kafka import (
     KafkaSource,
     KafkaUnavailable,
     OutgoingRecord,
+    RecordRejected,
     broker_reachable,
     dead_letter_headers,
     ensure_topics,
@@ -414,7 +416,7 @@ class Daemon:
                 1 for r in records
                 if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
         self._pending = (to_publish, commit)
-        self._sink.publish(to_publish, commit, self._source)
+        to_publish = self._publish(to_publish, commit)
         self._pending = None
         for tp in commit:
             self._publish_from.pop(tp, None)
@@ -433,6 +435,43 @@ class Daemon:
             self.on_batch(self, records, extraction, result)
         self._maybe_checkpoint()
         return len(records)
+
+    def _publish(self, records: list[OutgoingRecord], commit) -> list[OutgoingRecord]:
+        """Publish a batch; a record the broker refuses becomes a reason-only dead letter.
+
+        Returns what was published. A refusal that remains after the replacement (a broker that
+        refuses even a reason-only record) is a fault of the environment: KafkaUnavailable.
+        """
+        for _ in range(2):
+            try:
+                self._sink.publish(records, commit, self._source)
+                return records
+            except RecordRejected as exc:
+                logger.warning("the broker refused %d records of the batch (%s); sending "
+                               "reason-only dead letters in their place", len(exc.rejected), exc)
+                records = [self._reason_only(r, exc.rejected[i]) if i in exc.rejected else r
+                           for i, r in enumerate(records)]
+                self._pending = (records, commit)
+                if self.metrics is not None:
+                    self.metrics.dead_letters({"oversize": len(exc.rejected)})
+        raise KafkaUnavailable("the broker refuses even reason-only dead letters; check the "
+                               "dead-letter topic's configuration")
+
+    def _reason_only(self, record: OutgoingRecord, why: str) -> OutgoingRecord:
+        """A dead letter without the value the broker refused: the reason, the source and the
+        original's size and SHA-256 in headers."""
+        topic, partition, offset = record.source or ("", -1, -1)
+        value = record.value or b""
+        kind = "anomaly message" if record.topic == self.config.kafka.output_topic else "record"
+        headers = dead_letter_headers(
+            "oversize", f"the broker refused the {kind} of {len(value)} bytes ({why}); raise the "
+            f"topic's max.message.bytes or lower features.max_event_bytes", topic, partition,
+            offset)
+        headers += [("streamgmm.truncated", b"true"),
+                    ("streamgmm.original-size", str(len(value)).encode()),
+                    ("streamgmm.original-sha256", hashlib.sha256(value).hexdigest().encode())]
+        return OutgoingRecord(self.config.kafka.dead_letter_topic, b"", record.key, headers,
+                              record.source)
 
     def process_batch(self, records: Sequence[Any]):
         """Decode, score, decide and learn one batch of consumed records; no I/O.

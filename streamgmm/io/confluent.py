@@ -45,6 +45,7 @@ from streamgmm.io.kafka import (
     KafkaUnavailable,
     OffsetsReader,
     OutgoingRecord,
+    RecordRejected,
     bounded_call,
 )
 
@@ -129,6 +130,9 @@ SENSITIVE_PROPERTIES = frozenset({
     "ssl.key.pem", "ssl_key", "ssl.ca.pem", "ssl.keystore.password",
 })
 _BOOLEANS = {"true": True, "false": False}
+#: librdkafka's errors that refuse one record for what it is.
+_RECORD_ERRORS = frozenset({ck.KafkaError.MSG_SIZE_TOO_LARGE, ck.KafkaError.RECORD_LIST_TOO_LARGE,
+                            ck.KafkaError.INVALID_RECORD})
 
 
 def check_librdkafka_settings(settings: Mapping[str, Any]) -> str | None:
@@ -468,16 +472,35 @@ class ConfluentSink(BatchSink):
         except ck.KafkaException as exc:
             raise _unavailable(f"cannot start a producer on {bootstrap_servers}", exc) from exc
 
-    def _produce(self, records: Sequence[OutgoingRecord], on_delivery=None) -> None:
-        producer = self._producer
-        for r in records:
+    def _produce(self, records: Sequence[OutgoingRecord], on_delivery=None) -> dict[int, str]:
+        """Produce ``records``; returns the records refused, filled in as deliveries report.
+
+        ``on_delivery(error, message)`` is called for every delivery. A record refused for what
+        it is (too large) is noted in the returned mapping, by its position in ``records``.
+        """
+        producer, rejected = self._producer, {}
+
+        def reporter(index):
+            def report(error, message) -> None:
+                if error is not None and error.code() in _RECORD_ERRORS:
+                    rejected[index] = error.str()
+                if on_delivery is not None:
+                    on_delivery(error, message)
+            return report
+
+        for i, r in enumerate(records):
             while True:
                 try:
                     producer.produce(r.topic, value=r.value, key=r.key,
-                                     headers=r.headers or None, on_delivery=on_delivery)
+                                     headers=r.headers or None, on_delivery=reporter(i))
                     break
                 except BufferError:  # the local queue is full: let deliveries drain it
                     producer.poll(0.05)
+                except ck.KafkaException as exc:
+                    if exc.args and exc.args[0].code() in _RECORD_ERRORS:
+                        raise RecordRejected({i: exc.args[0].str()}) from exc
+                    raise
+        return rejected
 
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         failures: list = []
@@ -486,8 +509,10 @@ class ConfluentSink(BatchSink):
             if error is not None:
                 failures.append(error)
 
-        self._produce(records, on_delivery)
+        rejected = self._produce(records, on_delivery)
         remaining = self._producer.flush(self.operation_timeout)
+        if rejected:
+            raise RecordRejected(rejected)
         if failures:
             raise KafkaUnavailable(f"{len(failures)} records were not delivered: "
                                    f"{failures[0].str()}")
@@ -507,20 +532,23 @@ class ConfluentSink(BatchSink):
     def _publish_transaction(self, records, offsets, source) -> None:
         producer, timeout = self._producer, self.operation_timeout
         producer.begin_transaction()
+        rejected: dict[int, str] = {}
         try:
-            self._produce(records)
+            rejected = self._produce(records)
             if offsets:
                 self._bounded("send_offsets_to_transaction", producer.send_offsets_to_transaction,
                               timeout, [_to_confluent(tp, o) for tp, o in offsets.items()],
                               source.group_metadata())
             self._bounded("commit_transaction", producer.commit_transaction, timeout)
-        except Exception:
+        except Exception as exc:
             if self._producer is not None:
                 try:
                     self._bounded("abort_transaction", producer.abort_transaction,
                                   min(timeout, 5.0))
                 except Exception as abort_exc:  # the broker may be gone; the next one fences us
                     logger.debug("abort after a failed transaction: %s", abort_exc)
+            if rejected and not isinstance(exc, RecordRejected):
+                raise RecordRejected(rejected) from exc
             raise
 
     def close(self, timeout: float = 2.0) -> None:

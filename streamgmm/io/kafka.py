@@ -55,6 +55,7 @@ __all__ = [
     "KafkaSink",
     "KafkaUnavailable",
     "CallTimedOut",
+    "RecordRejected",
     "bounded_call",
     "abandoned_clients",
     "dead_letter_headers",
@@ -96,6 +97,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "reconnect_backoff_max_ms": 2000,
 }
 
+#: Deadline of the consumer calls that have none by default (committed, position, close), ms.
+CALL_TIMEOUT_MS = 10_000
+
 # Kafka Connect and Spring Kafka dead-letter header names.
 _CONNECT = "__connect.errors."
 _SPRING = "kafka_dlt-"
@@ -107,6 +111,28 @@ class KafkaUnavailable(ConnectionError):
 
 class CallTimedOut(KafkaUnavailable):
     """A client call did not return by its deadline; the client is abandoned, not reused."""
+
+
+class RecordRejected(Exception):
+    """The producer or the broker refused some records for what they are (too large for a topic's
+    ``max.message.bytes``): a fault of those messages, not of the broker. Nothing of the batch was
+    published; replace the records and publish again.
+
+    Attributes
+    ----------
+    rejected : dict of int to str
+        Position in the batch of each refused record, and why.
+    """
+
+    def __init__(self, rejected: Mapping[int, str]) -> None:
+        self.rejected = dict(rejected)
+        super().__init__(f"{len(self.rejected)} records refused: "
+                         f"{next(iter(self.rejected.values()))}")
+
+
+#: kafka-python's errors that refuse one record for what it is.
+RECORD_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
+                 kafka_errors.InvalidRecordError)
 
 
 # Clients one of whose calls never returned. They stay referenced (destroying a client that is
@@ -590,12 +616,16 @@ class KafkaSource(GroupMember):
     def committed(self) -> dict[TopicPartition, int | None]:
         """The group's committed offset for each assigned partition (``None`` if none)."""
         try:
-            return {tp: self._consumer.committed(tp) for tp in self._consumer.assignment()}
+            return {tp: self._consumer.committed(tp, timeout_ms=CALL_TIMEOUT_MS)
+                    for tp in self._consumer.assignment()}
         except kafka_errors.KafkaError as exc:
             raise _client_error("reading committed offsets failed", exc) from exc
 
     def position(self, tp: TopicPartition) -> int:
-        return self._consumer.position(tp)
+        try:
+            return self._consumer.position(tp, timeout_ms=CALL_TIMEOUT_MS)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("reading the position failed", exc) from exc
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(tp, offset)
@@ -616,7 +646,7 @@ class KafkaSource(GroupMember):
     def close(self) -> None:
         self._offsets.close()
         try:
-            self._consumer.close(autocommit=False)
+            self._consumer.close(autocommit=False, timeout_ms=CALL_TIMEOUT_MS)
         except Exception as exc:  # closing a consumer of a dead broker may fail; nothing to do
             logger.debug("closing the consumer: %s", exc)
 
@@ -663,8 +693,11 @@ class BatchSink:
 
         Raises
         ------
+        RecordRejected
+            If records were refused for what they are (too large for their topic); in
+            exactly-once mode nothing was published. Replace them and publish again.
         KafkaUnavailable
-            If anything failed; nothing should be assumed published (or not).
+            If anything else failed; nothing should be assumed published (or not).
         """
         try:
             if self.delivery == "exactly-once" and records:
@@ -728,10 +761,14 @@ class KafkaSink(BatchSink):
                     f"{what} did not finish within {self.operation_timeout:g} s")
 
     def _send(self, records: Sequence[OutgoingRecord]) -> list:
-        return [
-            self._producer.send(r.topic, value=r.value, key=r.key, headers=r.headers or None)
-            for r in records
-        ]
+        futures = []
+        for i, r in enumerate(records):
+            try:
+                futures.append(self._producer.send(r.topic, value=r.value, key=r.key,
+                                                   headers=r.headers or None))
+            except RECORD_ERRORS as exc:  # refused before sending: too large for the producer
+                raise RecordRejected({i: f"{type(exc).__name__}: {exc}"}) from exc
+        return futures
 
     def _await_sends(self, futures: list) -> None:
         if not futures:
@@ -739,8 +776,14 @@ class KafkaSink(BatchSink):
         # flush() sends at once instead of after linger_ms; it does not raise on failure, the
         # futures do.
         self._producer.flush(timeout=self.operation_timeout)
-        for fut in futures:
-            fut.get(timeout=self.operation_timeout)
+        rejected = {}
+        for i, fut in enumerate(futures):
+            try:
+                fut.get(timeout=self.operation_timeout)
+            except RECORD_ERRORS as exc:  # the broker refused this record, not the batch
+                rejected[i] = f"{type(exc).__name__}: {exc}"
+        if rejected:
+            raise RecordRejected(rejected)
 
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         self._await_sends(self._send(records))
