@@ -50,14 +50,15 @@ def configure(path, bootstrap, topics, group, checkpoint_path, backend, **sectio
     path.write_text(tomli_w.dumps(config))
 
 
-def create_input_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    """An input topic that takes records of up to 10 MB (outputs keep the broker's default)."""
+def create_input_topic(bootstrap: str, topic: str, partitions: int,
+                       max_bytes: int = 10_000_000) -> None:
+    """A topic that takes records of up to ``max_bytes`` (outputs keep the broker's default)."""
     from kafka.admin import KafkaAdminClient, NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         admin.create_topics([NewTopic(topic, partitions, 1,
-                                      topic_configs={"max.message.bytes": "10000000"})])
+                                      topic_configs={"max.message.bytes": str(max_bytes)})])
     finally:
         admin.close()
 
@@ -65,11 +66,16 @@ def create_input_topic(bootstrap: str, topic: str, partitions: int) -> None:
 class Daemon:
     """A ``streamgmm run`` process with its log, on fresh topics of ``bootstrap``."""
 
-    def __init__(self, tmp_path, bootstrap, backend, partitions=1, **sections):
+    def __init__(self, tmp_path, bootstrap, backend, partitions=1, output_limit=None,
+                 **sections):
         self.bootstrap = bootstrap
         self.topics = tuple(unique_name(p) for p in ("in", "out", "dlq"))
         self.group = unique_name("group")
-        ensure_topics(bootstrap, self.topics[1:], partitions=partitions)
+        if output_limit is None:
+            ensure_topics(bootstrap, self.topics[1:], partitions=partitions)
+        else:
+            for topic in self.topics[1:]:
+                create_input_topic(bootstrap, topic, partitions, output_limit)
         create_input_topic(bootstrap, self.topics[0], partitions)
         self.checkpoint = tmp_path / "ck" / "checkpoint.npz"
         self.config = tmp_path / "streamgmm.toml"
@@ -216,6 +222,45 @@ def test_oversized_events_are_dead_lettered_truncated_and_the_batch_goes_on(
                 original).hexdigest().encode()
             assert original.startswith(message.value())  # truncated, not rewritten
     assert "Traceback" not in daemon.log()
+
+
+def broker_enforces_topic_limits(bootstrap: str, topic: str) -> bool:
+    """Whether the broker refuses a record above ``topic``'s max.message.bytes (Kafka does;
+    Tansu 0.6 takes anything)."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap,
+                                         "message.max.bytes": 10_000_000})
+    errors = []
+    producer.produce(topic, b"z" * 50_000, on_delivery=lambda e, _m: errors.append(e))
+    producer.flush(30)
+    return errors[0] is not None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_record_the_broker_refuses_becomes_a_reason_only_dead_letter(
+        tmp_path, bootstrap, backend, daemons):
+    daemon = Daemon(tmp_path, bootstrap, backend, output_limit=20_000)
+    daemons.append(daemon)
+    probe_topic = unique_name("limited")
+    create_input_topic(bootstrap, probe_topic, 1, 20_000)
+    if not broker_enforces_topic_limits(bootstrap, probe_topic):
+        pytest.skip("this broker does not enforce a topic's max.message.bytes")
+    big_anomaly = orjson.dumps({"x": 10000, "y": 10000, "pad": "a" * 30_000})
+    big_invalid = orjson.dumps({"x": "high", "y": 1, "pad": "b" * 30_000})
+    values = normal_events(400) + [big_anomaly, big_invalid] + normal_events(50, 3, 400)
+    produce_large(bootstrap, daemon.topics[0], values)
+    daemon.start()
+    daemon.wait_committed(len(values))
+    letters = daemon.dead_letters(expect=2, idle=1.0)
+    assert daemon.stop() == 0
+    by_offset = {source_of_dead_letter(m.headers())[2]: m for m in letters}
+    for offset, original in ((400, big_anomaly), (401, big_invalid)):
+        headers = dead_letter_headers_of(by_offset[offset])
+        assert by_offset[offset].value() in (b"", None)
+        assert b"refused" in headers["__connect.errors.exception.message"]
+        assert int(headers["streamgmm.original-size"]) >= len(original)
 
 
 def test_an_event_limit_above_the_producer_limit_is_refused_at_start_naming_the_setting(tmp_path):
@@ -570,3 +615,66 @@ fields = ["x"]
     proc = print_config(tmp_path, '[features]\nfields = ["x"]\n[kafka.librdkafka]\n'
                                   '"compression.type" = "brotli"\n')
     assert proc.returncode == 2 and "compression.type" in proc.stderr
+
+
+# -- the watchdog: a loop stuck past every deadline ends the process with exit code 4 ---------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loop_stuck_on_a_frozen_broker_exits_4_and_the_restart_resumes(
+        tmp_path, backend, daemons):
+    import os
+
+    from streamgmm.embedded import EmbeddedBroker, free_port
+
+    broker = EmbeddedBroker(port=free_port(), log_path=tmp_path / "broker.log").start()
+    try:
+        daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
+                        batch={"max_records": 10, "max_wait_ms": 20},
+                        watchdog={"stall_seconds": 10})
+        daemons.append(daemon)
+        produce(broker.bootstrap_servers, daemon.topics[0], mixed_events(20000))
+        daemon.start()
+        wait_for(lambda: len(daemon.dead_letters(idle=0.2, timeout=2)) >= 50,
+                 "transactions under way", 60, [("the daemon", daemon.proc)])
+        os.kill(broker.pid, signal.SIGSTOP)  # every call now waits for its deadline (30-35 s)
+        try:
+            frozen = time.monotonic()
+            assert daemon.proc.wait(timeout=40) == 4
+            stuck_for = time.monotonic() - frozen
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert "made no progress" in daemon.log()
+        assert 10 <= stuck_for < 25, stuck_for
+        # What a supervisor does: start it again (with the default stall_seconds, above the
+        # deadlines of a recovery that follows a dead transaction); it resumes from its checkpoint.
+        configure(daemon.config, broker.bootstrap_servers, daemon.topics, daemon.group,
+                  daemon.checkpoint, backend, batch={"max_records": 10, "max_wait_ms": 20})
+        daemon.start()
+        daemon.wait_committed(20000, timeout=120)
+        assert daemon.stop() == 0
+        letters = daemon.dead_letters(expect=4000, idle=1.0)
+        sources = [source_of_dead_letter(m.headers()) for m in letters]
+        assert len(sources) == len(set(sources)) == 4000, "each dead letter exactly once"
+    finally:
+        broker.kill()
+
+
+def test_an_anomaly_message_over_the_limit_leaves_its_event_out():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from streamgmm.messages import anomaly_message
+
+    result = SimpleNamespace(
+        score=np.array([41.0]), anomaly_score=np.array([1.9]), threshold=np.array([21.5]),
+        log_likelihood=np.array([-41.0]), tail_probability=np.array([1e-5]),
+        component=np.array([0]), explain=lambda i: [])
+    event = {"x": 1e4, "pad": "p" * 5000}
+    full = anomaly_message(event, result, 0, ("in", 0, 7), 100, max_bytes=10_000)
+    assert orjson.loads(full)["event"] == event
+    cut = orjson.loads(anomaly_message(event, result, 0, ("in", 0, 7), 100, max_bytes=2000))
+    assert cut["event"] is None and "more than the 2000" in cut["event_omitted"]
+    assert cut["score"] == 41.0 and cut["source"] == {"topic": "in", "partition": 0, "offset": 7}
