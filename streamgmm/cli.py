@@ -190,7 +190,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = config.checkpoint.path
     if args.fresh and os.path.exists(path):
         aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.old"
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            _error(f"cannot move the checkpoint {path} aside ({exc.strerror}); delete it or fix "
+                   "the permissions of its directory")
+            return EXIT_CHECKPOINT
         print(f"streamgmm: moved the old checkpoint to {aside}; starting fresh", file=sys.stderr)
     metrics = Metrics() if config.metrics.enabled else None
     try:
