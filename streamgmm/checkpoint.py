@@ -182,4 +182,8 @@ def read_state(
             data = fh.read()
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such state file") from exc
+    except IsADirectoryError as exc:
+        raise CheckpointError(f"{path}: is a directory, not a state file") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
     return loads_state(data, kind=kind, max_version=max_version, source=path)

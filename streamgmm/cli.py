@@ -1,7 +1,9 @@
 """The ``streamgmm`` command: run the daemon, the demo, a file replay or the embedded broker.
 
 Exit codes: 0 success (also after ``SIGTERM``/``SIGINT``), 1 runtime failure, 2 invalid
-configuration or arguments (nothing was connected), 3 unusable checkpoint.
+configuration or arguments (nothing was connected), 3 unusable checkpoint, 4 the daemon was stuck
+(its loop made no progress for ``[watchdog] stall_seconds``, or it did not stop within
+``[watchdog] stop_seconds`` of a ``SIGTERM``): restart it, nothing is lost.
 
 Examples
 --------
@@ -27,7 +29,7 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("streamgmm.cli")
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_CHECKPOINT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_CHECKPOINT, EXIT_STUCK = 0, 1, 2, 3, 4
 
 _DESCRIPTION = """\
 streamgmm: streaming Gaussian-mixture anomaly detection on event streams.
@@ -126,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write the anomalies")
     _add_logging(replay)
 
+    health = sub.add_parser(
+        "health", help="exit 0 if the local daemon's metrics endpoint answers (for HEALTHCHECK)",
+        description="Fetch /metrics from the daemon on this host, on the port of the "
+        "configuration ([metrics] port, or STREAMGMM_METRICS__PORT): exit 0 if it answers, 1 if "
+        "not. The container image's HEALTHCHECK runs it, so it follows the configured port.")
+    health.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    health.add_argument("--timeout", type=float, default=4.0,
+                        help="seconds to wait for the answer (default: %(default)s)")
+
     broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker alone",
                             description="Run the embedded Tansu broker (in memory: its data is "
                             "lost when it stops) until Ctrl-C, for local development.")
@@ -165,24 +176,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(config.to_toml())
         return EXIT_OK
     _setup_logging(args.log_level)
-    import signal
+    from streamgmm.watchdog import Watchdog
 
-    # Handle SIGTERM/SIGINT from the start: a stop that arrives while connecting is honoured.
-    stop_requested: list = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
+    # SIGTERM/SIGINT are handled on a thread of their own from the start: a stop that arrives
+    # while connecting, or while a Kafka call blocks, is honoured.
+    watchdog = Watchdog(config.watchdog.stall_seconds, config.watchdog.stop_seconds)
+    watchdog.watch_signals()
     from streamgmm.checkpoint import CheckpointError
+    from streamgmm.io.kafka import abandoned_clients
     from streamgmm.metrics import Metrics
     from streamgmm.service import Daemon
 
     path = config.checkpoint.path
     if args.fresh and os.path.exists(path):
         aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.old"
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            _error(f"cannot move the checkpoint {path} aside ({exc.strerror}); delete it or fix "
+                   "the permissions of its directory")
+            return EXIT_CHECKPOINT
         print(f"streamgmm: moved the old checkpoint to {aside}; starting fresh", file=sys.stderr)
     metrics = Metrics() if config.metrics.enabled else None
     try:
-        daemon = Daemon(config, metrics=metrics, create_topics=args.create_topics)
+        daemon = Daemon(config, metrics=metrics, create_topics=args.create_topics,
+                        watchdog=watchdog)
     except CheckpointError as exc:
         _error(f"unusable checkpoint: {exc}\n(to start fresh: streamgmm run --fresh, or delete "
                f"{path})")
@@ -193,14 +211,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(str(exc))
         return EXIT_CONFIG
-    daemon.install_signal_handlers()
-    if stop_requested:
+    watchdog.on_stop(daemon.request_stop)
+    if watchdog.stop_requested:
         daemon.request_stop()
+    watchdog.start()
     try:
-        return daemon.run()
+        code = daemon.run()
     finally:
         if metrics is not None:
             metrics.close()
+    if abandoned_clients():  # destroying a client blocked in a call would block the exit
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -223,6 +248,29 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from streamgmm import replay
 
     return int(replay.main(config, args.input, args.output) or 0)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    config = _load_config(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    metrics = config.metrics
+    if not metrics.enabled or metrics.port == 0:
+        print("streamgmm: metrics are disabled or on a random port; nothing to check",
+              file=sys.stderr)
+        return EXIT_OK
+    host = "127.0.0.1" if metrics.host in ("0.0.0.0", "::", "") else metrics.host
+    url = f"http://{host}:{metrics.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            ok = response.status == 200
+    except (OSError, urllib.error.URLError) as exc:
+        _error(f"{url} does not answer: {exc}")
+        return EXIT_FAILURE
+    return EXIT_OK if ok else EXIT_FAILURE
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -257,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"run": _cmd_run, "demo": _cmd_demo, "replay": _cmd_replay,
-                "broker": _cmd_broker}
+                "health": _cmd_health, "broker": _cmd_broker}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

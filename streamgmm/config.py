@@ -1,8 +1,8 @@
 """Typed configuration of the daemon: a TOML file plus environment overrides.
 
 The configuration is a tree of frozen dataclasses, one per TOML section (``[kafka]``, ``[batch]``,
-``[features]``, ``[model]``, ``[threshold]``, ``[metrics]``, ``[checkpoint]``). :func:`load_config`
-reads a TOML file (optional), applies every environment variable of the form
+``[features]``, ``[model]``, ``[threshold]``, ``[metrics]``, ``[checkpoint]``, ``[watchdog]``).
+:func:`load_config` reads a TOML file (optional), applies every environment variable of the form
 ``STREAMGMM_<SECTION>__<KEY>`` (``STREAMGMM_THRESHOLD__FALSE_ALARM_RATE=0.01``; the value is parsed
 to the key's type: numbers, ``true``/``false``, comma-separated lists) and validates the result.
 
@@ -72,6 +72,7 @@ __all__ = [
     "ThresholdConfig",
     "MetricsConfig",
     "CheckpointConfig",
+    "WatchdogConfig",
     "load_config",
     "ENV_PREFIX",
 ]
@@ -79,6 +80,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "STREAMGMM_"
+
+#: Room an output message needs beyond the event it carries (its own fields, headers, framing).
+MESSAGE_OVERHEAD_BYTES = 65_536
+#: The producers' default limits on one message: librdkafka's ``message.max.bytes`` and
+#: kafka-python's ``max_request_size``.
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+KAFKA_PYTHON_MAX_REQUEST_SIZE = 1_048_576
 
 
 class ConfigError(ValueError):
@@ -351,10 +359,13 @@ class _Section:
             if "kind" not in f.metadata:
                 continue
             key = f"{self._name}.{f.name}"
+            secret = f.metadata["secret"] or _is_secret(f.name)
             try:
                 value = f.metadata["kind"].coerce(getattr(self, f.name))
             except _WrongType as exc:
-                raise ConfigError(key, str(exc), f.metadata["hint"]) from None
+                problem = (f"expected {f.metadata['kind'].description}, got a value of another "
+                           "type (not shown: it is a secret)") if secret else str(exc)
+                raise ConfigError(key, problem, f.metadata["hint"]) from None
             object.__setattr__(self, f.name, value)
             check = f.metadata["check"]
             problem = check(value) if check else None
@@ -372,7 +383,8 @@ class _Section:
             value = getattr(self, f.name)
             if "kind" in f.metadata:
                 value = f.metadata["kind"].to_toml(value)
-                if redact and f.metadata["secret"] and value is not None:
+                secret = f.metadata["secret"] or _is_secret(f.name)
+                if redact and secret and value is not None:
                     value = "***"
             elif isinstance(value, Mapping):
                 value = {k: ("***" if redact and _is_secret(k) else v) for k, v in value.items()}
@@ -385,8 +397,32 @@ def _toml_key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_value(name)
 
 
+#: Words that mark a setting's value as secret wherever they appear in its name.
+_SECRET_WORDS = ("password", "passwd", "secret", "key", "token", "credential", "passphrase",
+                 "sasl", "oauth", "jaas", "pem")
+#: Names that hold one of those words but nothing secret.
+_NOT_SECRET = frozenset({"sasl_mechanism", "sasl.mechanism", "sasl.mechanisms"})
+
+
 def _is_secret(name: str) -> bool:
-    return "password" in name or "token" in name or "secret" in name
+    """Whether the value of setting ``name`` must never be shown (``--print-config``, errors).
+
+    By name patterns (:data:`_SECRET_WORDS`: ``sasl.*``, ``*password*``, ``*key*``, ...) and by
+    librdkafka's own list of sensitive properties.
+
+    Examples
+    --------
+    >>> [_is_secret(n) for n in ("ssl.key.pem", "sasl.oauthbearer.config", "sasl_mechanism",
+    ...                          "linger.ms", "ssl_keyfile", "api_token")]
+    [True, True, False, False, True, True]
+    """
+    from streamgmm.io.confluent import SENSITIVE_PROPERTIES
+
+    lowered = name.lower()
+    if lowered in _NOT_SECRET:
+        return False
+    dotted = lowered if "." in lowered else lowered.replace("_", ".")
+    return dotted in SENSITIVE_PROPERTIES or any(word in lowered for word in _SECRET_WORDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,11 +619,15 @@ class KafkaConfig(_Section):
                                   "set kafka.security_protocol, kafka.sasl_* or kafka.ssl_* "
                                   "instead")
             if isinstance(value, (Mapping, list)):
-                raise ConfigError(key, f"expected a single value, got {_show(value)}",
+                shown = "a table or list (not shown: it is a secret)" if _is_secret(prop) \
+                    else _show(value)
+                raise ConfigError(key, f"expected a single value, got {shown}",
                                   'librdkafka takes strings, numbers and booleans, e.g. "a,b"')
             problem = check_librdkafka_settings({prop: value})
             if problem:
-                raise ConfigError(key, f"is refused by librdkafka: {problem}",
+                if _is_secret(prop):  # a value may slip into the complaint: never show it
+                    problem = problem.replace(str(value), "***")
+                raise ConfigError(key, f"is not a valid librdkafka setting: {problem}",
                                   "see librdkafka's CONFIGURATION.md for the property names")
             settings[prop] = value
         object.__setattr__(self, "librdkafka", settings)
@@ -597,6 +637,27 @@ class KafkaConfig(_Section):
         from streamgmm.io.confluent import librdkafka_security
 
         return {**librdkafka_security(self.security_kwargs()), **self.librdkafka}
+
+    @property
+    def max_message_bytes(self) -> tuple[int, str]:
+        """The producer's limit on one message, and the setting that sets it.
+
+        Examples
+        --------
+        >>> KafkaConfig().max_message_bytes
+        (1000000, 'kafka.librdkafka."message.max.bytes"')
+        >>> KafkaConfig(backend="kafka-python", producer={"max_request_size": 2000000}
+        ...             ).max_message_bytes
+        (2000000, 'kafka.producer.max_request_size')
+        """
+        if self.backend == "confluent-kafka":
+            value = self.librdkafka.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES)
+            return int(value), 'kafka.librdkafka."message.max.bytes"'
+        for table in ("producer", "client"):
+            if "max_request_size" in getattr(self, table):
+                return (int(getattr(self, table)["max_request_size"]),
+                        f"kafka.{table}.max_request_size")
+        return KAFKA_PYTHON_MAX_REQUEST_SIZE, "kafka.producer.max_request_size"
 
     @property
     def effective_transactional_id(self) -> str:
@@ -664,8 +725,10 @@ class FeaturesConfig(_Section):
         "dead-letter", _Choice("dead-letter", "marginalize"),
         hint='"dead-letter" sends events with a missing field to the dead-letter topic; '
              '"marginalize" scores them on the fields they have')
-    max_event_bytes: int = _key(1_048_576, _Int(), _between(2, 1 << 30),
-                                "events larger than this go to the dead-letter topic")
+    max_event_bytes: int = _key(
+        900_000, _Int(), _between(2, 1 << 30),
+        "events larger than this go to the dead-letter topic; keep it "
+        f"{MESSAGE_OVERHEAD_BYTES} bytes below the producer's message limit")
 
 
 @dataclass(frozen=True)
@@ -745,6 +808,21 @@ class CheckpointConfig(_Section):
                                    "seconds between checkpoints, e.g. 30")
 
 
+@dataclass(frozen=True)
+class WatchdogConfig(_Section):
+    """``[watchdog]``: when a stuck daemon ends its process (exit code 4) to be restarted."""
+
+    _name = "watchdog"
+
+    stall_seconds: float = _key(
+        120.0, _Float(), _between(10, 86_400),
+        "seconds the loop may go without progress; above the longest Kafka deadline (60 s)")
+    stop_seconds: float = _key(
+        20.0, _Float(), _between(1, 3600),
+        "seconds from SIGTERM to the end of the process; below the supervisor's grace period "
+        "(docker stop's 10 s by default, compose's stop_grace_period)")
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "kafka": KafkaConfig,
     "batch": BatchConfig,
@@ -753,6 +831,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "threshold": ThresholdConfig,
     "metrics": MetricsConfig,
     "checkpoint": CheckpointConfig,
+    "watchdog": WatchdogConfig,
 }
 _PASSTHROUGH_TABLES = ("client", "consumer", "producer")
 
@@ -779,6 +858,19 @@ class Config:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+
+    def __post_init__(self) -> None:
+        limit, setting = self.kafka.max_message_bytes
+        largest = self.features.max_event_bytes + MESSAGE_OVERHEAD_BYTES
+        if largest > limit:
+            raise ConfigError(
+                "features.max_event_bytes",
+                f"is {self.features.max_event_bytes}, so an output message may reach {largest} "
+                f"bytes (the event plus {MESSAGE_OVERHEAD_BYTES} for its own fields), more than "
+                f"the producer's limit {setting} = {limit}",
+                f"lower features.max_event_bytes to at most {limit - MESSAGE_OVERHEAD_BYTES}, or "
+                f"raise {setting} (and the topics' max.message.bytes on the broker)")
 
     def detector_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`streamgmm.detector.Detector`.

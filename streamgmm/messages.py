@@ -27,9 +27,12 @@ the output topic and readers of a replay's output file share one parser:
     when it was scored: ISO 8601 UTC with milliseconds, e.g. ``"2026-11-25T10:15:30.123Z"``
 ``model_events``
     how many events the model had learned from (after the event's batch)
+``event_omitted``
+    only when the event was too large to embed (``event`` is then ``null``): why
 
 Numbers that are not finite (an infinite score) are written as ``null``, since JSON has no
-infinity.
+infinity. Every message is strict UTF-8 JSON whatever the event held (:func:`encode`): lone
+surrogates become U+FFFD and nesting deeper than :data:`MAX_DEPTH` levels is left out.
 
 Dead letters on Kafka keep the original value unchanged and carry the reason and source in
 headers (:func:`streamgmm.io.kafka.dead_letter_headers`). A file has no headers, so a replay writes
@@ -118,6 +121,46 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: Deepest nesting kept in an output message; deeper parts are replaced by :data:`TOO_DEEP`.
+MAX_DEPTH = 64
+TOO_DEEP = f"(nested deeper than {MAX_DEPTH} levels; left out)"
+
+
+def _text(value: str) -> str:
+    """``value`` with every lone surrogate (not encodable as UTF-8) replaced by U+FFFD."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """What strict JSON can hold of ``value``: like :func:`_plain`, and also lone surrogates
+    replaced, nesting cut at :data:`MAX_DEPTH`, integers beyond a double's range as strings."""
+    if isinstance(value, dict | list | tuple) and depth >= MAX_DEPTH:
+        return TOO_DEEP
+    if isinstance(value, dict):
+        return {_text(str(k)): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, bool | np.bool_) or value is None:
+        return None if value is None else bool(value)
+    if isinstance(value, int | np.integer):
+        value = int(value)
+        if value.bit_length() <= 1024:  # within a double's range: every JSON reader takes it
+            return value
+        try:  # beyond it, a number that many readers refuse: its digits, as a string
+            return str(value)
+        except ValueError:  # Python writes at most 4300 digits
+            return f"(an integer of {value.bit_length()} bits; left out)"
+    if isinstance(value, float | np.floating):
+        return _number(value)
+    return _text(str(value))
+
+
 def _source(source: Source) -> dict[str, Any]:
     if isinstance(source, tuple):
         topic, partition, offset = source
@@ -126,17 +169,31 @@ def _source(source: Source) -> dict[str, Any]:
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
-    """A record as compact JSON bytes (orjson; falls back for integers beyond 64 bits).
+    """A record as compact, strict JSON bytes, whatever it holds.
+
+    orjson writes the common case. What it refuses is written by the standard library after
+    :func:`_json_safe`: integers beyond 64 bits are kept (as strings of digits beyond a double's
+    range, which many readers refuse as numbers); non-finite numbers become ``null``;
+    lone surrogates (``"\\ud800"`` read from an event) become U+FFFD; nesting deeper than
+    :data:`MAX_DEPTH` is replaced by a note. So every output is valid UTF-8 JSON.
 
     Examples
     --------
     >>> encode({"a": float("inf"), "b": 2 ** 70})
     b'{"a":null,"b":1180591620717411303424}'
+    >>> encode({"s": "x\\ud800"}).decode()
+    '{"s":"x\ufffd"}'
+    >>> deep = []
+    >>> for _ in range(500):
+    ...     deep = [deep]
+    >>> message = encode({"deep": deep})  # the record is level 0, its lists 1 to 63
+    >>> message.count(b"["), TOO_DEEP.encode() in message
+    (63, True)
     """
     try:
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
     except orjson.JSONEncodeError:
-        return json.dumps(_plain(record), separators=(",", ":"), ensure_ascii=False,
+        return json.dumps(_json_safe(record), separators=(",", ":"), ensure_ascii=False,
                           allow_nan=False).encode()
 
 
@@ -188,9 +245,22 @@ def anomaly_record(event: Mapping[str, Any], result: Any, row: int, source: Sour
 
 
 def anomaly_message(event: Mapping[str, Any], result: Any, row: int, source: Source,
-                    model_events: int, detected_at: float | None = None) -> bytes:
-    """:func:`anomaly_record` as JSON bytes, the value of an output-topic message."""
-    return encode(anomaly_record(event, result, row, source, model_events, detected_at))
+                    model_events: int, detected_at: float | None = None,
+                    max_bytes: int | None = None) -> bytes:
+    """:func:`anomaly_record` as JSON bytes, the value of an output-topic message.
+
+    When the message would be longer than ``max_bytes``, its ``event`` is ``null`` and
+    ``event_omitted`` says why (the message's ``source`` locates the original event); the
+    scores and the explanation stay.
+    """
+    record = anomaly_record(event, result, row, source, model_events, detected_at)
+    message = encode(record)
+    if max_bytes is not None and len(message) > max_bytes:
+        record["event"] = None
+        record["event_omitted"] = (f"the event made this message {len(message)} bytes, more "
+                                   f"than the {max_bytes} an output message may take")
+        message = encode(record)
+    return message
 
 
 def dead_letter_record(value: bytes | str | None, dead_letter: Any, source: Source,

@@ -147,13 +147,24 @@ class Metrics:
         self.checkpoint_age = gauge("streamgmm_checkpoint_age_seconds",
                                     "Seconds since the last checkpoint was written.")
         self.checkpoint_age.set_function(self._checkpoint_age)
+        self.checkpoint_failures = counter(
+            "streamgmm_checkpoint_failures",
+            "Checkpoints that could not be written (full or read-only disk, ...); detection goes "
+            "on and the last good checkpoint stays.")
         self.model_events_learned = gauge("streamgmm_model_events_learned",
                                           "Events the model has learned from.")
         self.warming_up = gauge("streamgmm_warming_up",
                                 "1 while the model gathers its warm-up events, else 0.")
         self.warming_up.set(1)
-        self.broker_up = gauge("streamgmm_broker_up",
-                               "1 while the Kafka broker is reachable, else 0.")
+        self.broker_up = gauge(
+            "streamgmm_broker_up",
+            "1 while a Kafka broker answers a metadata request within 2 s (asked every 2 s from "
+            "a thread of its own), else 0.")
+        self.last_progress = gauge(
+            "streamgmm_last_progress_timestamp_seconds",
+            "Unix time when the daemon loop last made progress (a poll, a published batch or a "
+            "reconnection attempt); stale while the loop is stuck.")
+        self.last_progress.set(clock())
         self.build_info = gauge("streamgmm_build_info", "streamgmm build information.",
                                 ["version"])
         self.build_info.labels(version=__version__).set(1)
@@ -236,9 +247,17 @@ class Metrics:
         with self._lock:
             self._last_checkpoint = self._clock() if timestamp is None else float(timestamp)
 
+    def checkpoint_failed(self) -> None:
+        """Count a checkpoint that could not be written."""
+        self.checkpoint_failures.inc()
+
     def _checkpoint_age(self) -> float:
         with self._lock:
             return max(0.0, self._clock() - self._last_checkpoint)
+
+    def progressed(self, timestamp: float | None = None) -> None:
+        """Note that the daemon loop made progress at ``timestamp`` (default: now)."""
+        self.last_progress.set(self._clock() if timestamp is None else float(timestamp))
 
     def set_broker_up(self, up: bool) -> None:
         """Whether the broker is reachable (1) or not (0)."""

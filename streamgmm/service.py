@@ -30,8 +30,21 @@ So every valid event is learned exactly once and every anomaly and dead letter a
 
 Broker loss: any Kafka failure closes the clients, keeps the unpublished batch in memory, and
 reconnects with an exponential back-off (capped at :attr:`Daemon.max_backoff` seconds); the daemon
-never exits because the broker is away. ``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish
-the current batch, publish, commit, checkpoint and return.
+never exits because the broker is away. A client call that blocks past its deadline
+(:func:`streamgmm.io.kafka.bounded_call`) abandons that client and reconnects the same way; should
+the loop still make no progress for ``[watchdog] stall_seconds``, the watchdog
+(:mod:`streamgmm.watchdog`) ends the process with exit code 4. ``streamgmm_broker_up`` comes from a
+probe on a thread of its own (:mod:`streamgmm.io.probe`), so it is true while the loop blocks.
+``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish the current batch, publish, commit,
+checkpoint and return.
+
+Message faults: an event or a message that cannot be handled is that message's problem. It goes to
+the dead-letter topic with its reason (truncated to fit the producer's limit, with its original
+size and SHA-256 in headers), an anomaly message too large for the limit leaves out its event, and
+every message is strict JSON (:func:`streamgmm.messages.encode`); the rest of the batch goes on.
+
+Disk faults: a checkpoint that cannot be written is logged and counted
+(``streamgmm_checkpoint_failures_total``); detection goes on and the last good checkpoint stays.
 
 Examples
 --------
@@ -45,12 +58,13 @@ The loop needs a broker; with the embedded one (see ``streamgmm demo`` for a com
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,9 +79,11 @@ from streamgmm.io.kafka import (
     KafkaSource,
     KafkaUnavailable,
     OutgoingRecord,
+    RecordRejected,
     broker_reachable,
     dead_letter_headers,
     ensure_topics,
+    fit_record,
     read_published_sources,
 )
 from streamgmm.messages import anomaly_message
@@ -131,6 +147,7 @@ class DaemonStats:
     batches: int = 0
     reconnects: int = 0
     checkpoints: int = 0
+    checkpoint_failures: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -151,6 +168,8 @@ class Daemon:
         live console uses it); must be quick.
     create_topics : bool
         Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
+    watchdog : streamgmm.watchdog.Watchdog, optional
+        Told (:meth:`~streamgmm.watchdog.Watchdog.beat`) whenever the loop makes progress.
 
     Attributes
     ----------
@@ -170,8 +189,10 @@ class Daemon:
         detector_factory: Callable[[], Any] | None = None,
         on_batch: Callable[..., None] | None = None,
         create_topics: bool = False,
+        watchdog: Any = None,
     ) -> None:
         self.config = config
+        self.watchdog = watchdog
         self.metrics = metrics
         self.on_batch = on_batch
         self.create_topics = create_topics
@@ -182,6 +203,9 @@ class Daemon:
             config.features.fields, missing=config.features.missing,
             max_event_bytes=config.features.max_event_bytes,
         )
+        # The largest record to publish: what the producer takes, less room for the framing.
+        limit, _ = kafka.max_message_bytes
+        self._max_record_bytes = limit - 1024
         self.stats = DaemonStats()
         self._stop = threading.Event()
         self._source: KafkaSource | None = None
@@ -235,14 +259,17 @@ class Daemon:
         """
         backoff = 0.5
         last_record = time.monotonic()
+        probe = self._start_probe()
         try:
             while not self._stop.is_set():
                 try:
                     self._connect()
+                    self._progress()
                     self._recover()
                     backoff = 0.5
                     while not self._stop.is_set():
                         n = self._step()
+                        self._progress()
                         now = time.monotonic()
                         if n:
                             last_record = now
@@ -253,15 +280,17 @@ class Daemon:
                             logger.info("no event for %.1f s; stopping", idle_exit_seconds)
                             self._stop.set()
                 except KafkaUnavailable as exc:
-                    self._set_broker_up(False)
                     logger.warning("Kafka unavailable (%s); reconnecting in %.1f s", exc, backoff)
                     self._close_clients()
                     self.stats.reconnects += 1
+                    self._progress()  # retrying is the loop at work, not a stuck loop
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
             self._finish()
         finally:
             self._close_clients()
+            if probe is not None:
+                probe.stop()
         return 0
 
     def _finish(self) -> None:
@@ -302,9 +331,9 @@ class Daemon:
         self._sink = sink_class(self._bootstrap, delivery=kafka.delivery,
                                 transactional_id=kafka.effective_transactional_id,
                                 **producer_kwargs)
+        self._sink.cancel = self._stop
         self._source = source_class(self._bootstrap, kafka.input_topic, kafka.group_id,
                                     auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
-        self._set_broker_up(True)
 
     def _close_clients(self) -> None:
         if self._source is not None:
@@ -318,8 +347,10 @@ class Daemon:
         """Align the consumer with what the detector learned and what is already published."""
         source, kafka = self._source, self.config.kafka
         assigned = source.wait_for_assignment()
+        self._progress()
         committed = source.committed()
         beginnings = source.beginning_offsets()
+        self._progress()
         for tp in sorted(assigned):
             c, learned = committed.get(tp), self._learned.get(tp)
             begin = beginnings.get(tp, 0)
@@ -348,6 +379,7 @@ class Daemon:
             **kafka.security_kwargs(),
         )
         self._already_published |= published
+        self._progress()
         if not self._output_positions:
             self._output_positions = {tp: 0 for tp in ends_out}
         if self._pending is not None:
@@ -372,20 +404,8 @@ class Daemon:
             self._report_lag()
             return 0
         started = time.perf_counter()
-        extraction = self._extractor.extract([r.value for r in records])
-        result = self.detector.process(extraction.features) if len(extraction.indices) else None
-
-        outgoing: list[OutgoingRecord] = []
-        for letter in extraction.dead_letters:
-            rec = records[letter.index]
-            outgoing.append(self._dead_letter(rec, letter))
-        n_anomalies = 0
-        if result is not None:
-            flagged = np.flatnonzero(result.is_anomaly)
-            n_anomalies = len(flagged)
-            for row in flagged:
-                rec = records[int(extraction.indices[row])]
-                outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
+        outgoing, extraction, result = self.process_batch(records)
+        n_anomalies = len(outgoing) - len(extraction.dead_letters)
         offsets = _next_offsets(records)
         self._learned.update(offsets)
         to_publish = [r for r in outgoing if self._should_publish(r.source)]
@@ -396,7 +416,7 @@ class Daemon:
                 1 for r in records
                 if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
         self._pending = (to_publish, commit)
-        self._sink.publish(to_publish, commit, self._source)
+        to_publish = self._publish(to_publish, commit)
         self._pending = None
         for tp in commit:
             self._publish_from.pop(tp, None)
@@ -416,6 +436,75 @@ class Daemon:
         self._maybe_checkpoint()
         return len(records)
 
+    def _publish(self, records: list[OutgoingRecord], commit) -> list[OutgoingRecord]:
+        """Publish a batch; a record the broker refuses becomes a reason-only dead letter.
+
+        Returns what was published. A refusal that remains after the replacement (a broker that
+        refuses even a reason-only record) is a fault of the environment: KafkaUnavailable.
+        """
+        for _ in range(2):
+            try:
+                self._sink.publish(records, commit, self._source)
+                return records
+            except RecordRejected as exc:
+                logger.warning("the broker refused %d records of the batch (%s); sending "
+                               "reason-only dead letters in their place", len(exc.rejected), exc)
+                records = [self._reason_only(r, exc.rejected[i]) if i in exc.rejected else r
+                           for i, r in enumerate(records)]
+                self._pending = (records, commit)
+                if self.metrics is not None:
+                    self.metrics.dead_letters({"oversize": len(exc.rejected)})
+        raise KafkaUnavailable("the broker refuses even reason-only dead letters; check the "
+                               "dead-letter topic's configuration")
+
+    def _reason_only(self, record: OutgoingRecord, why: str) -> OutgoingRecord:
+        """A dead letter without the value the broker refused: the reason, the source and the
+        original's size and SHA-256 in headers."""
+        topic, partition, offset = record.source or ("", -1, -1)
+        value = record.value or b""
+        kind = "anomaly message" if record.topic == self.config.kafka.output_topic else "record"
+        headers = dead_letter_headers(
+            "oversize", f"the broker refused the {kind} of {len(value)} bytes ({why}); raise the "
+            f"topic's max.message.bytes or lower features.max_event_bytes", topic, partition,
+            offset)
+        headers += [("streamgmm.truncated", b"true"),
+                    ("streamgmm.original-size", str(len(value)).encode()),
+                    ("streamgmm.original-sha256", hashlib.sha256(value).hexdigest().encode())]
+        return OutgoingRecord(self.config.kafka.dead_letter_topic, b"", record.key, headers,
+                              record.source)
+
+    def process_batch(self, records: Sequence[Any]):
+        """Decode, score, decide and learn one batch of consumed records; no I/O.
+
+        Parameters
+        ----------
+        records : sequence
+            Consumed records: ``value``, ``key``, ``headers``, ``topic``, ``partition``,
+            ``offset``.
+
+        Returns
+        -------
+        outgoing : list of OutgoingRecord
+            The batch's dead letters, then its anomaly messages, each within the producer's
+            message limit.
+        extraction : streamgmm.features.Extraction
+        result : detector batch result, or None when no record could be scored
+        """
+        extraction = self._extractor.extract([r.value for r in records])
+        result = self.detector.process(extraction.features) if len(extraction.indices) else None
+        outgoing = [self._dead_letter(records[letter.index], letter)
+                    for letter in extraction.dead_letters]
+        if result is not None:
+            for row in np.flatnonzero(result.is_anomaly):
+                rec = records[int(extraction.indices[row])]
+                outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
+        return outgoing, extraction, result
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record the daemon publishes (the producer's limit less framing room)."""
+        return self._max_record_bytes
+
     def _should_publish(self, source: tuple[str, int, int] | None) -> bool:
         if source is None:
             return True
@@ -425,14 +514,17 @@ class Daemon:
         return source not in self._already_published
 
     def _dead_letter(self, rec, letter) -> OutgoingRecord:
+        """The dead letter of ``rec``: its value (truncated to fit) with the reason in headers."""
         headers = list(rec.headers or ()) + dead_letter_headers(
             letter.reason, letter.message, rec.topic, rec.partition, rec.offset)
-        return OutgoingRecord(self.config.kafka.dead_letter_topic, rec.value, rec.key, headers,
-                              source=(rec.topic, rec.partition, rec.offset))
+        record = OutgoingRecord(self.config.kafka.dead_letter_topic, rec.value, rec.key, headers,
+                                source=(rec.topic, rec.partition, rec.offset))
+        return fit_record(record, self._max_record_bytes)
 
     def _anomaly(self, rec, event: dict, result, row: int) -> OutgoingRecord:
+        room = self._max_record_bytes - len(rec.key or b"") - 512
         value = anomaly_message(event, result, row, source=(rec.topic, rec.partition, rec.offset),
-                                model_events=self.detector.n_events_learned)
+                                model_events=self.detector.n_events_learned, max_bytes=room)
         return OutgoingRecord(self.config.kafka.output_topic, value, rec.key,
                               source=(rec.topic, rec.partition, rec.offset))
 
@@ -471,9 +563,19 @@ class Daemon:
             "events_learned": int(self.detector.n_events_learned),
             "written_at": time.time(),
         }
-        write_state(self.config.checkpoint.path, CHECKPOINT_KIND, CHECKPOINT_VERSION,
-                    state_arrays, state_meta)
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = time.monotonic()  # after a failure too: retry at the interval
+        try:
+            write_state(self.config.checkpoint.path, CHECKPOINT_KIND, CHECKPOINT_VERSION,
+                        state_arrays, state_meta)
+        except OSError as exc:  # the disk, not the stream: keep detecting
+            self.stats.checkpoint_failures += 1
+            if self.metrics is not None:
+                self.metrics.checkpoint_failed()
+            logger.error("cannot write the checkpoint %s (%s); detection goes on and the last "
+                         "good checkpoint stays. Free space or fix the permissions of its "
+                         "directory (docs/operations.md, StreamgmmCheckpointFailing)",
+                         self.config.checkpoint.path, exc)
+            return
         self._last_checkpoint_wall = time.time()
         self.stats.checkpoints += 1
         if self.metrics is not None:
@@ -496,33 +598,51 @@ class Daemon:
             raise CheckpointError(
                 f"{path}: made for input topic {meta.get('input_topic')!r}, not "
                 f"{self.config.kafka.input_topic!r}; delete it or set checkpoint.path elsewhere")
-        from streamgmm.detector import Detector
-
-        det_arrays = {k[len("detector/"):]: v for k, v in arrays.items()
-                      if k.startswith("detector/")}
-        detector = Detector.from_state(det_arrays, meta["detector"])
-        self._learned = {_tp_from_key(k): int(v) for k, v in meta["learned_offsets"].items()}
-        self._output_positions = {_tp_from_key(k): int(v)
-                                  for k, v in meta["output_positions"].items()}
-        self._last_checkpoint_wall = float(meta.get("written_at", time.time()))
+        detector = _restore_detector(path, arrays, meta, len(fields))
+        self._learned = _offsets_of(path, meta, "learned_offsets")
+        self._output_positions = _offsets_of(path, meta, "output_positions")
+        written_at = meta.get("written_at")
+        self._last_checkpoint_wall = (float(written_at) if isinstance(written_at, int | float)
+                                      else time.time())
         logger.info("restored checkpoint %s: %d events learned, offsets %s", path,
                     detector.n_events_learned, meta["learned_offsets"])
         return detector
 
     # -- metrics ----------------------------------------------------------------------------
 
+    def _progress(self) -> None:
+        """The loop is at work: tell the watchdog and the progress metric."""
+        if self.watchdog is not None:
+            self.watchdog.beat()
+        if self.metrics is not None:
+            self.metrics.progressed(time.time())
+
     def _set_broker_up(self, up: bool) -> None:
+        """What the broker probe found (on its thread): the metric, and a log line on change."""
         if up != self._broker_up:
-            logger.info("broker %s", "reachable" if up else "unreachable")
+            logger.info("broker %s", "answers" if up else "does not answer")
         self._broker_up = up
         if self.metrics is not None:
             self.metrics.set_broker_up(up)
+
+    def _start_probe(self):
+        """Probe the broker from a thread of its own, for a ``broker_up`` that stays true while
+        the main thread blocks (only with metrics: the probe exists for them)."""
+        if self.metrics is None:
+            return None
+        from streamgmm.io.confluent import librdkafka_security
+        from streamgmm.io.probe import BrokerProbe
+
+        kafka = self.config.kafka
+        settings = (kafka.librdkafka_settings() if kafka.backend == "confluent-kafka"
+                    else librdkafka_security(kafka.security_kwargs()))
+        return BrokerProbe({**settings, "bootstrap.servers": self._bootstrap},
+                           self._set_broker_up).start()
 
     def _probe_broker(self) -> None:
         """An idle poll says nothing about the broker: check that it can be reached at all."""
         if not broker_reachable(self._bootstrap, timeout=0.5):
             raise KafkaUnavailable(f"no broker answers at {self._bootstrap}")
-        self._set_broker_up(True)
 
     def _report_lag(self) -> None:
         if self.metrics is not None and self._source is not None:
@@ -536,6 +656,61 @@ class Daemon:
         self.metrics.dead_letters(extraction.reason_counts())
         self.metrics.set_model(self.detector)
         self._report_lag()
+
+
+def _offsets_of(path, meta: Mapping[str, Any], key: str) -> dict[TopicPartition, int]:
+    """The ``{"topic:partition": offset}`` table ``key`` of a checkpoint, checked.
+
+    Raises
+    ------
+    CheckpointError
+        If it is missing, or holds anything but ``"topic:partition"`` names with offsets that
+        are integers of at least 0.
+    """
+    table = meta.get(key)
+    if not isinstance(table, Mapping):
+        raise CheckpointError(f"{path}: {key!r} is {'missing' if table is None else 'not a table'}"
+                              "; the file was not written by this daemon or was edited")
+    offsets = {}
+    for name, offset in table.items():
+        topic, _, partition = str(name).rpartition(":")
+        if not topic or not partition.isdigit():
+            raise CheckpointError(f"{path}: {key} names {name!r}, not a \"topic:partition\"")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise CheckpointError(f"{path}: {key}[{name!r}] is {offset!r}, not an offset (an "
+                                  "integer of at least 0)")
+        offsets[TopicPartition(topic, int(partition))] = offset
+    return offsets
+
+
+def _restore_detector(path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                      n_features: int):
+    """The detector of a checkpoint, checked: finite model arrays that it can score with.
+
+    Raises
+    ------
+    CheckpointError
+        If the detector's state is missing, inconsistent (wrong array shapes) or not finite.
+    """
+    from streamgmm.detector import Detector
+
+    det_arrays = {k[len("detector/"):]: v for k, v in arrays.items()
+                  if k.startswith("detector/")}
+    for name, array in det_arrays.items():
+        # The model and the drift reference are numbers; NaN there poisons every score. (The
+        # threshold's window holds NaN where it has no score yet.)
+        if name.startswith(("model/", "drift/")) and array.dtype.kind == "f" \
+                and not np.isfinite(array).all():
+            raise CheckpointError(f"{path}: the array detector/{name} holds NaN or infinity")
+    if not isinstance(meta.get("detector"), Mapping):
+        raise CheckpointError(f"{path}: holds no detector state")
+    try:
+        detector = Detector.from_state(det_arrays, meta["detector"])
+        detector.score_samples(np.zeros((1, n_features)))
+    except Exception as exc:  # whatever a malformed state breaks in the detector's code
+        raise CheckpointError(f"{path}: the detector state is inconsistent ({type(exc).__name__}: "
+                              f"{exc})") from exc
+    return detector
 
 
 def offsets_as_dict(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:

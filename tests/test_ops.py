@@ -123,9 +123,9 @@ def _dashboard_annotation_queries() -> list[str]:
     return [a["expr"] for a in _dashboard()["annotations"]["list"] if "expr" in a]
 
 
-def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 60
+def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 60, env=None
          ) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -515,30 +515,33 @@ def test_dockerfile_builds_a_slim_non_root_image_with_the_daemon_as_main_process
     options, _, probe = healthcheck.partition(" CMD ")
     assert "--interval=" in options and "--timeout=" in options
     probe_args = _exec_form(probe)
-    assert f"http://127.0.0.1:{_metrics_port()}/metrics" in " ".join(probe_args)
+    # The probe reads the daemon's configuration, so it follows its [metrics] port.
+    assert probe_args == ["streamgmm", "health", "--config", _exec_form(cmd)[2]]
     exposed = [args for keyword, args in runtime if keyword == "EXPOSE"]
     assert exposed == [str(_metrics_port())]
     assert any(keyword == "VOLUME" and "/var/lib/streamgmm" in args for keyword, args in runtime)
 
 
-def test_the_healthcheck_probe_tells_a_live_metrics_endpoint_from_a_dead_one():
-    """Run the HEALTHCHECK command (with the port swapped) against a real metrics endpoint."""
+def test_the_healthcheck_probe_tells_a_live_metrics_endpoint_from_a_dead_one(tmp_path):
+    """Run the HEALTHCHECK command against a real metrics endpoint on a port set as an operator
+    would (STREAMGMM_METRICS__PORT), and against a port where nothing listens."""
     from streamgmm.embedded import free_port
     from streamgmm.metrics import Metrics
 
     (healthcheck,) = [a for k, a in _final_stage(_dockerfile_instructions()) if k == "HEALTHCHECK"]
     probe = _exec_form(healthcheck.partition(" CMD ")[2])
-    assert probe[0] == "python"
+    assert probe[:2] == ["streamgmm", "health"]
+    command = [sys.executable, "-m", "streamgmm.cli", "health", "--config", str(CONFIG)]
     metrics = Metrics()
     port = metrics.serve("127.0.0.1", 0)
     try:
-        live = [sys.executable] + [a.replace(str(_metrics_port()), str(port)) for a in probe[1:]]
-        assert _run(live, timeout=30).returncode == 0
+        live = _run(command, timeout=30, env={**os.environ, "STREAMGMM_METRICS__PORT": str(port)})
+        assert live.returncode == 0, live.stderr
     finally:
         metrics.close()
-    dead = [sys.executable] + [a.replace(str(_metrics_port()), str(free_port()))
-                               for a in probe[1:]]
-    assert _run(dead, timeout=30).returncode != 0
+    nobody = {**os.environ, "STREAMGMM_METRICS__PORT": str(free_port())}
+    dead = _run(command, timeout=30, env=nobody)
+    assert dead.returncode == 1 and "does not answer" in dead.stderr
 
 
 def _dockerignore_excludes(relative: str) -> bool:

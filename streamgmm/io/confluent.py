@@ -13,8 +13,9 @@ offsets are wrong for either client; see :class:`~streamgmm.io.kafka.OffsetsRead
 
 Settings: the ``[kafka]`` security keys are translated to librdkafka's names
 (:func:`librdkafka_security`); anything else goes under ``[kafka.librdkafka]`` with librdkafka's
-own property names (``"fetch.wait.max.ms"``, or ``fetch_wait_max_ms``), checked by librdkafka itself
-when the configuration is loaded (:func:`check_librdkafka_settings`).
+own property names (``"fetch.wait.max.ms"``, or ``fetch_wait_max_ms``), checked against librdkafka's
+documented properties when the configuration is loaded, without building a client
+(:func:`check_librdkafka_settings`).
 
 Examples
 --------
@@ -29,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,10 +40,13 @@ from kafka import TopicPartition
 
 from streamgmm.io.kafka import (
     BatchSink,
+    CallTimedOut,
     GroupMember,
     KafkaUnavailable,
     OffsetsReader,
     OutgoingRecord,
+    RecordRejected,
+    bounded_call,
 )
 
 __all__ = [
@@ -50,13 +55,11 @@ __all__ = [
     "librdkafka_name",
     "librdkafka_security",
     "check_librdkafka_settings",
+    "SENSITIVE_PROPERTIES",
 ]
 
 logger = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("streamgmm.librdkafka")
-_silent_log = logging.getLogger("streamgmm.librdkafka.config-check")
-_silent_log.propagate = False
-_silent_log.addHandler(logging.NullHandler())
 
 #: Consumer settings: the kafka-python backend's choices, in librdkafka's names.
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -124,28 +127,79 @@ def librdkafka_security(security: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_librdkafka_settings(settings: Mapping[str, Any]) -> str | None:
-    """Let librdkafka check ``settings``; return its complaint, or ``None`` if it accepts them.
+#: librdkafka's sensitive properties (flagged ``_RK_SENSITIVE`` in its ``rdkafka_conf.c``): their
+#: values are never shown, in ``--print-config`` or in an error.
+SENSITIVE_PROPERTIES = frozenset({
+    "sasl.username", "sasl.password", "sasl.oauthbearer.config", "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file", "sasl.oauthbearer.assertion.private.key.pem",
+    "sasl.oauthbearer.assertion.private.key.passphrase", "ssl.key.location", "ssl.key.password",
+    "ssl.key.pem", "ssl_key", "ssl.ca.pem", "ssl.keystore.password",
+})
+_BOOLEANS = {"true": True, "false": False}
+#: librdkafka's errors that refuse one record for what it is.
+_RECORD_ERRORS = frozenset({ck.KafkaError.MSG_SIZE_TOO_LARGE, ck.KafkaError.RECORD_LIST_TOO_LARGE,
+                            ck.KafkaError.INVALID_RECORD})
 
-    Nothing connects: the clients are created without bootstrap servers and closed.
+
+def check_librdkafka_settings(settings: Mapping[str, Any]) -> str | None:
+    """Check ``settings`` against librdkafka's documented properties; return the first
+    complaint, or ``None``.
+
+    Names, types, ranges and allowed words come from librdkafka's CONFIGURATION.md
+    (:mod:`streamgmm.io.librdkafka_properties`). No client is built, so checking has no side
+    effects: no plugin (``plugin.library.paths``) is loaded, no key file read, no thread
+    started. The value of a sensitive property is never repeated in a complaint.
 
     Examples
     --------
     >>> check_librdkafka_settings({"fetch.wait.max.ms": 50}) is None
     True
     >>> print(check_librdkafka_settings({"fetch.wait.max.msec": 50}))
-    No such configuration property: "fetch.wait.max.msec"
+    No such configuration property: "fetch.wait.max.msec" (did you mean "fetch.wait.max.ms"?)
+    >>> print(check_librdkafka_settings({"compression.type": "brotli"}))
+    Invalid value "brotli" for configuration property "compression.type": one of none, gzip, \
+snappy, lz4, zstd
+    >>> print(check_librdkafka_settings({"ssl.key.password": 12345}))  # a number, not shown
+    None
+    >>> print(check_librdkafka_settings({"plugin.library.paths": "/opt/none.so"}))  # not loaded
+    None
     """
-    conf = {"group.id": "streamgmm-config-check", "logger": _silent_log, **settings}
-    for client in (ck.Consumer, ck.Producer):
+    from streamgmm.io.librdkafka_properties import PROPERTIES
+
+    for name, value in settings.items():
+        if name not in PROPERTIES:
+            close = difflib.get_close_matches(name, list(PROPERTIES), n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            return f'No such configuration property: "{name}"{hint}'
+        _, kind, allowed = PROPERTIES[name]
+        problem = _check_value(name, kind, allowed, value)
+        if problem:
+            shown = "(not shown: sensitive)" if name in SENSITIVE_PROPERTIES else f'"{value}"'
+            return f'Invalid value {shown} for configuration property "{name}": {problem}'
+    return None
+
+
+def _check_value(name: str, kind: str, allowed: tuple, value: Any) -> str | None:
+    """What is wrong with ``value`` for a property of ``kind``, or ``None``."""
+    text = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
+    if kind == "api":
+        return "it is set through librdkafka's API, not in a configuration file"
+    if kind == "boolean":
+        return None if isinstance(value, bool) or text in _BOOLEANS else "true or false"
+    if kind in ("integer", "float"):
+        if name in ("acks", "request.required.acks") and text == "all":
+            return None
         try:
-            created = client(conf)
-        except ck.KafkaException as exc:
-            return str(exc.args[0].str())
-        except (TypeError, ValueError) as exc:
-            return str(exc)
-        if client is ck.Consumer:
-            created.close()
+            number = float(text) if kind == "float" else int(text)
+        except ValueError:
+            return f"expected {'a number' if kind == 'float' else 'an integer'}"
+        if isinstance(value, bool) or (allowed and not allowed[0] <= number <= allowed[1]):
+            return f"must be between {allowed[0]} and {allowed[1]}" if allowed else "a number"
+        return None
+    if kind in ("enum", "flags") and allowed:
+        words = [w.strip() for w in text.split(",")] if kind == "flags" else [text]
+        if not all(w in allowed for w in words):
+            return "one of " + ", ".join(allowed)
     return None
 
 
@@ -419,20 +473,40 @@ class ConfluentSink(BatchSink):
         try:
             self._producer = ck.Producer(conf)
             if delivery == "exactly-once":
-                self._producer.init_transactions(operation_timeout)
+                self._bounded("init_transactions", self._producer.init_transactions,
+                              operation_timeout)
         except ck.KafkaException as exc:
             raise _unavailable(f"cannot start a producer on {bootstrap_servers}", exc) from exc
 
-    def _produce(self, records: Sequence[OutgoingRecord], on_delivery=None) -> None:
-        producer = self._producer
-        for r in records:
+    def _produce(self, records: Sequence[OutgoingRecord], on_delivery=None) -> dict[int, str]:
+        """Produce ``records``; returns the records refused, filled in as deliveries report.
+
+        ``on_delivery(error, message)`` is called for every delivery. A record refused for what
+        it is (too large) is noted in the returned mapping, by its position in ``records``.
+        """
+        producer, rejected = self._producer, {}
+
+        def reporter(index):
+            def report(error, message) -> None:
+                if error is not None and error.code() in _RECORD_ERRORS:
+                    rejected[index] = error.str()
+                if on_delivery is not None:
+                    on_delivery(error, message)
+            return report
+
+        for i, r in enumerate(records):
             while True:
                 try:
                     producer.produce(r.topic, value=r.value, key=r.key,
-                                     headers=r.headers or None, on_delivery=on_delivery)
+                                     headers=r.headers or None, on_delivery=reporter(i))
                     break
                 except BufferError:  # the local queue is full: let deliveries drain it
                     producer.poll(0.05)
+                except ck.KafkaException as exc:
+                    if exc.args and exc.args[0].code() in _RECORD_ERRORS:
+                        raise RecordRejected({i: exc.args[0].str()}) from exc
+                    raise
+        return rejected
 
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         failures: list = []
@@ -441,8 +515,10 @@ class ConfluentSink(BatchSink):
             if error is not None:
                 failures.append(error)
 
-        self._produce(records, on_delivery)
+        rejected = self._produce(records, on_delivery)
         remaining = self._producer.flush(self.operation_timeout)
+        if rejected:
+            raise RecordRejected(rejected)
         if failures:
             raise KafkaUnavailable(f"{len(failures)} records were not delivered: "
                                    f"{failures[0].str()}")
@@ -450,21 +526,35 @@ class ConfluentSink(BatchSink):
             raise KafkaUnavailable(f"{remaining} records not acknowledged within "
                                    f"{self.operation_timeout:g} s")
 
+    def _bounded(self, what: str, call, timeout: float, *args: Any) -> Any:
+        """``call(*args, timeout)``, abandoning the producer if it blocks well past ``timeout``."""
+        try:
+            return bounded_call(what, timeout + 5.0, call, *args, timeout,
+                                client=self._producer, cancel=self.cancel)
+        except CallTimedOut:
+            self._producer = None  # blocked inside librdkafka: never flushed, closed or reused
+            raise
+
     def _publish_transaction(self, records, offsets, source) -> None:
         producer, timeout = self._producer, self.operation_timeout
         producer.begin_transaction()
+        rejected: dict[int, str] = {}
         try:
-            self._produce(records)
+            rejected = self._produce(records)
             if offsets:
-                producer.send_offsets_to_transaction(
-                    [_to_confluent(tp, o) for tp, o in offsets.items()], source.group_metadata(),
-                    timeout)
-            producer.commit_transaction(timeout)
-        except Exception:
-            try:
-                producer.abort_transaction(min(timeout, 5.0))
-            except Exception as abort_exc:  # the broker may be gone; the next instance fences us
-                logger.debug("abort after a failed transaction: %s", abort_exc)
+                self._bounded("send_offsets_to_transaction", producer.send_offsets_to_transaction,
+                              timeout, [_to_confluent(tp, o) for tp, o in offsets.items()],
+                              source.group_metadata())
+            self._bounded("commit_transaction", producer.commit_transaction, timeout)
+        except Exception as exc:
+            if self._producer is not None:
+                try:
+                    self._bounded("abort_transaction", producer.abort_transaction,
+                                  min(timeout, 5.0))
+                except Exception as abort_exc:  # the broker may be gone; the next one fences us
+                    logger.debug("abort after a failed transaction: %s", abort_exc)
+            if rejected and not isinstance(exc, RecordRejected):
+                raise RecordRejected(rejected) from exc
             raise
 
     def close(self, timeout: float = 2.0) -> None:

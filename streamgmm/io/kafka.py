@@ -30,8 +30,11 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +54,13 @@ __all__ = [
     "BatchSink",
     "KafkaSink",
     "KafkaUnavailable",
+    "CallTimedOut",
+    "RecordRejected",
+    "bounded_call",
+    "abandoned_clients",
     "dead_letter_headers",
+    "record_size",
+    "fit_record",
     "source_of_dead_letter",
     "source_of_output",
     "read_published_sources",
@@ -94,6 +103,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "retry_backoff_ms": 10,
 }
 
+#: Deadline of the consumer calls that have none by default (committed, position, close), ms.
+CALL_TIMEOUT_MS = 10_000
+
 # Kafka Connect and Spring Kafka dead-letter header names.
 _CONNECT = "__connect.errors."
 _SPRING = "kafka_dlt-"
@@ -101,6 +113,111 @@ _SPRING = "kafka_dlt-"
 
 class KafkaUnavailable(ConnectionError):
     """The Kafka cluster cannot be reached or a Kafka operation failed; retry later."""
+
+
+class CallTimedOut(KafkaUnavailable):
+    """A client call did not return by its deadline; the client is abandoned, not reused."""
+
+
+class RecordRejected(Exception):
+    """The producer or the broker refused some records for what they are (too large for a topic's
+    ``max.message.bytes``): a fault of those messages, not of the broker. Nothing of the batch was
+    published; replace the records and publish again.
+
+    Attributes
+    ----------
+    rejected : dict of int to str
+        Position in the batch of each refused record, and why.
+    """
+
+    def __init__(self, rejected: Mapping[int, str]) -> None:
+        self.rejected = dict(rejected)
+        super().__init__(f"{len(self.rejected)} records refused: "
+                         f"{next(iter(self.rejected.values()))}")
+
+
+#: kafka-python's errors that refuse one record for what it is.
+RECORD_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
+                 kafka_errors.InvalidRecordError)
+
+
+# Clients one of whose calls never returned. They stay referenced (destroying a client that is
+# blocked inside a call blocks too) until the process ends; see abandoned_clients().
+_ABANDONED: list[Any] = []
+
+
+def abandoned_clients() -> int:
+    """How many clients were abandoned in a blocked call (the process should end by ``os._exit``:
+    destroying them at interpreter exit would block)."""
+    return len(_ABANDONED)
+
+
+#: Seconds a blocking call still gets once the daemon is stopping.
+STOP_GRACE_SECONDS = 2.0
+
+
+class _Deadline:
+    """``seconds`` from now, or :data:`STOP_GRACE_SECONDS` after ``cancel`` is set if sooner."""
+
+    def __init__(self, seconds: float, cancel: threading.Event | None) -> None:
+        self._ends = time.monotonic() + seconds
+        self._cancel = cancel
+        self.cancelled = False
+
+    def passed(self) -> bool:
+        now = time.monotonic()
+        if not self.cancelled and self._cancel is not None and self._cancel.is_set():
+            self.cancelled = True
+            self._ends = min(self._ends, now + STOP_GRACE_SECONDS)
+        return now > self._ends
+
+
+def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = None,
+                 cancel: threading.Event | None = None) -> Any:
+    """``call(*args)``, given up after ``deadline`` seconds even if the call itself never returns.
+
+    The call runs on a thread of its own. A call that returns in time returns (or raises) as if
+    called directly. One that does not is left running, ``client`` (the object it blocks in) is
+    kept from being destroyed, and :class:`CallTimedOut` is raised: build a new client and retry.
+    Once ``cancel`` is set (the daemon is stopping) the call gets :data:`STOP_GRACE_SECONDS` more
+    at most: a stop does not wait for a call that may never return (what it was publishing is
+    published after the restart, once).
+    librdkafka's transaction calls can block past their own timeout (seen: a broker that restarted
+    empty while ``send_offsets_to_transaction`` waited), and a blocked main thread cannot even run
+    the signal handler.
+
+    Examples
+    --------
+    >>> bounded_call("adding", 1.0, lambda a, b: a + b, 2, 3)
+    5
+    >>> bounded_call("sleeping", 0.05, time.sleep, 1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamgmm.io.kafka.CallTimedOut: sleeping did not return within 0.05 s; the client is ...
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller's thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"streamgmm-{what}", daemon=True)
+    worker.start()
+    ends = _Deadline(deadline, cancel)
+    while worker.is_alive() and not ends.passed():
+        worker.join(0.1)
+    if worker.is_alive():
+        if client is not None:
+            _ABANDONED.append(client)
+        if ends.cancelled:
+            raise CallTimedOut(f"{what} given up: stopping")
+        raise CallTimedOut(f"{what} did not return within {deadline:g} s; the client is "
+                           "abandoned and rebuilt")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 @dataclass(frozen=True)
@@ -146,6 +263,45 @@ def dead_letter_headers(
     ]
 
 
+#: Bytes a record needs on the wire beyond its key, value and headers (a generous bound).
+RECORD_FRAMING_BYTES = 512
+
+
+def record_size(record: OutgoingRecord) -> int:
+    """Bytes ``record`` takes against a producer's message limit (an upper bound)."""
+    headers = sum(len(name) + len(value) for name, value in record.headers)
+    return (len(record.value or b"") + len(record.key or b"") + headers
+            + RECORD_FRAMING_BYTES)
+
+
+def fit_record(record: OutgoingRecord, max_bytes: int) -> OutgoingRecord:
+    """``record``, its value truncated so that it fits in ``max_bytes``.
+
+    A record that fits is returned as it is. Otherwise the value keeps its first bytes and the
+    headers say what was cut: ``streamgmm.truncated`` (``true``), ``streamgmm.original-size``
+    and ``streamgmm.original-sha256`` (of the whole value), so that the original can be matched
+    with its source (the dead-letter headers name its topic, partition and offset).
+
+    Examples
+    --------
+    >>> letter = OutgoingRecord("dlq", b"x" * 5000, headers=[("streamgmm.reason", b"oversize")])
+    >>> fitted = fit_record(letter, 2000)
+    >>> record_size(fitted) <= 2000, dict(fitted.headers)["streamgmm.original-size"]
+    (True, b'5000')
+    >>> fit_record(letter, 10_000) is letter
+    True
+    """
+    if record_size(record) <= max_bytes:
+        return record
+    value = record.value or b""
+    headers = [*record.headers, ("streamgmm.truncated", b"true"),
+               ("streamgmm.original-size", str(len(value)).encode()),
+               ("streamgmm.original-sha256", hashlib.sha256(value).hexdigest().encode())]
+    cut = OutgoingRecord(record.topic, b"", record.key, headers, record.source)
+    room = max(0, max_bytes - record_size(cut))
+    return OutgoingRecord(record.topic, value[:room], record.key, headers, record.source)
+
+
 def source_of_dead_letter(
     headers: Sequence[tuple[str, bytes]] | None,
 ) -> tuple[str, int, int] | None:
@@ -175,9 +331,13 @@ def source_of_output(value: bytes | None) -> tuple[str, int, int] | None:
     True
     """
     try:
-        src = orjson.loads(value)["source"]
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:  # valid JSON orjson refuses (a 400-digit number)
+            doc = json.loads(value)
+        src = doc["source"]
         return str(src["topic"]), int(src["partition"]), int(src["offset"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -471,12 +631,16 @@ class KafkaSource(GroupMember):
     def committed(self) -> dict[TopicPartition, int | None]:
         """The group's committed offset for each assigned partition (``None`` if none)."""
         try:
-            return {tp: self._consumer.committed(tp) for tp in self._consumer.assignment()}
+            return {tp: self._consumer.committed(tp, timeout_ms=CALL_TIMEOUT_MS)
+                    for tp in self._consumer.assignment()}
         except kafka_errors.KafkaError as exc:
             raise _client_error("reading committed offsets failed", exc) from exc
 
     def position(self, tp: TopicPartition) -> int:
-        return self._consumer.position(tp)
+        try:
+            return self._consumer.position(tp, timeout_ms=CALL_TIMEOUT_MS)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("reading the position failed", exc) from exc
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(tp, offset)
@@ -497,7 +661,7 @@ class KafkaSource(GroupMember):
     def close(self) -> None:
         self._offsets.close()
         try:
-            self._consumer.close(autocommit=False)
+            self._consumer.close(autocommit=False, timeout_ms=CALL_TIMEOUT_MS)
         except Exception as exc:  # closing a consumer of a dead broker may fail; nothing to do
             logger.debug("closing the consumer: %s", exc)
 
@@ -520,6 +684,8 @@ class BatchSink:
             raise ValueError("exactly-once delivery needs a transactional_id")
         self.delivery = delivery
         self.operation_timeout = operation_timeout
+        #: Set when the daemon stops: a blocking call is then given up at once.
+        self.cancel: threading.Event | None = None
 
     @staticmethod
     def _unavailable(what: str, exc: BaseException) -> KafkaUnavailable:
@@ -543,8 +709,11 @@ class BatchSink:
 
         Raises
         ------
+        RecordRejected
+            If records were refused for what they are (too large for their topic); in
+            exactly-once mode nothing was published. Replace them and publish again.
         KafkaUnavailable
-            If anything failed; nothing should be assumed published (or not).
+            If anything else failed; nothing should be assumed published (or not).
         """
         try:
             if self.delivery == "exactly-once" and records:
@@ -599,14 +768,23 @@ class KafkaSink(BatchSink):
 
     def _wait(self, result, what: str) -> None:
         self._producer._sender.wakeup()
-        if not result.wait(timeout_ms=self.operation_timeout * 1000):
-            raise KafkaUnavailable(f"{what} did not finish within {self.operation_timeout:g} s")
+        ends = _Deadline(self.operation_timeout, self.cancel)
+        while not result.wait(timeout_ms=100):
+            if ends.passed():
+                if ends.cancelled:
+                    raise KafkaUnavailable(f"{what} given up: stopping")
+                raise KafkaUnavailable(
+                    f"{what} did not finish within {self.operation_timeout:g} s")
 
     def _send(self, records: Sequence[OutgoingRecord]) -> list:
-        return [
-            self._producer.send(r.topic, value=r.value, key=r.key, headers=r.headers or None)
-            for r in records
-        ]
+        futures = []
+        for i, r in enumerate(records):
+            try:
+                futures.append(self._producer.send(r.topic, value=r.value, key=r.key,
+                                                   headers=r.headers or None))
+            except RECORD_ERRORS as exc:  # refused before sending: too large for the producer
+                raise RecordRejected({i: f"{type(exc).__name__}: {exc}"}) from exc
+        return futures
 
     def _await_sends(self, futures: list) -> None:
         if not futures:
@@ -614,8 +792,14 @@ class KafkaSink(BatchSink):
         # flush() sends at once instead of after linger_ms; it does not raise on failure, the
         # futures do.
         self._producer.flush(timeout=self.operation_timeout)
-        for fut in futures:
-            fut.get(timeout=self.operation_timeout)
+        rejected = {}
+        for i, fut in enumerate(futures):
+            try:
+                fut.get(timeout=self.operation_timeout)
+            except RECORD_ERRORS as exc:  # the broker refused this record, not the batch
+                rejected[i] = f"{type(exc).__name__}: {exc}"
+        if rejected:
+            raise RecordRejected(rejected)
 
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         self._await_sends(self._send(records))

@@ -1,0 +1,680 @@
+"""Fault injection: the daemon never stalls or dies on one message, a full disk or a broker restart.
+
+Every test runs real ``streamgmm run`` processes against a real broker (the ``bootstrap`` fixture,
+or a broker of its own when the test restarts it) and reads the outputs with an independent
+client (confluent-kafka, ``read_committed``). Each is bounded in time: waits have deadlines and a
+daemon still running at the end is killed.
+
+The rule under test: a fault tied to one message is that message's problem (it is dead-lettered
+with a reason and the rest of its batch goes on); a fault of the environment is retried, reported
+truthfully and loses nothing; nothing hangs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import orjson
+import pytest
+import tomli_w
+from conftest import produce, read_topic, unique_name
+from test_recovery import committed_total, wait_until_recovered, write_config
+from waiting import wait_for
+
+from streamgmm.io.kafka import ensure_topics, source_of_dead_letter, source_of_output
+
+BACKENDS = ["confluent-kafka", "kafka-python"]
+#: Each backend's default producer limit on one message.
+PRODUCER_LIMIT = {"confluent-kafka": 1_000_000, "kafka-python": 1_048_576}
+
+
+def normal_events(n: int, seed: int = 0, start: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [orjson.dumps({"i": start + i, "x": rng.gauss(0, 1), "y": rng.gauss(0, 1)})
+            for i in range(n)]
+
+
+def configure(path, bootstrap, topics, group, checkpoint_path, backend, **sections) -> None:
+    """``write_config``'s daemon configuration with some keys replaced (``features={...}``)."""
+    write_config(path, bootstrap, topics, group, checkpoint_path, backend=backend)
+    config = tomllib.loads(path.read_text())
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(tomli_w.dumps(config))
+
+
+def create_input_topic(bootstrap: str, topic: str, partitions: int,
+                       max_bytes: int = 10_000_000) -> None:
+    """A topic that takes records of up to ``max_bytes`` (outputs keep the broker's default)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1,
+                                      topic_configs={"max.message.bytes": str(max_bytes)})])
+    finally:
+        admin.close()
+
+
+class Daemon:
+    """A ``streamgmm run`` process with its log, on fresh topics of ``bootstrap``."""
+
+    def __init__(self, tmp_path, bootstrap, backend, partitions=1, output_limit=None,
+                 **sections):
+        self.bootstrap = bootstrap
+        self.topics = tuple(unique_name(p) for p in ("in", "out", "dlq"))
+        self.group = unique_name("group")
+        if output_limit is None:
+            ensure_topics(bootstrap, self.topics[1:], partitions=partitions)
+        else:
+            for topic in self.topics[1:]:
+                create_input_topic(bootstrap, topic, partitions, output_limit)
+        create_input_topic(bootstrap, self.topics[0], partitions)
+        self.checkpoint = tmp_path / "ck" / "checkpoint.npz"
+        self.config = tmp_path / "streamgmm.toml"
+        configure(self.config, bootstrap, self.topics, self.group, self.checkpoint, backend,
+                  **sections)
+        self.log_path = tmp_path / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *args: str, wait: bool = True) -> subprocess.Popen:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamgmm.cli", "run", "--config", str(self.config),
+                 *args], stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            wait_until_recovered(self.checkpoint, self.proc)
+        return self.proc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_committed(self, n: int, timeout: float = 90) -> None:
+        wait_for(lambda: committed_total(self.bootstrap, self.group, self.topics[0]) >= n,
+                 f"{n} input events committed", timeout, [("the daemon", self.proc)])
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def outputs(self, **kw) -> list:
+        return read_topic(self.bootstrap, self.topics[1], **kw)
+
+    def dead_letters(self, **kw) -> list:
+        return read_topic(self.bootstrap, self.topics[2], **kw)
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+def strict_json(value: bytes):
+    """Parse as strictly as a careful consumer would: UTF-8, no NaN, no lone surrogates."""
+    text = value.decode("utf-8")  # strict: a lone surrogate encoded in UTF-8 is refused here
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    orjson.loads(value)  # orjson refuses escaped lone surrogates too
+    return doc
+
+
+# -- case 2: any input gives valid JSON output, the daemon never crashes on one message --------
+
+HOSTILE = {
+    "lone_surrogate": b'{"x": 10000, "y": 10000, "note": "bad \\ud800 here"}',
+    "deep_nesting": b'{"x": 10000, "y": -10000, "meta": ' + b"[" * 500 + b"]" * 500 + b"}",
+    "huge_integer": b'{"x": -10000, "y": 10000, "id": ' + b"9" * 400 + b"}",
+    "nan_elsewhere": b'{"x": -10000, "y": -10000, "ratio": NaN, "limit": Infinity}',
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hostile_anomalies_are_published_as_valid_json_and_the_daemon_goes_on(
+        tmp_path, bootstrap, backend, daemons):
+    daemon = Daemon(tmp_path, bootstrap, backend)
+    daemons.append(daemon)
+    values = normal_events(400) + list(HOSTILE.values()) + normal_events(100, seed=1, start=400)
+    produce(bootstrap, daemon.topics[0], values)
+    daemon.start()
+    daemon.wait_committed(len(values))
+    outputs = daemon.outputs()
+    letters = daemon.dead_letters(idle=0.5)
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    hostile_offsets = set(range(400, 400 + len(HOSTILE)))
+    published = {source_of_output(m.value())[2]: m for m in outputs}
+    dead = {source_of_dead_letter(m.headers())[2] for m in letters}
+    for name, offset in zip(HOSTILE, sorted(hostile_offsets), strict=True):
+        assert offset in published or offset in dead, f"{name}: neither published nor dead-lettered"
+    for m in outputs:
+        doc = strict_json(m.value())
+        assert doc["score"] > doc["threshold"]
+    assert hostile_offsets <= set(published), "hostile but valid anomalies are still anomalies"
+    assert "Traceback" not in daemon.log()
+
+
+# -- case 1: an oversized event or message is that message's problem ------------------------
+
+
+def produce_large(bootstrap: str, topic: str, values) -> None:
+    """Produce records of up to 10 MB (the input topic accepts them: see ``Daemon``)."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                                         "message.max.bytes": 10_000_000})
+    errors = []
+    for value in values:
+        producer.produce(topic, value=value, on_delivery=lambda e, _m: e and errors.append(e))
+        producer.poll(0)
+    assert producer.flush(30) == 0 and not errors, errors
+
+
+def dead_letter_headers_of(message) -> dict[str, bytes]:
+    return dict(message.headers() or ())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_oversized_events_are_dead_lettered_truncated_and_the_batch_goes_on(
+        tmp_path, bootstrap, backend, daemons):
+    daemon = Daemon(tmp_path, bootstrap, backend, batch={"max_records": 500})
+    daemons.append(daemon)
+    padding = "p" * 1_010_000  # a valid event above the producer's default message size
+    big_valid = orjson.dumps({"x": 10000, "y": 10000, "pad": padding})
+    huge = orjson.dumps({"x": 0.1, "y": 0.2, "pad": "q" * 5_000_000})
+    over_default = orjson.dumps({"x": 0.1, "y": 0.2, "pad": "r" * 1_050_000})
+    values = normal_events(400) + [big_valid, huge, over_default] + normal_events(
+        100, seed=2, start=400)
+    produce(bootstrap, daemon.topics[0], values[:400])
+    daemon.start()
+    produce_large(bootstrap, daemon.topics[0], values[400:])
+    daemon.wait_committed(len(values), timeout=60)
+    letters = daemon.dead_letters(expect=3, idle=1.0)
+    outputs = daemon.outputs(idle=1.0)
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    by_offset = {source_of_dead_letter(m.headers())[2]: m for m in letters}
+    by_offset.update({source_of_output(m.value())[2]: m for m in outputs})
+    for offset, original in ((400, big_valid), (401, huge), (402, over_default)):
+        assert offset in by_offset, f"offset {offset}: no output nor dead letter\n{daemon.log()}"
+        message = by_offset[offset]
+        assert len(message.value()) < PRODUCER_LIMIT[backend]
+        headers = dead_letter_headers_of(message)
+        if message.topic() == daemon.topics[2]:
+            assert headers["streamgmm.reason"] == b"oversize"
+            if message.value() == original:  # it fits this backend's producer as it is
+                continue
+            assert int(headers["streamgmm.original-size"]) == len(original)
+            assert headers["streamgmm.original-sha256"] == hashlib.sha256(
+                original).hexdigest().encode()
+            assert original.startswith(message.value())  # truncated, not rewritten
+    assert "Traceback" not in daemon.log()
+
+
+def broker_enforces_topic_limits(bootstrap: str, topic: str) -> bool:
+    """Whether the broker refuses a record above ``topic``'s max.message.bytes (Kafka does;
+    Tansu 0.6 takes anything)."""
+    import confluent_kafka
+
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap,
+                                         "message.max.bytes": 10_000_000})
+    errors = []
+    producer.produce(topic, b"z" * 50_000, on_delivery=lambda e, _m: errors.append(e))
+    producer.flush(30)
+    return errors[0] is not None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_record_the_broker_refuses_becomes_a_reason_only_dead_letter(
+        tmp_path, bootstrap, backend, daemons):
+    daemon = Daemon(tmp_path, bootstrap, backend, output_limit=20_000)
+    daemons.append(daemon)
+    probe_topic = unique_name("limited")
+    create_input_topic(bootstrap, probe_topic, 1, 20_000)
+    if not broker_enforces_topic_limits(bootstrap, probe_topic):
+        pytest.skip("this broker does not enforce a topic's max.message.bytes")
+    big_anomaly = orjson.dumps({"x": 10000, "y": 10000, "pad": "a" * 30_000})
+    big_invalid = orjson.dumps({"x": "high", "y": 1, "pad": "b" * 30_000})
+    values = normal_events(400) + [big_anomaly, big_invalid] + normal_events(50, 3, 400)
+    produce_large(bootstrap, daemon.topics[0], values)
+    daemon.start()
+    daemon.wait_committed(len(values))
+    letters = daemon.dead_letters(expect=2, idle=1.0)
+    assert daemon.stop() == 0
+    by_offset = {source_of_dead_letter(m.headers())[2]: m for m in letters}
+    for offset, original in ((400, big_anomaly), (401, big_invalid)):
+        headers = dead_letter_headers_of(by_offset[offset])
+        assert by_offset[offset].value() in (b"", None)
+        assert b"refused" in headers["__connect.errors.exception.message"]
+        assert int(headers["streamgmm.original-size"]) >= len(original)
+
+
+def test_an_event_limit_above_the_producer_limit_is_refused_at_start_naming_the_setting(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[features]\nfields = ["x"]\nmax_event_bytes = 1048576\n')
+    proc = subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "features.max_event_bytes" in proc.stderr
+    assert 'kafka.librdkafka."message.max.bytes" = 1000000' in proc.stderr
+    assert "at most 934464" in proc.stderr
+
+
+# -- case 6: every malformed state file exits 3 and says how to start fresh -------------------
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, bootstrap):
+    """A daemon's real checkpoint (and its configuration), to break in many ways."""
+    tmp_path = tmp_path_factory.mktemp("good-checkpoint")
+    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka")
+    produce(bootstrap, daemon.topics[0], normal_events(400) + [b"not json"])
+    try:
+        daemon.start()
+        daemon.wait_committed(401)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    return daemon
+
+
+def _edit_meta(key, value):
+    def edit(arrays, meta):
+        if value is _DELETE:
+            del meta[key]
+        else:
+            meta[key] = value(meta) if callable(value) else value
+    return edit
+
+
+def _edit_array(name, change):
+    def edit(arrays, meta):
+        arrays[name] = change(arrays[name])
+    return edit
+
+
+_DELETE = object()
+MALFORMED = {
+    "no learned offsets": (_edit_meta("learned_offsets", _DELETE), "'learned_offsets' is missing"),
+    "offset not an integer": (
+        _edit_meta("learned_offsets", lambda m: {k: "12x" for k in m["learned_offsets"]}),
+        "not an offset"),
+    "offset a float": (
+        _edit_meta("learned_offsets", lambda m: {k: 1.5 for k in m["learned_offsets"]}),
+        "not an offset"),
+    "negative offset": (
+        _edit_meta("learned_offsets", lambda m: {k: -5 for k in m["learned_offsets"]}),
+        "not an offset"),
+    "bad partition name": (
+        _edit_meta("output_positions", {"no-partition": 3}), 'not a "topic:partition"'),
+    "wrong array shape": (
+        _edit_array("detector/model/means", lambda a: a.reshape(-1)[:3].copy()),
+        "inconsistent"),
+    "NaN model": (
+        _edit_array("detector/model/scatter", lambda a: a * float("nan")),
+        "NaN or infinity"),
+    "no detector": (_edit_meta("detector", _DELETE), "no detector state"),
+}
+
+
+def run_expecting_exit_3(daemon) -> str:
+    proc = subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config",
+                           str(daemon.config)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "--fresh" in proc.stderr and str(daemon.checkpoint) in proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_checkpoint_with_a_valid_digest_but_bad_content_exits_3_saying_what(
+        good_checkpoint, case, tmp_path):
+    from streamgmm.checkpoint import read_state, write_state
+    from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
+
+    daemon = good_checkpoint
+    original = daemon.checkpoint.read_bytes()
+    try:
+        arrays, meta = read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+        meta.pop("version")
+        edit, expected = MALFORMED[case]
+        edit(arrays, meta)
+        write_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION, arrays, meta)
+        assert expected in run_expecting_exit_3(daemon)
+    finally:
+        daemon.checkpoint.write_bytes(original)
+
+
+@pytest.mark.integration
+def test_a_directory_in_place_of_the_checkpoint_exits_3(good_checkpoint):
+    daemon = good_checkpoint
+    aside = daemon.checkpoint.with_suffix(".aside")
+    daemon.checkpoint.rename(aside)
+    daemon.checkpoint.mkdir()
+    try:
+        assert "is a directory" in run_expecting_exit_3(daemon)
+    finally:
+        daemon.checkpoint.rmdir()
+        aside.rename(daemon.checkpoint)
+
+
+# -- case 4: a full or read-only checkpoint directory does not stop detection ----------------
+
+
+def metric(port: int, name: str) -> float | None:
+    """The value of an unlabelled sample on the daemon's /metrics endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 kB tmpfs: room for one checkpoint (~330 kB) but not for writing a second."""
+    mount_point = tmp_path / "ck"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_checkpoint_disk_does_not_stop_detection(
+        tmp_path, bootstrap, small_disk, fault, daemons):
+    from streamgmm.checkpoint import read_state
+    from streamgmm.embedded import free_port
+    from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
+
+    port = free_port()
+    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka",
+                    metrics={"enabled": True, "host": "127.0.0.1", "port": port},
+                    checkpoint={"interval_seconds": 0.3})
+    daemons.append(daemon)
+    produce(bootstrap, daemon.topics[0], normal_events(400))
+    daemon.start()  # its first checkpoint fits
+    good = daemon.checkpoint.read_bytes()
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    else:  # fill what is left
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                fh.write(b"\0" * 1_000_000)
+            except OSError:
+                pass
+    produce(bootstrap, daemon.topics[0], normal_events(200, seed=1, start=400) + [b"bad 1"])
+    daemon.wait_committed(601)
+    wait_for(lambda: (metric(port, "streamgmm_checkpoint_failures_total") or 0) >= 2,
+             "checkpoint failures counted", 30, [("the daemon", daemon.proc)])
+    assert daemon.proc.poll() is None
+    assert daemon.checkpoint.read_bytes() == good, "the last good checkpoint stays"
+    assert daemon.stop() == 0  # even its final checkpoint fails
+    log = daemon.log()
+    assert "Traceback" not in log
+    assert "cannot write the checkpoint" in log and "detection goes on" in log
+
+    # A restart on the same disk restores the last good checkpoint and goes on.
+    daemon.start(wait=False)
+    produce(bootstrap, daemon.topics[0], [b"bad 2"] + normal_events(50, seed=2, start=600))
+    daemon.wait_committed(652)
+    assert any(m.value() == b"bad 2" for m in daemon.dead_letters(expect=2))
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+
+
+# -- case 3: a broker that restarts empty inside a transaction does not hang the daemon -------
+
+
+def mixed_events(n: int, seed: int = 0) -> list[bytes]:
+    """Normal events with an unscorable one in every five: every batch publishes something."""
+    values = normal_events(n, seed)
+    return [b"bad %d" % i if i % 5 == 4 else v for i, v in enumerate(values)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon(
+        tmp_path, backend, daemons):
+    from streamgmm.embedded import EmbeddedBroker, free_port
+
+    port = free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker1.log").start()
+    try:
+        daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
+                        batch={"max_records": 10, "max_wait_ms": 20})
+        daemons.append(daemon)
+        produce(broker.bootstrap_servers, daemon.topics[0], mixed_events(20000))
+        daemon.start("--create-topics")
+        wait_for(lambda: len(daemon.dead_letters(idle=0.2, timeout=2)) >= 50,
+                 "transactions under way", 60, [("the daemon", daemon.proc)])
+        broker.kill()  # inside a transaction: nearly every moment of this daemon is in one
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        restarted = time.monotonic()
+        produce(broker.bootstrap_servers, daemon.topics[0], [b"after restart"])
+        wait_for(lambda: any(m.value() == b"after restart"
+                             for m in daemon.dead_letters(idle=0.3, timeout=3)),
+                 "the daemon to work on the restarted broker", 120, [("the daemon", daemon.proc)])
+        recovery = time.monotonic() - restarted
+        stopping = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - stopping < 15
+        print(f"{backend}: back to work {recovery:.1f} s after the broker restarted")
+    finally:
+        broker.kill()
+
+
+# -- case 5: broker_up and the progress timestamp tell the truth while calls block -----------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
+        tmp_path, backend, daemons):
+    import os
+
+    from streamgmm.embedded import EmbeddedBroker, free_port
+
+    port, metrics_port = free_port(), free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker1.log").start()
+    try:
+        daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
+                        batch={"max_records": 10, "max_wait_ms": 20},
+                        metrics={"enabled": True, "host": "127.0.0.1", "port": metrics_port})
+        daemons.append(daemon)
+        produce(broker.bootstrap_servers, daemon.topics[0], mixed_events(20000))
+        daemon.start("--create-topics")
+        procs = [("the daemon", daemon.proc)]
+
+        def up() -> float | None:
+            return metric(metrics_port, "streamgmm_broker_up")
+
+        wait_for(lambda: up() == 1, "broker_up = 1", 30, procs)
+        os.kill(broker.pid, signal.SIGSTOP)  # frozen: it accepts connections, answers nothing
+        try:
+            frozen = time.monotonic()
+            # The probe asks every 2 s with a 2 s deadline, whatever the main thread is doing.
+            wait_for(lambda: up() == 0, "broker_up = 0 for a frozen broker", 8, procs)
+            print(f"{backend}: frozen broker seen after {time.monotonic() - frozen:.1f} s")
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        thawed = time.time()
+        wait_for(lambda: up() == 1, "broker_up = 1 once it answers again", 20, procs)
+        wait_for(lambda: metric(metrics_port, "streamgmm_last_progress_timestamp_seconds")
+                 > thawed, "the loop to make progress again", 60, procs)
+        broker.kill()
+        wait_for(lambda: up() == 0, "broker_up = 0 for a dead broker", 8, procs)
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        wait_for(lambda: up() == 1, "broker_up = 1 for the restarted broker", 20, procs)
+        # While the daemon recovers from the empty broker, broker_up stays 1: it is healthy.
+        for _ in range(10):
+            assert up() == 1
+            time.sleep(0.5)
+        assert daemon.stop() == 0
+    finally:
+        broker.kill()
+
+
+# -- case 7: --print-config shows no secret and has no side effects -------------------------
+
+PRIVATE_KEY = "-----BEGIN PRIVATE KEY-----MIIEvQIBADANBgkqhkiG9w0BAQEFAASC-----END PRIVATE KEY-----"
+
+
+def print_config(tmp_path, text: str, env=None) -> subprocess.CompletedProcess:
+    import os
+
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    return subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config", str(config),
+                           "--print-config"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_print_config_redacts_every_secret_bearing_setting(tmp_path):
+    proc = print_config(tmp_path, f"""
+[features]
+fields = ["x"]
+[kafka]
+security_protocol = "SASL_SSL"
+sasl_mechanism = "OAUTHBEARER"
+sasl_plain_username = "svc-user-7"
+ssl_password = "pw-for-the-key-file"
+[kafka.librdkafka]
+"ssl.key.pem" = "{PRIVATE_KEY}"
+"sasl.oauthbearer.config" = "principal=svc scope=all secret=oauth-s3cr3t"
+"sasl.oauthbearer.client.secret" = "client-s3cr3t"
+"ssl.keystore.password" = "keystore-s3cr3t"
+"linger.ms" = 7
+""", env={"STREAMGMM_KAFKA__SASL_PLAIN_PASSWORD": "env-s3cr3t"})
+    assert proc.returncode == 0, proc.stderr
+    for secret in ("BEGIN PRIVATE KEY", "oauth-s3cr3t", "client-s3cr3t", "keystore-s3cr3t",
+                   "env-s3cr3t", "svc-user-7", "pw-for-the-key-file"):
+        assert secret not in proc.stdout, secret
+    assert '"linger.ms" = 7' in proc.stdout and 'sasl_mechanism = "OAUTHBEARER"' in proc.stdout
+
+
+def test_a_config_error_never_echoes_a_secret(tmp_path):
+    proc = print_config(tmp_path, """
+[features]
+fields = ["x"]
+[kafka]
+security_protocol = "SASL_SSL"
+sasl_mechanism = "PLAIN"
+sasl_plain_password = 918273645
+""")
+    assert proc.returncode == 2
+    assert "kafka.sasl_plain_password" in proc.stderr and "918273645" not in proc.stderr
+    proc = print_config(tmp_path, """
+[features]
+fields = ["x"]
+[kafka.librdkafka]
+"ssl.keystore.password" = ["k1-s3cr3t"]
+""")
+    assert proc.returncode == 2 and "k1-s3cr3t" not in proc.stderr
+
+
+def test_checking_the_config_loads_no_plugin_and_builds_no_client(tmp_path):
+    # A plugin library that cannot be loaded: building a librdkafka client to check the
+    # configuration tried to load it and refused the configuration.
+    plugin = tmp_path / "libnot-a-plugin.so"
+    plugin.write_bytes(b"not a shared object")
+    proc = print_config(tmp_path, f"""
+[features]
+fields = ["x"]
+[kafka.librdkafka]
+"plugin.library.paths" = "{plugin}"
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert str(plugin) in proc.stdout
+    # A bad name or value is still refused, by librdkafka's documented property list.
+    proc = print_config(tmp_path, '[features]\nfields = ["x"]\n[kafka.librdkafka]\n'
+                                  '"compression.type" = "brotli"\n')
+    assert proc.returncode == 2 and "compression.type" in proc.stderr
+
+
+# -- the watchdog: a loop stuck past every deadline ends the process with exit code 4 ---------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loop_stuck_on_a_frozen_broker_exits_4_and_the_restart_resumes(
+        tmp_path, backend, daemons):
+    import os
+
+    from streamgmm.embedded import EmbeddedBroker, free_port
+
+    broker = EmbeddedBroker(port=free_port(), log_path=tmp_path / "broker.log").start()
+    try:
+        daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
+                        batch={"max_records": 10, "max_wait_ms": 20},
+                        watchdog={"stall_seconds": 10})
+        daemons.append(daemon)
+        produce(broker.bootstrap_servers, daemon.topics[0], mixed_events(20000))
+        daemon.start()
+        wait_for(lambda: len(daemon.dead_letters(idle=0.2, timeout=2)) >= 50,
+                 "transactions under way", 60, [("the daemon", daemon.proc)])
+        os.kill(broker.pid, signal.SIGSTOP)  # every call now waits for its deadline (30-35 s)
+        try:
+            frozen = time.monotonic()
+            assert daemon.proc.wait(timeout=40) == 4
+            stuck_for = time.monotonic() - frozen
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert "made no progress" in daemon.log()
+        assert 10 <= stuck_for < 25, stuck_for
+        # What a supervisor does: start it again (with the default stall_seconds, above the
+        # deadlines of a recovery that follows a dead transaction); it resumes from its checkpoint.
+        configure(daemon.config, broker.bootstrap_servers, daemon.topics, daemon.group,
+                  daemon.checkpoint, backend, batch={"max_records": 10, "max_wait_ms": 20})
+        daemon.start()
+        daemon.wait_committed(20000, timeout=120)
+        assert daemon.stop() == 0
+        letters = daemon.dead_letters(expect=4000, idle=1.0)
+        sources = [source_of_dead_letter(m.headers()) for m in letters]
+        assert len(sources) == len(set(sources)) == 4000, "each dead letter exactly once"
+    finally:
+        broker.kill()
+
+
+def test_an_anomaly_message_over_the_limit_leaves_its_event_out():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from streamgmm.messages import anomaly_message
+
+    result = SimpleNamespace(
+        score=np.array([41.0]), anomaly_score=np.array([1.9]), threshold=np.array([21.5]),
+        log_likelihood=np.array([-41.0]), tail_probability=np.array([1e-5]),
+        component=np.array([0]), explain=lambda i: [])
+    event = {"x": 1e4, "pad": "p" * 5000}
+    full = anomaly_message(event, result, 0, ("in", 0, 7), 100, max_bytes=10_000)
+    assert orjson.loads(full)["event"] == event
+    cut = orjson.loads(anomaly_message(event, result, 0, ("in", 0, 7), 100, max_bytes=2000))
+    assert cut["event"] is None and "more than the 2000" in cut["event_omitted"]
+    assert cut["score"] == 41.0 and cut["source"] == {"topic": "in", "partition": 0, "offset": 7}
