@@ -501,6 +501,10 @@ class Detector:
 
         warming = np.full(n, not math.isfinite(thr_before))
         warming |= np.isnan(score) | predictive
+        a_score = np.full(n, np.nan)
+        if math.isfinite(thr_before):  # on the scale of the threshold that decides the batch
+            a_score = self.threshold.anomaly_score(score)
+            a_score[warming] = np.nan
         # warm-up predictive scores are of another model: kept out of the calibration
         is_anomaly = self.threshold.update(np.where(predictive, np.nan, score))
         is_anomaly &= ~warming
@@ -531,11 +535,8 @@ class Detector:
                                        decided=decided_mask)
 
         thr = np.full(n, thr_before)
-        a_score = np.full(n, np.nan)
         tail_function = None
         if math.isfinite(thr_before):
-            a_score = self.threshold.anomaly_score(score)
-            a_score[warming] = np.nan
             tail_function = self.threshold.frozen_tail_probability()
         return DetectionResult(
             score=score,

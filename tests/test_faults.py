@@ -24,13 +24,35 @@ import tomllib
 import orjson
 import pytest
 import tomli_w
-from conftest import produce, read_topic, unique_name
+from conftest import produce, read_topic, start_broker, unique_name
 from test_recovery import committed_total, wait_until_recovered, write_config
 from waiting import wait_for
 
 from streamgmm.io.kafka import ensure_topics, source_of_dead_letter, source_of_output
 
 BACKENDS = ["confluent-kafka", "kafka-python"]
+BROKERS = ["tansu", "apache"]  # for tests that freeze, kill and restart a broker of their own
+
+
+def own_broker(kind: str, workdir):
+    """A broker of ``kind`` for one test, its files in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return start_broker(kind, workdir)
+
+
+def restart_empty(broker, kind: str, workdir):
+    """Kill ``broker`` and bring it back on the same port without its data (as Tansu always
+    comes back; Apache Kafka with its log directory wiped)."""
+    if kind == "tansu":
+        broker.kill()
+        workdir.mkdir(parents=True, exist_ok=True)
+        return start_broker(kind, workdir, port=broker.port)
+    return broker.restart(empty=True, hard=True)
+
+
+def discard(broker) -> None:
+    """Kill a test's own broker and remove what it kept."""
+    getattr(broker, "cleanup", broker.kill)()
 #: Each backend's default producer limit on one message.
 PRODUCER_LIMIT = {"confluent-kafka": 1_000_000, "kafka-python": 1_048_576}
 
@@ -459,12 +481,10 @@ def mixed_events(n: int, seed: int = 0) -> list[bytes]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", BROKERS)
 def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon(
-        tmp_path, backend, daemons):
-    from streamgmm.embedded import EmbeddedBroker, free_port
-
-    port = free_port()
-    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker1.log").start()
+        tmp_path, kind, backend, daemons):
+    broker = own_broker(kind, tmp_path / "broker")
     try:
         daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
                         batch={"max_records": 10, "max_wait_ms": 20})
@@ -473,8 +493,8 @@ def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon
         daemon.start("--create-topics")
         wait_for(lambda: len(daemon.dead_letters(idle=0.2, timeout=2)) >= 50,
                  "transactions under way", 60, [("the daemon", daemon.proc)])
-        broker.kill()  # inside a transaction: nearly every moment of this daemon is in one
-        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        # inside a transaction: nearly every moment of this daemon is in one
+        broker = restart_empty(broker, kind, tmp_path / "broker2")
         restarted = time.monotonic()
         produce(broker.bootstrap_servers, daemon.topics[0], [b"after restart"])
         wait_for(lambda: any(m.value() == b"after restart"
@@ -484,9 +504,9 @@ def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon
         stopping = time.monotonic()
         assert daemon.stop() == 0
         assert time.monotonic() - stopping < 15
-        print(f"{backend}: back to work {recovery:.1f} s after the broker restarted")
+        print(f"{kind}, {backend}: back to work {recovery:.1f} s after the broker restarted")
     finally:
-        broker.kill()
+        discard(broker)
 
 
 # -- case 5: broker_up and the progress timestamp tell the truth while calls block -----------
@@ -494,14 +514,15 @@ def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", BROKERS)
 def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
-        tmp_path, backend, daemons):
+        tmp_path, kind, backend, daemons):
     import os
 
-    from streamgmm.embedded import EmbeddedBroker, free_port
+    from streamgmm.embedded import free_port
 
-    port, metrics_port = free_port(), free_port()
-    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker1.log").start()
+    metrics_port = free_port()
+    broker = own_broker(kind, tmp_path / "broker")
     try:
         daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
                         batch={"max_records": 10, "max_wait_ms": 20},
@@ -529,7 +550,7 @@ def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
                  > thawed, "the loop to make progress again", 60, procs)
         broker.kill()
         wait_for(lambda: up() == 0, "broker_up = 0 for a dead broker", 8, procs)
-        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        broker = restart_empty(broker, kind, tmp_path / "broker2")
         wait_for(lambda: up() == 1, "broker_up = 1 for the restarted broker", 20, procs)
         # While the daemon recovers from the empty broker, broker_up stays 1: it is healthy.
         for _ in range(10):
@@ -537,7 +558,7 @@ def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
             time.sleep(0.5)
         assert daemon.stop() == 0
     finally:
-        broker.kill()
+        discard(broker)
 
 
 # -- case 7: --print-config shows no secret and has no side effects -------------------------
@@ -622,13 +643,12 @@ fields = ["x"]
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", BROKERS)
 def test_a_loop_stuck_on_a_frozen_broker_exits_4_and_the_restart_resumes(
-        tmp_path, backend, daemons):
+        tmp_path, kind, backend, daemons):
     import os
 
-    from streamgmm.embedded import EmbeddedBroker, free_port
-
-    broker = EmbeddedBroker(port=free_port(), log_path=tmp_path / "broker.log").start()
+    broker = own_broker(kind, tmp_path / "broker")
     try:
         daemon = Daemon(tmp_path, broker.bootstrap_servers, backend,
                         batch={"max_records": 10, "max_wait_ms": 20},
@@ -658,7 +678,7 @@ def test_a_loop_stuck_on_a_frozen_broker_exits_4_and_the_restart_resumes(
         sources = [source_of_dead_letter(m.headers()) for m in letters]
         assert len(sources) == len(set(sources)) == 4000, "each dead letter exactly once"
     finally:
-        broker.kill()
+        discard(broker)
 
 
 def test_an_anomaly_message_over_the_limit_leaves_its_event_out():
