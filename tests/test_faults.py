@@ -124,7 +124,7 @@ class Daemon:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
+        return self.proc.wait(timeout=30)  # the watchdog ends it within stop_seconds (20 s)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -556,7 +556,9 @@ def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
         for _ in range(10):
             assert up() == 1
             time.sleep(0.5)
-        assert daemon.stop() == 0
+        # Stopped mid-recovery it ends cleanly, or (kafka-python on Apache Kafka, inside one of
+        # its own 30 s transaction waits) is ended by the watchdog without a final checkpoint.
+        assert daemon.stop() in (0, 4)
     finally:
         discard(broker)
 

@@ -776,8 +776,9 @@ class KafkaSink(BatchSink):
                 raise KafkaUnavailable(
                     f"{what} did not finish within {self.operation_timeout:g} s")
 
-    def _send(self, records: Sequence[OutgoingRecord]) -> list:
-        futures = []
+    def _send(self, records: Sequence[OutgoingRecord], futures: list | None = None) -> list:
+        """Send ``records``; their futures are appended to ``futures`` as they go."""
+        futures = [] if futures is None else futures
         for i, r in enumerate(records):
             try:
                 futures.append(self._producer.send(r.topic, value=r.value, key=r.key,
@@ -804,11 +805,21 @@ class KafkaSink(BatchSink):
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         self._await_sends(self._send(records))
 
+    @staticmethod
+    def _refused(futures: list) -> dict[int, str]:
+        """The records among settled sends that the broker refused for what they are."""
+        refused = {}
+        for i, fut in enumerate(futures):
+            if fut.is_done and fut.failed() and isinstance(fut.exception, RECORD_ERRORS):
+                refused[i] = f"{type(fut.exception).__name__}: {fut.exception}"
+        return refused
+
     def _publish_transaction(self, records, offsets, source) -> None:
         tm = self._producer._transaction_manager
         self._producer.begin_transaction()
+        futures: list = []
         try:
-            futures = self._send(records)
+            self._send(records, futures)
             # The offsets travel to the group coordinator while the records are produced;
             # nothing is visible before the commit, and a failed send aborts both.
             offsets_sent = None
@@ -822,11 +833,16 @@ class KafkaSink(BatchSink):
             if offsets_sent is not None:
                 self._wait(offsets_sent, "send_offsets_to_transaction")
             self._wait(tm.begin_commit(), "commit_transaction")
-        except Exception:
+        except Exception as exc:
             try:
                 self._wait(tm.begin_abort(), "abort_transaction")
             except Exception as abort_exc:  # the broker may be gone; the next instance fences us
                 logger.debug("abort after a failed transaction: %s", abort_exc)
+            # A refused record puts the transaction in error, so a later call (the offsets, the
+            # commit) raises a generic error: the record's own future says what happened.
+            refused = {} if isinstance(exc, RecordRejected) else self._refused(futures)
+            if refused:
+                raise RecordRejected(refused) from exc
             raise
 
     def close(self, timeout: float = 2.0) -> None:
