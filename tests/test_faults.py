@@ -34,6 +34,13 @@ BACKENDS = ["confluent-kafka", "kafka-python"]
 BROKERS = ["tansu", "apache"]  # for tests that freeze, kill and restart a broker of their own
 
 
+def own_tracebacks(log: str) -> list[str]:
+    """Tracebacks in a daemon's log that pass through streamgmm's code (kafka-python logs some
+    of its own connection races with a traceback, e.g. a socket closed under a read)."""
+    chunks = log.split("Traceback (most recent call last):")[1:]
+    return [c for c in chunks if "/streamgmm/" in c.split("\n20", 1)[0]]
+
+
 def own_broker(kind: str, workdir):
     """A broker of ``kind`` for one test, its files in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +193,7 @@ def test_hostile_anomalies_are_published_as_valid_json_and_the_daemon_goes_on(
         doc = strict_json(m.value())
         assert doc["score"] > doc["threshold"]
     assert hostile_offsets <= set(published), "hostile but valid anomalies are still anomalies"
-    assert "Traceback" not in daemon.log()
+    assert not own_tracebacks(daemon.log())
 
 
 # -- case 1: an oversized event or message is that message's problem ------------------------
@@ -243,7 +250,7 @@ def test_oversized_events_are_dead_lettered_truncated_and_the_batch_goes_on(
             assert headers["streamgmm.original-sha256"] == hashlib.sha256(
                 original).hexdigest().encode()
             assert original.startswith(message.value())  # truncated, not rewritten
-    assert "Traceback" not in daemon.log()
+    assert not own_tracebacks(daemon.log())
 
 
 def broker_enforces_topic_limits(bootstrap: str, topic: str) -> bool:

@@ -91,7 +91,7 @@ def wait_until_recovered(checkpoint, proc) -> None:
     """The daemon writes a checkpoint as soon as it has recovered: then it is processing."""
     since = time.time()
     wait_for(lambda: checkpoint.exists() and checkpoint.stat().st_mtime >= since,
-             "the daemon to recover", 60, [("the daemon", proc)])
+             "the daemon to recover", 120, [("the daemon", proc)])
 
 
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 2) -> int:
