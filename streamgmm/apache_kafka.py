@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from streamgmm.embedded import BrokerError, free_port
+from streamgmm.embedded import BrokerError, BrokerProcess, free_port
 
 __all__ = ["ApacheKafka", "resolve_jars", "POM", "BASE_PROPERTIES"]
 
@@ -178,7 +178,7 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-class ApacheKafka:
+class ApacheKafka(BrokerProcess):
     """A single-node Apache Kafka in KRaft mode (broker and controller in one JVM).
 
     Parameters
@@ -214,6 +214,7 @@ class ApacheKafka:
     """
 
     kind = "apache"
+    _label = "Apache Kafka"  # a kill keeps what it had synced to disk
 
     def __init__(
         self,
@@ -296,15 +297,6 @@ class ApacheKafka:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
-
     def start(self, timeout: float = 60.0) -> ApacheKafka:
         """Format the log directory if new, start the broker and wait until it serves metadata.
 
@@ -368,15 +360,6 @@ class ApacheKafka:
             except subprocess.TimeoutExpired:
                 logger.warning("Apache Kafka did not stop in %g s; killing it", timeout)
         self.kill()
-
-    def kill(self) -> None:
-        """Kill the broker at once (``SIGKILL``); what it had synced to disk stays."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGKILL)
-        self._process.wait()
-        self._process = None
 
     def restart(self, down_seconds: float = 0.0, empty: bool = False, hard: bool = False,
                 timeout: float = 60.0) -> ApacheKafka:

@@ -82,7 +82,37 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-class EmbeddedBroker:
+class BrokerProcess:
+    """A broker run as a child process: its pid, whether it is alive, and a hard kill.
+
+    Shared by :class:`EmbeddedBroker` and :class:`streamgmm.apache_kafka.ApacheKafka`; each sets
+    ``_process`` when it starts and says in ``_label`` what it is in the log.
+    """
+
+    _label = "broker"
+    _process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """Kill the broker at once (``SIGKILL``) and reap it."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+        self._process.wait()
+        logger.info("%s (pid %d) killed", self._label, self._process.pid)
+        self._process = None
+
+
+class EmbeddedBroker(BrokerProcess):
     """A Tansu Kafka-protocol broker running as a child process.
 
     Parameters
@@ -105,6 +135,7 @@ class EmbeddedBroker:
     """
 
     kind = "tansu"
+    _label = "embedded broker"
 
     def __init__(
         self,
@@ -120,15 +151,6 @@ class EmbeddedBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections.
@@ -177,16 +199,6 @@ class EmbeddedBroker:
             time.sleep(0.05)
         logger.info("embedded broker (pid %d) listening on %s", self._process.pid, url)
         return self
-
-    def kill(self) -> None:
-        """Kill the broker at once (``SIGKILL``), losing everything it held."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGKILL)
-        self._process.wait()
-        logger.info("embedded broker (pid %d) killed", self._process.pid)
-        self._process = None
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop the broker: ``SIGTERM``, then ``SIGKILL`` after ``grace`` seconds."""
