@@ -122,9 +122,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from streamgmm.checkpoint import read_state, write_state
 from streamgmm.drift import DriftMonitor, DriftReport, full_covariances
 from streamgmm.mixture import OnlineGaussianMixture
+from streamgmm.statefile import read_state, write_state
 from streamgmm.threshold import AdaptiveThreshold, FixedThreshold, threshold_from_state
 
 __all__ = ["Detector", "DetectionResult"]

@@ -49,7 +49,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
 from . import _covariance as cv
-from .checkpoint import read_state, write_state
+from .statefile import read_state, write_state
 
 __all__ = ["OnlineGaussianMixture"]
 
