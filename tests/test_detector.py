@@ -65,8 +65,19 @@ def test_result_fields_are_consistent():
     assert ((res.tail_probability > 0) & (res.tail_probability <= 1)).all()
     order = np.argsort(res.score)
     assert np.all(np.diff(res.tail_probability[order]) <= 1e-12)
-    assert res.drift.target_anomaly_rate == 0.01 and res.drift.n_drifts >= 0
+    assert res.drift.target_anomaly_rate == 0.01
+    assert res.drift.n_drifts == det.drift.n_drifts
     assert len(res) == 500 and det.n_events_learned == 5500
+
+
+def test_drift_is_reported_for_a_changed_stream_and_not_for_a_stationary_one():
+    stationary = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+    reports = [r.drift for r in _warm(stationary, _stream(20000))]
+    assert stationary.drift.n_drifts == 0 and not any(r.drift_detected for r in reports)
+    changed = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+    _warm(changed, _stream(5000))
+    report = changed.process(_stream(500, seed=1)).drift  # another mixture: log p(x) drops
+    assert report.drift_detected and report.n_drifts == changed.drift.n_drifts == 1
 
 
 def test_missing_features_are_marginalised_exactly():
