@@ -7,8 +7,17 @@ responsible for, before regularisation) in one of two layouts:
   weights, when it forms its one covariance);
 * ``diag`` and ``spherical``: ``(K, d)`` variances (``spherical`` averages them over features).
 
-Every function here is pure numpy on arrays in the model's internal, centred coordinates; the
-shapes of covariances and precision Cholesky factors follow scikit-learn's ``GaussianMixture``.
+It is also streamgmm's one Gaussian toolbox: log-densities and squared Mahalanobis distances per
+component from means and precision Cholesky factors (:func:`log_gaussian_prob`,
+:func:`squared_mahalanobis`), their log-determinants, marginals over observed features
+(:func:`marginal_parameters`), the expansion of any type to ``(K, d, d)`` matrices
+(:func:`full_covariances`) and the stacked whitening map of all components
+(:func:`whitening_map`); the detector, the drift monitor and the River adapter use these rather
+than inverting covariances of their own.
+
+Every function here is pure numpy; the engine calls them on its internal, centred coordinates,
+other callers on the public parameters. The shapes of covariances and precision Cholesky factors
+follow scikit-learn's ``GaussianMixture``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-_LOG_2PI = np.log(2.0 * np.pi)
+LOG_2PI = float(np.log(2.0 * np.pi))
 # Above this many doubles, the (n, d*d) outer-product matrix of the fused scatter costs more
 # memory traffic than a loop over components.
 _FUSED_SCATTER_LIMIT = 2_000_000
@@ -157,7 +166,75 @@ def log_det_precision_cholesky(
     return n_features * np.log(prec_chol)
 
 
+def log_det_covariances(
+    covariance_type: str, prec_chol: np.ndarray, n_components: int, n_features: int
+) -> np.ndarray:
+    """``log det Sigma_k`` of every component, shape ``(K,)``, from precision Cholesky factors."""
+    log_det = log_det_precision_cholesky(covariance_type, prec_chol, n_features)
+    return np.broadcast_to(-2.0 * np.asarray(log_det), (n_components,))
+
+
+def precisions_and_log_dets(covariances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision matrices and ``log det Sigma_k`` of ``(K, d, d)`` covariances."""
+    prec_chol = precision_cholesky("full", covariances)
+    return prec_chol @ np.swapaxes(prec_chol, 1, 2), -2.0 * log_det_precision_cholesky(
+        "full", prec_chol, covariances.shape[-1]
+    )
+
+
+def whitening_map(means: np.ndarray, prec_chol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All components' whitening as one affine map: ``A x - b`` stacks ``L_k^T (x - mu_k)``.
+
+    ``prec_chol`` are ``(K, d, d)`` precision Cholesky factors (:func:`full_covariances` expands
+    the other types); ``A`` is ``(K d, d)`` and ``b`` ``(K d,)``, component-major, so the sum of
+    squares of the ``k``-th block of ``d`` entries is the squared Mahalanobis distance to ``k``.
+    """
+    k, d = means.shape
+    stacked = prec_chol.transpose(0, 2, 1).reshape(k * d, d)
+    offset = np.matmul(means[:, None, :], prec_chol).reshape(k * d)
+    return stacked, offset
+
+
 # --------------------------------------------------------------------------- E-step
+
+
+def _squared_mahalanobis_by_component(
+    covariance_type: str, X: np.ndarray, means: np.ndarray, prec_chol: np.ndarray
+) -> np.ndarray:
+    """Squared Mahalanobis distances laid out component-major, ``(K, n)`` (may dip below 0)."""
+    n, d = X.shape
+    k = means.shape[0]
+    if covariance_type == "full":
+        # [L_k^T | -L_k^T mu_k] @ [x; 1] = L_k^T (x - mu_k): the offsets ride in the product.
+        stacked, offset = whitening_map(means, prec_chol)
+        augmented = np.empty((k * d, d + 1))
+        augmented[:, :d] = stacked
+        augmented[:, d] = -offset
+        XT = np.empty((d + 1, n))
+        XT[:d] = X.T
+        XT[d] = 1.0
+        y = augmented @ XT
+        y *= y
+        return y.reshape(k, d, n).sum(axis=1)
+    XT = np.ascontiguousarray(X.T)
+    if covariance_type == "tied":
+        y = prec_chol.T @ XT
+        m = means @ prec_chol
+        return (y * y).sum(axis=0) - 2.0 * (m @ y) + (m * m).sum(axis=1)[:, None]
+    if covariance_type == "diag":
+        prec = prec_chol**2
+        return prec @ (XT * XT) - 2.0 * ((means * prec) @ XT) + (means**2 * prec).sum(1)[:, None]
+    prec = (prec_chol**2)[:, None]
+    return ((XT * XT).sum(axis=0) - 2.0 * (means @ XT) + (means**2).sum(1)[:, None]) * prec
+
+
+def squared_mahalanobis(
+    covariance_type: str, X: np.ndarray, means: np.ndarray, prec_chol: np.ndarray
+) -> np.ndarray:
+    """``(x_i - mu_k)^T Sigma_k^-1 (x_i - mu_k)`` for every row and component, shape ``(n, K)``."""
+    maha = _squared_mahalanobis_by_component(covariance_type, X, means, prec_chol)
+    np.maximum(maha, 0.0, out=maha)
+    return maha.T
 
 
 def log_gaussian_prob(
@@ -173,36 +250,12 @@ def log_gaussian_prob(
     scikit-learn's loop over components. The work is laid out component-major (``(K, n)``, so
     every reduction runs along contiguous memory); the result is a transposed view of it.
     """
-    n, d = X.shape
-    k = means.shape[0]
+    d = X.shape[1]
     log_det = log_det_precision_cholesky(covariance_type, prec_chol, d)
-    if covariance_type == "full":
-        # [L_k^T | -L_k^T mu_k] @ [x; 1] = L_k^T (x - mu_k): the offsets ride in the product.
-        augmented = np.empty((k * d, d + 1))
-        augmented[:, :d] = prec_chol.transpose(0, 2, 1).reshape(k * d, d)
-        augmented[:, d] = -np.matmul(means[:, None, :], prec_chol).reshape(k * d)
-        XT = np.empty((d + 1, n))
-        XT[:d] = X.T
-        XT[d] = 1.0
-        y = augmented @ XT
-        y *= y
-        maha = y.reshape(k, d, n).sum(axis=1)
-    elif covariance_type == "tied":
-        XT = np.ascontiguousarray(X.T)
-        y = prec_chol.T @ XT
-        m = means @ prec_chol
-        maha = (y * y).sum(axis=0) - 2.0 * (m @ y) + (m * m).sum(axis=1)[:, None]
-    elif covariance_type == "diag":
-        XT = np.ascontiguousarray(X.T)
-        prec = prec_chol**2
-        maha = prec @ (XT * XT) - 2.0 * ((means * prec) @ XT) + (means**2 * prec).sum(1)[:, None]
-    else:
-        XT = np.ascontiguousarray(X.T)
-        prec = (prec_chol**2)[:, None]
-        maha = ((XT * XT).sum(axis=0) - 2.0 * (means @ XT) + (means**2).sum(1)[:, None]) * prec
+    maha = _squared_mahalanobis_by_component(covariance_type, X, means, prec_chol)
     np.maximum(maha, 0.0, out=maha)
     maha *= -0.5
-    constant = np.reshape(log_det, (-1, 1)) - 0.5 * d * _LOG_2PI
+    constant = np.reshape(log_det, (-1, 1)) - 0.5 * d * LOG_2PI
     if log_weights is not None:
         constant = constant + log_weights[:, None]
     maha += constant
@@ -303,21 +356,14 @@ def combine(
     return out_means, out_scatter
 
 
-def marginal_log_gaussian_prob(
-    covariance_type: str,
-    X: np.ndarray,
-    means: np.ndarray,
-    covariances: np.ndarray,
-    observed: np.ndarray,
-) -> np.ndarray:
-    """``log N(x_o | mu_o, Sigma_oo)`` for rows sharing one pattern of observed features.
+def marginal_parameters(
+    covariance_type: str, means: np.ndarray, covariances: np.ndarray, observed: np.ndarray
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """The Gaussians restricted to the ``observed`` features: ``(type, means, precision Cholesky)``.
 
-    Marginalising a Gaussian drops the rows and columns of the missing features — exact, no
-    imputation.
+    Marginalising a Gaussian drops the rows and columns of the missing features -- exact, no
+    imputation. A spherical covariance restricted to some features is returned as ``diag``.
     """
-    k, d = means.shape
-    Xo = X[:, observed]
-    mo = means[:, observed]
     if covariance_type == "full":
         cov = covariances[:, observed][:, :, observed]
     elif covariance_type == "tied":
@@ -326,23 +372,49 @@ def marginal_log_gaussian_prob(
         cov = covariances[:, observed]
     else:
         cov = np.repeat(covariances[:, None], observed.sum(), axis=1)
-    return log_gaussian_prob(
-        covariance_type if covariance_type != "spherical" else "diag",
-        Xo,
-        mo,
-        precision_cholesky(covariance_type if covariance_type != "spherical" else "diag", cov),
+        covariance_type = "diag"
+    return covariance_type, means[:, observed], precision_cholesky(covariance_type, cov)
+
+
+def marginal_log_gaussian_prob(
+    covariance_type: str,
+    X: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    observed: np.ndarray,
+) -> np.ndarray:
+    """``log N(x_o | mu_o, Sigma_oo)`` for rows sharing one pattern of observed features."""
+    marginal_type, means_o, prec_chol_o = marginal_parameters(
+        covariance_type, means, covariances, observed
     )
+    return log_gaussian_prob(marginal_type, X[:, observed], means_o, prec_chol_o)
 
 
-def full_covariances(covariance_type: str, covariances: np.ndarray, k: int, d: int) -> np.ndarray:
-    """All ``k`` components' covariances as ``(K, d, d)`` matrices, whatever the type."""
+def full_covariances(
+    covariance_type: str, covariances: np.ndarray, n_components: int, n_features: int
+) -> np.ndarray:
+    """All components' covariances as ``(K, d, d)`` matrices, whatever the type.
+
+    Precision Cholesky factors have the same per-type shapes, so they expand the same way.
+
+    Examples
+    --------
+    >>> full_covariances("spherical", np.array([1.0, 4.0]), 2, 2)[1].tolist()
+    [[4.0, 0.0], [0.0, 4.0]]
+    """
+    c = np.asarray(covariances, dtype=np.float64)
+    k, d = n_components, n_features
     if covariance_type == "full":
-        return covariances
+        return c.reshape(k, d, d)
     if covariance_type == "tied":
-        return np.repeat(covariances[None], k, axis=0)
+        return np.repeat(c.reshape(1, d, d), k, axis=0)
     if covariance_type == "diag":
-        return covariances[:, :, None] * np.eye(d)
-    return covariances[:, None, None] * np.eye(d)
+        return c.reshape(k, d)[:, :, None] * np.eye(d)
+    if covariance_type == "spherical":
+        return c.reshape(k, 1, 1) * np.eye(d)
+    raise ValueError(
+        f"unknown covariance_type {covariance_type!r}; use one of {', '.join(COVARIANCE_TYPES)}"
+    )
 
 
 def sampling_factors(covariance_type: str, covariances: np.ndarray, k: int, d: int) -> np.ndarray:

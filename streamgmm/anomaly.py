@@ -43,8 +43,8 @@ import numpy as np
 from river import base
 from scipy import stats
 
+from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
-from streamgmm.drift import full_covariances
 
 __all__ = ["GMMDetector"]
 
@@ -55,7 +55,6 @@ _MAX_WARNED_FEATURES = 100
 _MIN_BATCH = 16
 _ALARM_WINDOW = 32  # learn_one learns early when most of the last 32 scored events were flagged
 _ALARM_MASK = (1 << _ALARM_WINDOW) - 1
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 # Below this tail probability, ``1 - p`` would run out of float resolution (all far anomalies
@@ -339,21 +338,18 @@ class GMMDetector(base.AnomalyDetector):
 
     def _fast_parts(self):
         """The mixture as one stacked whitening map: ``z = A x - b`` holds every component's
-        ``L_k^-1 (x - mu_k)``; ``sums`` adds each component's squares; ``log_const`` holds
-        ``log w_k - (d log 2 pi + log |S_k|) / 2``."""
+        ``L_k^T (x - mu_k)`` (``L_k`` the precision Cholesky factor); ``sums`` adds each
+        component's squares; ``log_const`` holds ``log w_k - (d log 2 pi + log |S_k|) / 2``."""
         if self._fast is None:
             assert self.detector is not None
             model = self.detector.model
             k, d = model.means_.shape
-            covs = full_covariances(model.covariances_, self.covariance_type, k, d)
-            chol = np.linalg.cholesky(covs)
-            inv_chol = np.linalg.inv(chol)
-            logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+            prec_chol = cv.full_covariances(self.covariance_type, model.precisions_cholesky_, k, d)
+            stacked, offset = cv.whitening_map(model.means_, prec_chol)
             log_const = np.log(np.maximum(model.weights_, 1e-300)) - 0.5 * (
-                d * _LOG_2PI + logdet
+                d * cv.LOG_2PI + cv.log_det_covariances(self.covariance_type,
+                                                        model.precisions_cholesky_, k, d)
             )
-            stacked = inv_chol.reshape(k * d, d)
-            offset = np.einsum("kij,kj->ki", inv_chol, model.means_).reshape(k * d)
             sums = np.kron(np.eye(k), np.ones(d)).T  # (k d, k): adds each component's squares
             self._fast = (stacked, offset, sums, log_const.tolist())
         return self._fast

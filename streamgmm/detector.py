@@ -122,7 +122,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from streamgmm.drift import DriftMonitor, DriftReport, full_covariances
+from streamgmm import _covariance as cv
+from streamgmm.drift import DriftMonitor, DriftReport
 from streamgmm.mixture import OnlineGaussianMixture
 from streamgmm.statefile import read_state, write_state
 from streamgmm.threshold import AdaptiveThreshold, FixedThreshold, threshold_from_state
@@ -133,7 +134,6 @@ logger = logging.getLogger(__name__)
 
 _STATE_KIND = "Detector"
 _STATE_VERSION = 2  # 2: the mixture state carries n_eff
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclasses.dataclass
@@ -469,7 +469,7 @@ class Detector:
                 self.model.partial_fit(X[complete])
         else:
             params = (self.model.weights_, self.model.means_, self.model.covariances_)
-            covs = full_covariances(params[2], self.covariance_type, len(params[0]), d)
+            covs = cv.full_covariances(self.covariance_type, params[2], len(params[0]), d)
             if (~complete).any():
                 inc = np.flatnonzero(~complete)
                 ll_inc, resp_inc = self.model.marginal_score_samples(X[inc])
@@ -574,7 +574,7 @@ class Detector:
             out[complete] = -self.model.score_samples(X[complete])
         inc = np.flatnonzero(~complete)
         params = (self.model.weights_, self.model.means_, self.model.covariances_)
-        covs = full_covariances(params[2], self.covariance_type, len(params[0]), X.shape[1])
+        covs = cv.full_covariances(self.covariance_type, params[2], len(params[0]), X.shape[1])
         ll_inc, resp_inc = self.model.marginal_score_samples(X[inc])
         out[inc] = self._full_scale_scores(X[inc], ll_inc, resp_inc.argmax(axis=1), params, covs)
         return out
@@ -585,7 +585,7 @@ class Detector:
         weights = params[0]
         d = covs.shape[1]
         logdet = np.linalg.slogdet(covs)[1]
-        per_k = -np.log(np.maximum(weights, 1e-300)) + 0.5 * (d * (1.0 + _LOG_2PI) + logdet)
+        per_k = -np.log(np.maximum(weights, 1e-300)) + 0.5 * (d * (1.0 + cv.LOG_2PI) + logdet)
         return per_k[comp]
 
     def _full_scale_scores(
@@ -609,10 +609,10 @@ class Detector:
             maha2_full = stats.chi2.isf(tail, d) if tail > 0 else maha2 * d / m
             logdet = np.linalg.slogdet(covs[k])[1]
             log_resp = math.log(max(weights[k], 1e-300)) - 0.5 * (
-                m * _LOG_2PI + np.linalg.slogdet(cov_o)[1] + maha2
+                m * cv.LOG_2PI + np.linalg.slogdet(cov_o)[1] + maha2
             ) - ll[r]
             out[r] = -math.log(max(weights[k], 1e-300)) + 0.5 * (
-                d * _LOG_2PI + logdet + maha2_full
+                d * cv.LOG_2PI + logdet + maha2_full
             ) + log_resp
         return out
 
@@ -737,7 +737,7 @@ class Detector:
             return []
         label = clusters.predict(points)
         d = points.shape[1]
-        covs = full_covariances(clusters.covariances_, self.covariance_type,
+        covs = cv.full_covariances(self.covariance_type, clusters.covariances_,
                                 len(clusters.weights_), d)
         groups = []
         for k in range(len(clusters.weights_)):
@@ -750,7 +750,7 @@ class Detector:
                 continue
             maha2 = np.einsum("ij,ij->i", diff @ np.linalg.inv(covs[k]), diff)
             weight = min(max(in_k.sum() / window, 0.01), 0.5)
-            score = -math.log(weight) + 0.5 * (d * _LOG_2PI + logdet + maha2)
+            score = -math.log(weight) + 0.5 * (d * cv.LOG_2PI + logdet + maha2)
             groups.append(in_k & (score <= self.threshold.threshold))
         return groups
 

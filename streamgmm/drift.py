@@ -61,10 +61,11 @@ from typing import Any
 
 import numpy as np
 
+from streamgmm import _covariance as cv
+
 __all__ = [
     "DriftMonitor",
     "DriftReport",
-    "full_covariances",
     "gaussian_kl_matrix",
     "mixture_kl_variational",
     "mean_displacement",
@@ -93,42 +94,6 @@ class DriftReport:
 
 
 # -- the math (pure) -------------------------------------------------------------------------------
-def full_covariances(
-    covariances: np.ndarray, covariance_type: str, n_components: int, n_features: int
-) -> np.ndarray:
-    """Covariances in scikit-learn's shapes for ``covariance_type``, as a ``(K, d, d)`` array.
-
-    Examples
-    --------
-    >>> full_covariances(np.array([1.0, 4.0]), "spherical", 2, 2)[1].tolist()
-    [[4.0, 0.0], [0.0, 4.0]]
-    """
-    c = np.asarray(covariances, dtype=np.float64)
-    k, d = n_components, n_features
-    if covariance_type == "full":
-        out = c.reshape(k, d, d)
-    elif covariance_type == "tied":
-        out = np.broadcast_to(c.reshape(d, d), (k, d, d))
-    elif covariance_type == "diag":
-        out = np.zeros((k, d, d))
-        out[:, np.arange(d), np.arange(d)] = c.reshape(k, d)
-    elif covariance_type == "spherical":
-        out = np.eye(d)[None, :, :] * c.reshape(k, 1, 1)
-    else:
-        raise ValueError(
-            f"unknown covariance_type {covariance_type!r}; use full, diag, spherical or tied"
-        )
-    return np.array(out, dtype=np.float64)
-
-
-def _inverses_and_logdets(covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Batched inverses and log-determinants of ``(K, d, d)`` covariances."""
-    chol = np.linalg.cholesky(covs)
-    logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-    inv_chol = np.linalg.inv(chol)
-    return np.swapaxes(inv_chol, 1, 2) @ inv_chol, logdet
-
-
 def _kl_from_parts(means_a, covs_a, logdet_a, means_b, inv_b, logdet_b) -> np.ndarray:
     d = means_a.shape[1]
     trace = np.einsum("bij,aji->ab", inv_b, covs_a)
@@ -149,8 +114,8 @@ def gaussian_kl_matrix(
     >>> float(kl[0, 0])
     0.5
     """
-    inv_b, logdet_b = _inverses_and_logdets(covs_b)
-    _, logdet_a = _inverses_and_logdets(covs_a)
+    inv_b, logdet_b = cv.precisions_and_log_dets(covs_b)
+    _, logdet_a = cv.precisions_and_log_dets(covs_a)
     return _kl_from_parts(means_a, covs_a, logdet_a, means_b, inv_b, logdet_b)
 
 
@@ -183,8 +148,8 @@ def mixture_kl_variational(
     """
     wf = np.asarray(weights_f, dtype=np.float64)
     wg = np.asarray(weights_g, dtype=np.float64)
-    inv_f, logdet_f = _inverses_and_logdets(covs_f)
-    inv_g, logdet_g = _g_parts if _g_parts is not None else _inverses_and_logdets(covs_g)
+    inv_f, logdet_f = cv.precisions_and_log_dets(covs_f)
+    inv_g, logdet_g = _g_parts if _g_parts is not None else cv.precisions_and_log_dets(covs_g)
     kl_ff = _kl_from_parts(means_f, covs_f, logdet_f, means_f, inv_f, logdet_f)
     kl_fg = _kl_from_parts(means_f, covs_f, logdet_f, means_g, inv_g, logdet_g)
     with np.errstate(divide="ignore"):
@@ -210,7 +175,7 @@ def mean_displacement(
     ...                   np.array([[[4.0]]]))
     1.5
     """
-    inv_g = _inv_g if _inv_g is not None else _inverses_and_logdets(covs_g)[0]
+    inv_g = _inv_g if _inv_g is not None else cv.precisions_and_log_dets(covs_g)[0]
     diff = means_f[:, None, :] - means_g[None, :, :]
     maha = np.einsum("abi,bij,abj->ab", diff, inv_g, diff)
     return float(np.sum(weights_f * np.sqrt(np.maximum(maha.min(axis=1), 0.0))))
@@ -316,7 +281,7 @@ class DriftMonitor:
         self._reference = {
             "weights": w.copy(),
             "means": m.copy(),
-            "covariances": full_covariances(covariances, covariance_type, k, d),
+            "covariances": cv.full_covariances(covariance_type, covariances, k, d).copy(),
         }
         self._reference_parts = None
         self.reference_ll = self.ll_ewma
@@ -392,13 +357,13 @@ class DriftMonitor:
         if have_model:
             w = np.asarray(weights, dtype=np.float64)
             mu = np.asarray(means, dtype=np.float64)
-            covs = full_covariances(covariances, covariance_type, mu.shape[0], mu.shape[1])
+            covs = cv.full_covariances(covariance_type, covariances, mu.shape[0], mu.shape[1])
             ref = self._reference
             assert ref is not None
             entropy = weight_entropy(w)
             try:
                 if self._reference_parts is None:
-                    self._reference_parts = _inverses_and_logdets(ref["covariances"])
+                    self._reference_parts = cv.precisions_and_log_dets(ref["covariances"])
                 parts = self._reference_parts
                 kl = max(
                     mixture_kl_variational(

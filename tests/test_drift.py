@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from streamgmm._covariance import full_covariances
 from streamgmm.checkpoint import dumps_state, loads_state
 from streamgmm.drift import (
     DriftMonitor,
-    full_covariances,
     gaussian_kl_matrix,
     mean_displacement,
     mixture_kl_variational,
@@ -62,11 +62,11 @@ def test_variational_kl_is_zero_for_equal_mixtures_and_close_to_monte_carlo():
 
 
 def test_covariance_shapes_become_full():
-    assert full_covariances(np.ones((2, 2)), "diag", 2, 2).shape == (2, 2, 2)
-    tied = full_covariances(np.array([[2.0, 0.1], [0.1, 1.0]]), "tied", 3, 2)
+    assert full_covariances("diag", np.ones((2, 2)), 2, 2).shape == (2, 2, 2)
+    tied = full_covariances("tied", np.array([[2.0, 0.1], [0.1, 1.0]]), 3, 2)
     assert tied.shape == (3, 2, 2) and tied[2, 0, 1] == 0.1
     with pytest.raises(ValueError, match="covariance_type"):
-        full_covariances(np.ones(2), "banana", 2, 1)
+        full_covariances("banana", np.ones(2), 2, 1)
 
 
 def test_displacement_in_standard_deviations_and_entropy():
