@@ -719,6 +719,16 @@ class OnlineGaussianMixture:
 
     # ------------------------------------------------------------------ stepwise EM
 
+    def set_min_step(self, min_step: float) -> None:
+        """Change the floor of the step size (``min_step``) from the next batch on.
+
+        Raising it for a while makes the model forget faster; the detector does so after it
+        adopts a new mode, so that the old shape fades (:mod:`streamgmm.adoption`).
+        """
+        if not 0.0 <= min_step < 1.0:
+            raise ValueError(f"min_step must be in [0, 1), got {min_step!r}")
+        self.min_step = float(min_step)
+
     def _step_size(self, n_rows: float) -> float:
         eta = max((self._steps + 2.0) ** -self.step_exponent, self.min_step)
         return 1.0 - (1.0 - eta) ** (n_rows / self.batch_size)
@@ -1163,6 +1173,7 @@ class OnlineGaussianMixture:
                 reg=self._reg,
             )
         meta = {
+            "version": _STATE_VERSION,
             "params": self.get_params(),
             "fitted": self._fitted,
             "steps": self._steps,
@@ -1182,15 +1193,27 @@ class OnlineGaussianMixture:
     def from_state(
         cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     ) -> OnlineGaussianMixture:
-        """Rebuild a model from :meth:`get_state` output (exact round trip)."""
+        """Rebuild a model from :meth:`get_state` output (exact round trip).
+
+        Reads format versions 1 and 2. A state carries its version in ``meta["version"]``;
+        states nested in a detector's before the version was recorded there are told apart by
+        ``n_eff``, which version 2 introduced.
+        """
         try:
+            version = meta.get("version", 2 if "n_eff" in meta else 1)
             model = cls(**meta["params"])
             model._fitted = bool(meta["fitted"])
             model._steps = float(meta["steps"])
-            # states of version 1 predate n_eff (every learned event counts) and refits
-            model._n_eff = float(meta.get("n_eff", meta["n_events_learned"]))
-            model._next_refit = int(meta.get("next_refit", 0))
-            model.n_refits_ = int(meta.get("n_refits", 0))
+            if version == 1:  # no n_eff (every learned event counts) and no refits
+                model._n_eff = float(meta["n_events_learned"])
+                model._next_refit = 0
+                model.n_refits_ = 0
+            elif version == 2:
+                model._n_eff = float(meta["n_eff"])
+                model._next_refit = int(meta["next_refit"])
+                model.n_refits_ = int(meta["n_refits"])
+            else:
+                raise ValueError(f"format version {version!r}, this streamgmm reads 1 and 2")
             model.n_events_learned_ = int(meta["n_events_learned"])
             model.n_features_in_ = meta["n_features_in"]
             model.converged_ = bool(meta["converged"])

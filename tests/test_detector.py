@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from streamgmm import _synthetic as syn
-from streamgmm.checkpoint import CheckpointError
+from streamgmm.checkpoint import CheckpointError, read_state
 from streamgmm.detector import Detector
 
 
@@ -169,6 +170,47 @@ def test_state_round_trip_continues_identically(tmp_path, cut):
     (tmp_path / "bad.npz").write_bytes(b"not a state")
     with pytest.raises(CheckpointError):
         Detector.load(tmp_path / "bad.npz")
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def _expect_v2_continuation(det):
+    """The batch after the version-2 state, decided as the code that wrote it decided it."""
+    expected = np.load(DATA / "detector_v2_next.npz")
+    res = det.process(expected["X"])
+    np.testing.assert_allclose(res.score, expected["score"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(res.typical_score, expected["typical"], rtol=1e-9, atol=1e-9)
+    assert np.array_equal(res.is_anomaly, expected["is_anomaly"])
+    assert det.n_adoptions == expected["n_adoptions"] and det.n_shifts == expected["n_shifts"]
+    assert det.model.min_step == expected["min_step"]
+
+
+def test_a_version_2_state_loads_and_carries_on(tmp_path):
+    # Written by streamgmm before the adoption policy had a state of its own (commit 384574f,
+    # tests/data/make_detector_v2.py): saved just after an adoption, during the faster forgetting.
+    det = Detector.load(DATA / "detector_v2.npz")
+    assert det.n_adoptions == 1 and det.n_shifts == 1
+    assert det.adoption.boost_remaining == 200 and det.model.min_step == 0.05
+    _expect_v2_continuation(det)
+    # The same state nested in a daemon checkpoint (no version of its own), and re-saved.
+    arrays, meta = read_state(DATA / "detector_v2.npz", "Detector", 3)
+    meta.pop("version")
+    nested = Detector.from_state(arrays, meta)
+    nested.save(tmp_path / "v3.npz")
+    assert read_state(tmp_path / "v3.npz", "Detector", 3)[1]["version"] == 3
+    _expect_v2_continuation(Detector.load(tmp_path / "v3.npz"))
+
+
+def test_a_version_2_state_from_before_the_shift_rule_loads():
+    arrays, meta = read_state(DATA / "detector_v2.npz", "Detector", 3)
+    for name in ("shift_remaining", "shift_start", "n_shifts"):
+        del meta["detector"][name]
+    det = Detector.from_state(arrays, meta)
+    assert det.n_shifts == 0 and det.adoption.shift_remaining == 0 and det.n_adoptions == 1
+    del meta["detector"]["rate_since"]  # a field every version 2 state has
+    with pytest.raises(ValueError, match="rate_since"):
+        Detector.from_state(arrays, meta)
 
 
 def test_state_round_trip_during_warm_up():
