@@ -19,7 +19,7 @@ Under River's filters. GMMDetector protects its own learning (flagged events are
 normal), so let it learn every event: ``QuantileFilter(..., protect_anomaly_detector=False)``
 does. ``ThresholdFilter.learn_one`` in River 0.26 either withholds flagged events from the
 detector (``protect_anomaly_detector=True``, which hides the upper tail of the scores from its
-calibration: 22 % flagged instead of 2 % in our test) or, with ``False``, learns nothing at all;
+calibration, so it flags far more than its quantile says) or, with ``False``, learns nothing at all;
 so classify with the filter and learn on the detector. At ``1 - false_alarm_rate`` it then flags
 at about that rate:
 
@@ -88,8 +88,8 @@ class GMMDetector(base.AnomalyDetector):
         initialises).
     max_components
         Upper bound for ``"auto"`` and for components adopted later. 3 by default: on the small
-        warm-up buffers of River streams, BIC chose too many components for high-dimensional or
-        discrete data (digits, Shuttle), which cost ROC-AUC; 3 keeps multi-modal streams right.
+        warm-up buffers of River streams more components are chosen than the data support for
+        high-dimensional or discrete data, while 3 keeps multi-modal streams right.
     covariance_type
         ``"full"``, ``"diag"``, ``"spherical"`` or ``"tied"``.
     false_alarm_rate
@@ -107,8 +107,8 @@ class GMMDetector(base.AnomalyDetector):
         persistent new modes, see :mod:`streamgmm.detector`).
     flagged_weight
         0.1 by default (the :class:`~streamgmm.detector.Detector` uses 0): rare normal modes too
-        sparse to be adopted as a cluster are still learned, slowly. It raised ROC-AUC on Shuttle
-        and after abrupt shifts in ``scripts/evaluate.py`` without costing elsewhere.
+        sparse to be adopted as a cluster are still learned, slowly (README, *Why the
+        defaults*).
     adoption_persistence
         How many events a cluster of flagged events must have arrived steadily over before it
         is adopted as a new normal mode (default 1000): shorter bursts stay anomalies, a regime
@@ -415,7 +415,7 @@ class GMMDetector(base.AnomalyDetector):
         Mahalanobis distance over ``d`` follows (about) an ``F(d, n - 1)`` distribution: the
         predictive tail, wider than the plug-in chi-square while ``n`` is small, so the first
         events of a stream are not scored as if the few seen so far told the whole story
-        (measured: mean prequential PR-AUC 0.54 -> 0.58 over the evaluation streams). 0.0 with
+        (README, *Why the defaults*). 0.0 with
         nothing learned.
         """
         maha2 = 0.0

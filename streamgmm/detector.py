@@ -206,9 +206,8 @@ class Detector:
         While the stream is young, the mixture is refitted by batch EM (K chosen again) to all
         events learned so far each time they have grown by half, up to this many events; the
         threshold is recalibrated on the refitted model's cross-fitted scores of those events.
-        ``None``: the mixture is initialised once and learns online only (on the development
-        half of ``scripts/evaluate.py`` that raised the mean PR-AUC by 0.02 but left the
-        realised false-alarm rate at a 0.1 % target with 1 % anomalies at 0.4-0.9 of it).
+        ``None``: the mixture is initialised once and learns online only (README, *Why the
+        defaults*, compares the two).
     **engine_params
         Passed to :class:`~streamgmm.mixture.OnlineGaussianMixture` (e.g. ``max_components``,
         ``reg_covar``, ``step_exponent``, ``warmup_size``).
