@@ -458,9 +458,11 @@ class DriftMonitor:
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> DriftMonitor:
-        """Rebuild from :meth:`get_state` output."""
+        """Rebuild from :meth:`get_state` output (every scalar is required)."""
         obj = cls(**meta["params"])
-        for name, value in meta["scalars"].items():
+        scalars = meta["scalars"]
+        for name in cls._SCALARS:
+            value = scalars[name]
             if value is None and name in ("ll_ewma", "rate_ewma", "reference_ll"):
                 value = math.nan
             setattr(obj, name, value)

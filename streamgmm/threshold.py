@@ -605,7 +605,7 @@ class AdaptiveThreshold(_ScoreScale):
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> AdaptiveThreshold:
-        """Rebuild from :meth:`get_state` output."""
+        """Rebuild from :meth:`get_state` output (every field is required)."""
         obj = cls(
             false_alarm_rate=meta["false_alarm_rate"],
             warmup_events=meta["warmup_events"],
@@ -614,9 +614,9 @@ class AdaptiveThreshold(_ScoreScale):
             rejection_gap=meta["rejection_gap"],
         )
         obj._restore_base(arrays, meta)
-        level = meta.get("rejection_level")
+        level = meta["rejection_level"]
         obj.rejection_level = math.inf if level is None else float(level)
-        if meta.get("tail") is not None:
+        if meta["tail"] is not None:
             tail = _Tail.__new__(_Tail)
             for name, value in meta["tail"].items():
                 setattr(tail, name, float(value))
