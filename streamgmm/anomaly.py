@@ -104,7 +104,7 @@ class GMMDetector(base.AnomalyDetector):
         Forgetting of the mixture (the engine's ``min_step``).
     protect
         Learn flagged events with the reduced weight ``flagged_weight`` only (and adopt
-        persistent new modes, see :mod:`streamgmm.detector`).
+        persistent new modes, see :mod:`streamgmm.adoption`).
     flagged_weight
         0.1 by default (the :class:`~streamgmm.detector.Detector` uses 0): rare normal modes too
         sparse to be adopted as a cluster are still learned, slowly (README, *Why the
@@ -114,7 +114,7 @@ class GMMDetector(base.AnomalyDetector):
         is adopted as a new normal mode (default 1000): shorter bursts stay anomalies, a regime
         that lasts is accepted. The one knob for "how fast should a new behaviour become
         normal" -- except after a shift of the whole stream (most events flagged), which is
-        adopted at once (see :mod:`streamgmm.detector`).
+        adopted at once (see :mod:`streamgmm.adoption`).
     covariance_shrinkage
         ``"oas"`` (default): full covariances shrunk towards their diagonals by as much as the
         events behind each component leave uncertain; ``None``: maximum likelihood.
@@ -137,7 +137,7 @@ class GMMDetector(base.AnomalyDetector):
     In alarm, sooner: when more than half of the last 32 events ``score_one`` scored were above
     the detector's threshold, ``learn_one`` learns the buffer as soon as it holds 16 events.
     Anomalies are rare, so this happens after a shift of the whole stream, and it lets the
-    detector see the shift (and adopt the new regime, see :mod:`streamgmm.detector`) within
+    detector see the shift (and adopt the new regime, see :mod:`streamgmm.adoption`) within
     tens of events instead of up to ``batch_size``. It changes only when events are learned,
     never how.
 

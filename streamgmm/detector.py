@@ -190,9 +190,10 @@ class Detector:
         Seed of the engine.
     adoption_buffer, adoption_window, adoption_min_events, adoption_rate_factor,
     adoption_persistence, adoption_boost
-        The adoption rule's parameters (module notes).
+        The adoption rule's parameters (``buffer``, ``window``, ... of
+        :class:`~streamgmm.adoption.AdoptionParameters`; the rule: :mod:`streamgmm.adoption`).
     shift_window, shift_fraction
-        The shift rule (module notes): more than ``shift_fraction`` of the last
+        The shift rule (:mod:`streamgmm.adoption`): more than ``shift_fraction`` of the last
         ``shift_window`` events flagged (default ``4 * adoption_min_events``) waives the
         persistence requirement. ``shift_fraction=1`` turns the rule off.
     flagged_weight
