@@ -1,8 +1,9 @@
 """The detection core: mixture + threshold + learning policy + drift, one call per micro-batch.
 
 :class:`Detector` owns an :class:`~streamgmm.mixture.OnlineGaussianMixture`, a threshold
-(:class:`~streamgmm.threshold.AdaptiveThreshold` or :class:`~streamgmm.threshold.FixedThreshold`)
-and a :class:`~streamgmm.drift.DriftMonitor`. :meth:`Detector.process` takes a batch ``X`` and
+(:class:`~streamgmm.threshold.AdaptiveThreshold` or :class:`~streamgmm.threshold.FixedThreshold`),
+a :class:`~streamgmm.drift.DriftMonitor` and an :class:`~streamgmm.adoption.AdoptionPolicy`.
+:meth:`Detector.process` takes a batch ``X`` and
 
 1. scores every event under the model *before* it learns the batch (the E-step runs once:
    ``score_partial_fit(X, sample_weight=fn, return_resp=True)``);
