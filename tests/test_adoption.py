@@ -1,0 +1,76 @@
+"""Adoption policy: parameters, the faster forgetting after an adoption, its state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamgmm.adoption import AdoptionParameters, AdoptionPolicy
+from streamgmm.detector import Detector
+from streamgmm.mixture import OnlineGaussianMixture
+
+
+def _adopting_run(persistence=400, batches=10):
+    rng = np.random.default_rng(0)
+    model = OnlineGaussianMixture(1, random_state=0).fit(rng.normal(0, 1, (2000, 2)))
+    policy = AdoptionPolicy(AdoptionParameters(window=2000, persistence=persistence),
+                            false_alarm_rate=0.01, forgetting=0.002)
+    now, floors = 0, []
+    for _ in range(batches):
+        X = rng.normal(8, 1, (40, 2))  # every event from a new mode: a shift, then adopted
+        now += len(X)
+        flagged = -model.score_samples(X) > 6.0
+        policy.update(model, X, np.ones(len(X), bool), flagged, now, threshold=6.0)
+        policy.advance(model, len(X))
+        floors.append(model.min_step)
+    return model, policy, floors
+
+
+def test_after_an_adoption_the_model_forgets_faster_for_persistence_events_only():
+    model, policy, floors = _adopting_run(persistence=400, batches=30)
+    assert policy.n_adoptions == 1 and policy.n_shifts == 1
+    # The floor, raised after the adopting batch, holds until 400 events have passed since it
+    # (the adopting batch's 40 included): 9 batches of 40, in one stretch.
+    boosted = np.flatnonzero(np.array(floors) == 0.05)
+    assert boosted.size == 400 // 40 - 1 and np.all(np.diff(boosted) == 1)
+    assert floors[-1] == 0.002 and policy.boost_remaining == 0
+
+
+def test_policy_state_round_trip():
+    model, policy, _ = _adopting_run()
+    arrays, meta = policy.get_state()
+    clone = AdoptionPolicy(policy.parameters, 0.01, 0.002)
+    clone.set_state(arrays, meta)
+    assert clone.get_state()[1] == meta
+    for name, value in arrays.items():
+        assert np.array_equal(clone.get_state()[0][name], value)
+    del meta["shift_start"]
+    with pytest.raises(KeyError, match="shift_start"):
+        clone.set_state(arrays, meta)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"shift_window": 0}, "shift_window"),
+    ({"shift_fraction": 0.0}, "shift_fraction"),
+    ({"shift_fraction": 1.5}, "shift_fraction"),
+])
+def test_invalid_parameters_are_refused_by_name(params, message):
+    with pytest.raises(ValueError, match=message):
+        AdoptionParameters(**params)
+    with pytest.raises(ValueError, match=message):
+        Detector(**params)
+
+
+def test_defaults_scale_with_the_number_of_features():
+    p = AdoptionParameters()
+    assert p.min_events_for(3) == 30 and p.min_events_for(20) == 42
+    assert p.shift_window_for(3) == 120
+    assert AdoptionParameters(shift_window=50).shift_window_for(3) == 50
+
+
+def test_the_engine_checks_its_step_floor():
+    model = OnlineGaussianMixture(1)
+    model.set_min_step(0.1)
+    assert model.min_step == 0.1
+    with pytest.raises(ValueError, match="min_step"):
+        model.set_min_step(1.0)
