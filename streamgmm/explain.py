@@ -82,11 +82,10 @@ class MixtureParameters:
     def n_features(self) -> int:
         return self.means.shape[1]
 
-    def full_covariances(self) -> np.ndarray:
-        """Every component's covariance as a ``(d, d)`` matrix, shape ``(K, d, d)``."""
-        return cv.full_covariances(
-            self.covariance_type, self.covariances, self.n_components, self.n_features
-        )
+    def covariance(self, k: int) -> np.ndarray:
+        """Component ``k``'s covariance as a ``(d, d)`` matrix."""
+        one = self.covariances if self.covariance_type == "tied" else self.covariances[k : k + 1]
+        return cv.full_covariances(self.covariance_type, one, 1, self.n_features)[0]
 
     def log_det_covariances(self) -> np.ndarray:
         """``log |Sigma_k|`` per component, shape ``(K,)``."""
@@ -161,7 +160,7 @@ def explain_event(
     they sum to ``excess``) and ``direction`` (``"high"``, ``"low"`` or ``"missing"``).
     """
     mu = params.means[component]
-    cov = params.full_covariances()[component]
+    cov = params.covariance(component)
     observed = ~np.isnan(x)
     o = np.flatnonzero(observed)
     diff = x[o] - mu[o]
