@@ -41,10 +41,11 @@ from typing import Any
 
 import numpy as np
 from river import base
-from scipy import stats
+from scipy import special, stats
 
 from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
+from streamgmm.frame import InputFrame
 
 __all__ = ["GMMDetector"]
 
@@ -79,7 +80,7 @@ def _unit_from_log_tail(log_tail: np.ndarray | float) -> np.ndarray | float:
 
 
 class GMMDetector(base.AnomalyDetector):
-    """Online Gaussian-mixture anomaly detector for River (score = ``-log p(x)``, in nats).
+    """Online Gaussian-mixture anomaly detector for River.
 
     Parameters
     ----------
@@ -118,6 +119,12 @@ class GMMDetector(base.AnomalyDetector):
     covariance_shrinkage
         ``"oas"`` (default): full covariances shrunk towards their diagonals by as much as the
         events behind each component leave uncertain; ``None``: maximum likelihood.
+    score
+        ``"density"`` (default) or ``"tail"``: what the detector ranks by (see
+        :class:`~streamgmm.detector.Detector`, whose default is ``"tail"``). The density ranked
+        River streams better on the development half of ``scripts/evaluate.py``; the tail mass
+        is the choice when a few percent of anomalies may form a tight cluster, which the
+        density can learn as normal (README, *Why the defaults*).
     refit_events
         Young streams: the mixture is refitted to everything learned so far each time it has
         grown by half, up to this many events (see :class:`~streamgmm.detector.Detector`).
@@ -145,15 +152,23 @@ class GMMDetector(base.AnomalyDetector):
     ------
     ``score_one`` returns the fraction of recent normal events that score lower than ``x`` under
     the mixture -- ``1 - tail_probability`` of :mod:`streamgmm.threshold`, in [0, 1], higher =
-    more anomalous. Its ranking is that of ``-log p(x)``; for normal events it is roughly uniform,
+    more anomalous. Its ranking is that of the detector's score (``-log p(x)`` by default, see
+    ``score``); for normal events it is roughly uniform,
     so River's ``metrics.ROCAUC`` (which assumes scores in [0, 1]) works, and
     ``anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=r), threshold=1 - r)`` flags at about
     the rate ``r``. Until the mixture has initialised (``warmup_events // 2`` complete events) the
     score is the predictive (F-distribution) tail of the Mahalanobis distance under a diagonal
     Gaussian of the events learned so far, and 0.0 before any event was learned. Beyond a tail
-    probability of 1e-6 the score keeps rising slowly with ``-log p``, so far anomalies stay
-    ranked. :meth:`Detector.score_samples
-    <streamgmm.detector.Detector.score_samples>` on :attr:`detector` gives ``-log p(x)`` itself.
+    probability of 1e-6 the score keeps rising slowly with the detector's score, so far anomalies
+    stay ranked. :meth:`Detector.score_samples
+    <streamgmm.detector.Detector.score_samples>` on :attr:`detector` gives that score itself.
+
+    Scalers in front
+    ----------------
+    Behind a scaler whose range grows with the stream (``preprocessing.MinMaxScaler``), every
+    event that extends a feature's range rescales all later ones. ``score_one`` then
+    ``learn_one`` of the same event show the rescaling, and the detector follows it into a
+    stable internal frame (:mod:`streamgmm.frame`), so its model never sees it.
 
     Features that appear or disappear
     ---------------------------------
@@ -179,6 +194,7 @@ class GMMDetector(base.AnomalyDetector):
         adoption_persistence: int = 1000,
         covariance_shrinkage: str | None = "oas",
         refit_events: int | None = 512,
+        score: str = "density",
         seed: int | None = None,
     ):
         self.n_components = n_components
@@ -193,6 +209,7 @@ class GMMDetector(base.AnomalyDetector):
         self.adoption_persistence = adoption_persistence
         self.covariance_shrinkage = covariance_shrinkage
         self.refit_events = refit_events
+        self.score = score
         self.seed = seed
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -210,6 +227,7 @@ class GMMDetector(base.AnomalyDetector):
         self._last_row: np.ndarray | None = None
         self._last_complete: np.ndarray | None = None  # the last row _row found complete
         self._batch_target = _MIN_BATCH  # learn_one flushes at this many buffered events
+        self._input_frame: InputFrame | None = None  # from the first batch on
 
     @classmethod
     def _unit_test_params(cls):
@@ -266,6 +284,7 @@ class GMMDetector(base.AnomalyDetector):
         self._index = {name: j for j, name in enumerate(self.features)}
         getter = operator.itemgetter(*self.features)
         self._getter = getter if len(self.features) > 1 else (lambda x: (getter(x),))
+        self._input_frame = InputFrame(len(self.features))
 
     def _make_detector(self) -> Detector:
         return Detector(
@@ -282,18 +301,27 @@ class GMMDetector(base.AnomalyDetector):
             adoption_persistence=self.adoption_persistence,
             covariance_shrinkage=self.covariance_shrinkage,
             refit_events=self.refit_events,
+            score=self.score,
         )
 
     # -- learning ----------------------------------------------------------------------------
     def learn_one(self, x: dict) -> None:
         """Buffer ``x``; every ``batch_size``-th call learns the buffer (see *Buffering*)."""
+        row = None
+        if self.features is not None:
+            row = self._row(x)
+            scored = self._last_row
+            if self._last_x is not None and x is not self._last_x and (scored != row).any():
+                # the event score_one saw, learned with other numbers: a scaler in front
+                # rescaled it (streamgmm.frame)?
+                self._input_frame.observe(scored, row, self._rows)
         if self.detector is None or not self.detector.model.is_fitted:
             self._learn_fallback(x)
-        if self.features is None:
+        if row is None:
             self._pending.append({k: self._value(k, v) for k, v in x.items()})
             size = len(self._pending)
         else:
-            self._rows.append(self._row(x))
+            self._rows.append(self._input_frame.internal(row))
             size = len(self._rows)
         self._last_x = None
         if size >= self._batch_target or self._in_alarm(size):
@@ -325,6 +353,7 @@ class GMMDetector(base.AnomalyDetector):
             return
         batch = np.vstack(self._rows)
         self._rows = []
+        self._input_frame.learned(batch)
         self._process(batch)
 
     def _process(self, batch: np.ndarray) -> None:
@@ -351,13 +380,21 @@ class GMMDetector(base.AnomalyDetector):
                                                         model.precisions_cholesky_, k, d)
             )
             sums = np.kron(np.eye(k), np.ones(d)).T  # (k d, k): adds each component's squares
-            self._fast = (stacked, offset, sums, log_const.tolist())
+            self._fast = (stacked, offset, sums, log_const.tolist(), model.weights_, d)
         return self._fast
 
     def _score_complete_row(self, row: np.ndarray) -> float:
-        """``-log p(x)`` of one complete row (same number as ``Detector.score_samples``)."""
-        stacked, offset, sums, log_const = self._fast_parts()
+        """The detector's score of one complete row (as ``Detector.score_samples`` gives it)."""
+        stacked, offset, sums, log_const, weights, d = self._fast_parts()
         z = stacked @ row - offset
+        if self.score == "tail":
+            maha = (z * z) @ sums
+            mass = float(weights @ special.gammaincc(0.5 * d, 0.5 * maha))
+            if mass > 1e-250:
+                return -math.log(mass)
+            terms = np.log(np.maximum(weights, 1e-300)) + cv.log_chi2_tail(maha, d)
+            top = float(terms.max())
+            return -(top + math.log(float(np.exp(terms - top).sum())))
         if len(log_const) == 1:
             return 0.5 * float(z @ z) - log_const[0]
         terms = [c - 0.5 * q for c, q in zip(log_const, (z * z) @ sums, strict=True)]
@@ -374,7 +411,9 @@ class GMMDetector(base.AnomalyDetector):
         if self.detector is None or not self.detector.model.is_fitted:
             for x in X.to_dict(orient="records"):
                 self._learn_fallback(x)
-        self._process(self._frame(X))
+        rows = self._input_frame.internal(self._frame(X))
+        self._input_frame.learned(rows)
+        self._process(rows)
 
     def _frame(self, X) -> np.ndarray:
         frame = X
@@ -392,10 +431,19 @@ class GMMDetector(base.AnomalyDetector):
                 f"GMMDetector needs numeric columns ({exc}); encode categories first"
             ) from exc
 
+    def _internal_value(self, name: Any, value: float) -> float:
+        """A feature's value in the internal frame (see :mod:`streamgmm.frame`)."""
+        if self.features is None or self._input_frame.is_identity:
+            return value
+        j = self._index.get(name)
+        if j is None:
+            return value
+        return value * self._input_frame.scale[j] + self._input_frame.offset[j]
+
     # -- the diagonal Gaussian used before the mixture exists --------------------------------
     def _learn_fallback(self, x: dict) -> None:
         for name, value in x.items():
-            v = self._value(name, value)
+            v = self._internal_value(name, self._value(name, value))
             if math.isnan(v):
                 continue
             stat = self._fallback.get(name)
@@ -425,7 +473,7 @@ class GMMDetector(base.AnomalyDetector):
             stat = self._fallback.get(name)
             if stat is None or stat[0] < 2:
                 continue
-            v = self._value(name, value)
+            v = self._internal_value(name, self._value(name, value))
             if math.isnan(v):
                 continue
             var = stat[2] / (stat[0] - 1.0)
@@ -441,7 +489,7 @@ class GMMDetector(base.AnomalyDetector):
     # -- scoring ---------------------------------------------------------------------------------
     @property
     def is_warm(self) -> bool:
-        """Whether the mixture is initialised (scores are then ``-log p(x)`` under it)."""
+        """Whether the mixture is initialised (scores are then the detector's, under it)."""
         return self.detector is not None and self.detector.model.is_fitted
 
     @property
@@ -458,18 +506,20 @@ class GMMDetector(base.AnomalyDetector):
 
     def score_one(self, x: dict) -> float:
         """Fraction of normal events that score lower than ``x`` (in [0, 1]); never learns."""
+        if self.features is not None:
+            row = self._row(x)
+            self._last_x, self._last_row = x, row  # for learn_one (see streamgmm.frame)
         if self.is_warm:
             assert self.detector is not None
             threshold = self.detector.threshold
-            row = self._row(x)
-            self._last_x, self._last_row = x, row
             if threshold.n_events_seen >= 10:
+                internal = self._input_frame.internal(row)
                 if row is self._last_complete:  # no NaN: the fast path
-                    score = self._score_complete_row(row)
+                    score = self._score_complete_row(internal)
                 elif np.isnan(row).all():
                     return self._fallback_score(x)
                 else:
-                    score = float(self.detector.score_samples(row[None, :])[0])
+                    score = float(self.detector.score_samples(internal[None, :])[0])
                 self._alarms = ((self._alarms << 1) | (score > threshold.threshold)) & _ALARM_MASK
                 tail = threshold.tail_probability_one(score)
                 if tail < _LINEAR_TAIL:  # far out: keep the ranking beyond float resolution
@@ -483,7 +533,8 @@ class GMMDetector(base.AnomalyDetector):
 
         if self.is_warm:
             assert self.detector is not None
-            unit = self._unit_scores(self.detector.score_samples(self._frame(X)))
+            rows = self._input_frame.internal(self._frame(X))
+            unit = self._unit_scores(self.detector.score_samples(rows))
             if unit is not None:
                 return pd.Series(unit, index=X.index, dtype=float)
         return pd.Series(

@@ -1,0 +1,144 @@
+"""The input's frame, followed through range rescalings of a scaler in front of the detector.
+
+A River pipeline such as ``preprocessing.MinMaxScaler() | GMMDetector()`` hands the detector
+each feature as ``(x - min) / (max - min)`` with the minimum and maximum *seen so far*. Whenever
+an event extends a feature's range, every later event arrives in a new frame: the same raw value
+maps to a different number, and a model learned in the old frame misjudges all of them (on
+River's Shuttle protocol: ROC-AUC 0.82 on the first 10,000 events behind ``MinMaxScaler``,
+against 0.98 with no scaler).
+
+The rescaling is visible in River's prequential protocol: ``score_one(x)`` sees the event in the
+old frame and ``learn_one(x)``, right after, in the new one (the pipeline's scaler learns the
+event first). An event that extends the range scores beyond the range of the values learned so
+far, and is learned exactly at its end; the other end is fixed. Those two correspondences give
+the affine map from the old frame to the new, feature by feature. :class:`InputFrame` composes
+these maps into one per-feature map to a *stable* internal frame, ``z = scale * x + offset``,
+in which the detector learns and scores: its model, thresholds and buffers never see the
+rescaling. Nothing else triggers it: every other feature of the pair must agree exactly, so an
+unrelated pair of events, or a scaler that moves every feature a little with each event
+(``StandardScaler``), leaves the frame alone.
+
+Examples
+--------
+>>> import numpy as np
+>>> frame = InputFrame(1)
+>>> for raw in [2.0, 4.0, 3.0]:            # a min-max scaler has seen 2 and 4
+...     frame.learned(frame.internal(np.array([(raw - 2.0) / 2.0])))
+>>> scored = np.array([(6.0 - 2.0) / 2.0])  # 6 extends the range: scored in the old frame...
+>>> learned = np.array([1.0])               # ...and learned at the end of the new one
+>>> frame.observe(scored, learned)
+True
+>>> frame.internal(np.array([0.5])).tolist()  # 4 in the new frame: where 4 was learned
+[1.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+# Relative tolerance for "the same value" and "at the end of the range".
+_TOLERANCE = 1e-9
+
+
+class InputFrame:
+    """Per-feature affine map from the frame events arrive in to a stable internal frame.
+
+    Parameters
+    ----------
+    n_features
+        Number of features.
+
+    Attributes
+    ----------
+    scale, offset : ndarray of shape (n_features,)
+        ``internal = scale * x + offset`` (identity until a rescaling was seen).
+    n_rescalings : int
+        Range extensions followed so far (features counted separately).
+    """
+
+    def __init__(self, n_features: int):
+        self.scale = np.ones(n_features)
+        self.offset = np.zeros(n_features)
+        self.low = np.full(n_features, np.inf)  # range of the learned values, internal frame
+        self.high = np.full(n_features, -np.inf)
+        self.n_rescalings = 0
+        self._identity = True
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether no rescaling has been seen (the internal frame is the input's)."""
+        return self._identity
+
+    def internal(self, row: np.ndarray) -> np.ndarray:
+        """The row (or rows) in the internal frame."""
+        return row if self._identity else row * self.scale + self.offset
+
+    def learned(self, internal_rows: np.ndarray) -> None:
+        """Widen the range of learned values by rows (or a row) given in the internal frame."""
+        if internal_rows.ndim == 2:  # fmin/fmax skip NaN (a missing value)
+            if not len(internal_rows):
+                return
+            internal_rows = np.fmin.reduce(internal_rows, axis=0), np.fmax.reduce(
+                internal_rows, axis=0)
+        else:
+            internal_rows = internal_rows, internal_rows
+        np.fmin(self.low, internal_rows[0], out=self.low)
+        np.fmax(self.high, internal_rows[1], out=self.high)
+
+    def observe(self, scored: np.ndarray, learned: np.ndarray,
+                pending: Sequence[np.ndarray] = ()) -> bool:
+        """Follow a rescaling between an event as scored and the same event as learned.
+
+        Both rows are in the input's frame; ``pending`` are rows learned but not yet passed to
+        :meth:`learned` (internal frame). Returns whether the frame moved: some features were
+        scored beyond the learned range and learned exactly at its end, and every other feature
+        is unchanged. Each such feature's map is composed with the affine map that fixes the
+        range's other end and sends the scored value to the learned one.
+        """
+        s, v = np.asarray(scored, dtype=float), np.asarray(learned, dtype=float)
+        if s.shape != self.scale.shape or s.shape != v.shape:
+            return False
+        # Cheap necessary condition first (a scaler that moves every event, StandardScaler,
+        # ends here): a changed feature is learned at or beyond the known range's end.
+        with np.errstate(invalid="ignore"):
+            changed = s != v
+            internal = v * self.scale + self.offset
+            tol = _TOLERANCE * (1.0 + np.abs(self.low) + np.abs(self.high))
+            if not ((internal >= self.high - tol) | (internal <= self.low + tol)
+                    | ~changed).all():
+                return False
+        if len(pending):
+            self.learned(np.vstack(pending))
+        with np.errstate(invalid="ignore"):
+            changed = np.flatnonzero(~((s == v) | (np.isnan(s) & np.isnan(v))))
+        if changed.size == 0:  # the usual case: the same event, the same numbers
+            return False
+        moves = []
+        for j in changed.tolist():  # few: those whose range the event extended
+            scale, offset = self.scale[j], self.offset[j]
+            low = (self.low[j] - offset) / scale  # the learned range, in the input frame
+            high = (self.high[j] - offset) / scale
+            sj, vj = s[j], v[j]
+            if not (math.isfinite(low) and math.isfinite(high) and high > low):
+                return False
+            tol = _TOLERANCE * max(1.0, abs(low), abs(high))
+            if sj > high + tol and abs(vj - high) <= tol:
+                fixed = low  # the range's other end stays where it is
+            elif sj < low - tol and abs(vj - low) <= tol:
+                fixed = high
+            else:
+                return False  # not a range extension: leave the frame alone
+            a = (vj - fixed) / (sj - fixed)  # new = a * old + b
+            if not 0.0 < a < 1.0:
+                return False
+            moves.append((j, a, fixed * (1.0 - a)))
+        for j, a, b in moves:
+            # internal = scale * old + offset = scale * (new - b) / a + offset
+            self.offset[j] -= self.scale[j] * b / a
+            self.scale[j] /= a
+        self.n_rescalings += len(moves)
+        self._identity = False
+        return True

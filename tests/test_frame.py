@@ -1,0 +1,81 @@
+"""InputFrame: following a min-max scaler's rescalings, and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from river import preprocessing
+from sklearn.metrics import roc_auc_score
+
+from streamgmm.anomaly import GMMDetector
+from streamgmm.frame import InputFrame
+
+
+def _prequential(scaler, raw):
+    """(scored, learned) rows of each event as River's pipeline hands them to the detector."""
+    names = [f"x{j}" for j in range(raw.shape[1])]
+    for row in raw:
+        x = dict(zip(names, row, strict=True))
+        scored = scaler.transform_one(x)
+        scaler.learn_one(x)
+        learned = scaler.transform_one(x)
+        yield np.array([scored[n] for n in names]), np.array([learned[n] for n in names])
+
+
+def _follow(frame, pairs):
+    """Feed the pairs as GMMDetector does; the learned events in the internal frame."""
+    out = []
+    for scored, learned in pairs:
+        frame.observe(scored, learned)
+        out.append(frame.internal(learned))
+        frame.learned(out[-1])
+    return np.array(out)
+
+
+def test_behind_a_min_max_scaler_the_internal_frame_is_one_fixed_affine_map_of_the_raw_data():
+    rng = np.random.default_rng(0)
+    raw = rng.standard_t(3, size=(3000, 4)) * [1.0, 10.0, 0.1, 5.0] + [0.0, 100.0, -3.0, 7.0]
+    frame = InputFrame(4)
+    internal = _follow(frame, _prequential(preprocessing.MinMaxScaler(), raw))
+    assert frame.n_rescalings > 10  # heavy tails: the range kept growing
+    # After the scaler's first two events (its range is empty before), every event is where
+    # one affine map of its raw values puts it, whenever it was learned.
+    slope = (internal[3:] - internal[2]) / (raw[3:] - raw[2])
+    assert np.allclose(slope, slope[0], rtol=1e-6)
+    assert not np.allclose(slope[0], 1.0)
+
+
+def test_a_standard_scaler_or_unrelated_events_leave_the_frame_alone():
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(2000, 3)) * 5 + 1
+    frame = InputFrame(3)
+    _follow(frame, _prequential(preprocessing.StandardScaler(), raw))
+    assert frame.is_identity
+    frame = InputFrame(3)
+    for a, b in zip(raw[:-1], raw[1:], strict=True):  # score one event, learn another
+        frame.observe(a, b)
+        frame.learned(b)
+    assert frame.is_identity
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gmm_detector_ranks_as_well_behind_a_min_max_scaler_as_without_one(seed):
+    """Range-extending anomalies rescale every later event behind ``MinMaxScaler``; followed
+    through the frame, the ranking is that of the raw stream."""
+    rng = np.random.default_rng(seed)
+    n = 6000
+    raw = rng.normal(size=(n, 3)) @ [[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]]
+    y = np.zeros(n, dtype=bool)
+    y[rng.choice(np.arange(300, n), 60, replace=False)] = True
+    raw[y] += rng.choice([-1.0, 1.0], (60, 3)) * rng.uniform(6.0, 30.0, (60, 3))
+    names = ["a", "b", "c"]
+    auc = {}
+    for label, model in [("raw", GMMDetector(seed=0)),
+                         ("minmax", preprocessing.MinMaxScaler() | GMMDetector(seed=0))]:
+        scores = []
+        for row in raw:
+            x = dict(zip(names, row, strict=True))
+            scores.append(model.score_one(x))
+            model.learn_one(x)
+        auc[label] = roc_auc_score(y, scores)
+    assert auc["minmax"] > auc["raw"] - 0.01, auc
