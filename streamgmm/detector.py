@@ -12,14 +12,15 @@ a :class:`~streamgmm.drift.DriftMonitor` and an :class:`~streamgmm.adoption.Adop
 4. learns, with flagged events given weight 0 (``protect=True``).
 
 Scores and scales (per event, :class:`DetectionResult`)
-    ``score = -log p(x)`` in nats, ``log_likelihood``, ``threshold``, ``anomaly_score`` (1.0 at
+    ``score`` (by default ``-log`` of the mixture's mass further out than ``x``; ``score="density"``
+    for ``-log p(x)``; both in nats), ``log_likelihood``, ``threshold``, ``anomaly_score`` (1.0 at
     the threshold, 0-1 normal, above 1 anomalous), ``tail_probability`` (probability that a
     normal event scores at least this high), ``component`` (most likely), ``warming_up``,
     ``typical_score`` (the expected score of an event from that component) and ``explain(i)``.
 
 Warm-up
     The first ``warmup_events // 2`` complete events initialise the model (their ``component``
-    is -1 and their score the predictive ``-log p(x)`` under a diagonal Gaussian of the events
+    is -1 and their score that of the predictive distribution, a diagonal Gaussian of the events
     before them, :meth:`~streamgmm.mixture.OnlineGaussianMixture.warmup_score_samples`, so even
     a stream shorter than the warm-up is ranked; NaN for the first two); the next
     ``warmup_events - warmup_events // 2`` are scored by the mixture and calibrate the
@@ -28,8 +29,9 @@ Warm-up
 Missing features
     ``NaN`` marks a missing feature. Such an event is scored by the exact marginal density of its
     observed features (:meth:`~streamgmm.mixture.OnlineGaussianMixture.marginal_score_samples`),
-    not imputed. Its ``log_likelihood`` is that marginal; its ``score`` is put on the scale of
-    complete events so that one threshold applies (:func:`streamgmm.explain.complete_scale_scores`).
+    not imputed. Its ``log_likelihood`` is that marginal; its ``score`` is the tail mass of the
+    observed features (a probability, so on the scale of complete events), or by density put on
+    that scale (:func:`streamgmm.explain.complete_scale_scores`), so that one threshold applies.
     Incomplete events are not learned.
 
 Protected learning and adoption of new normal behaviour
@@ -93,8 +95,9 @@ logger = logging.getLogger(__name__)
 
 _STATE_KIND = "Detector"
 # 2: the mixture state carries n_eff; 3: the adoption policy's state is a part of its own
-# (meta["adoption"]) and the detector's meta carries its version
-_STATE_VERSION = 3
+# (meta["adoption"]) and the detector's meta carries its version; 4: the score (tail mass or
+# density) is a parameter -- earlier states scored by density
+_STATE_VERSION = 4
 
 
 @dataclasses.dataclass
@@ -178,7 +181,7 @@ class Detector:
         Complete events before the first decision: half initialise the model, half calibrate
         the threshold.
     fixed_threshold
-        A constant threshold on ``-log p(x)`` instead of the adaptive one.
+        A constant threshold on the score instead of the adaptive one.
     forgetting
         The engine's ``min_step``: memory of about ``batch_size / forgetting`` events (256 / 0.002
         = 128,000 with the defaults); the one knob for how fast the model adapts.
@@ -204,6 +207,16 @@ class Detector:
         events behind each component leave uncertain (see
         :class:`~streamgmm.mixture.OnlineGaussianMixture`); ``None`` for plain maximum
         likelihood.
+    score
+        ``"tail"`` (default): ``-log`` of the mixture's mass further out than the event,
+        ``sum_k pi_k P(chi2_d >= q_k(x))`` with ``q_k`` its squared Mahalanobis distance to
+        component ``k`` (:meth:`~streamgmm.mixture.OnlineGaussianMixture.score_tail_samples`);
+        ``"density"``: ``-log p(x)``. The density ranks an event inside a tight but light
+        component -- a few percent of the stream packed closely, as anomalies of one kind
+        often are -- as very normal; once the warm-up gave such a cluster a component, it is
+        learned as normal and the ranking collapses. The tail mass of such an event is at most
+        its component's weight. Adoption still asks whether a cluster would be normal by
+        density (see ``density_threshold``). Measured: README, *Why the defaults*.
     refit_events
         While the stream is young, the mixture is refitted by batch EM (K chosen again) to all
         events learned so far each time they have grown by half, up to this many events; the
@@ -237,8 +250,12 @@ class Detector:
         shift_fraction: float = 0.5,
         covariance_shrinkage: str | None = "oas",
         refit_events: int | None = 512,
+        score: str = "tail",
         **engine_params: Any,
     ):
+        if score not in ("tail", "density"):
+            raise ValueError(f"score must be 'tail' or 'density', got {score!r}")
+        self.score = score
         if int(warmup_events) < 2:
             raise ValueError(f"warmup_events must be >= 2, got {warmup_events!r}")
         if not 0.0 <= forgetting < 1.0:
@@ -298,6 +315,15 @@ class Detector:
             self.threshold = FixedThreshold(self.fixed_threshold, warmup_events=threshold_warmup)
         self.drift = DriftMonitor(target_anomaly_rate=self.false_alarm_rate)
         self.adoption = AdoptionPolicy(adoption, self.false_alarm_rate, self.forgetting)
+        # Scoring by tail mass, the adoption rule still asks whether a cluster's members would be
+        # normal by *density* (compact enough for a Gaussian of their own): by tail mass alone
+        # any cluster holding more than the target rate of the traffic would pass, a broad one
+        # of scattered outliers too. Its threshold is this one, at the same target rate.
+        self.density_threshold: AdaptiveThreshold | None = None
+        if self.score == "tail":
+            self.density_threshold = AdaptiveThreshold(
+                false_alarm_rate=self.false_alarm_rate, warmup_events=threshold_warmup
+            )
         self.n_events_seen = 0
 
     # -- properties ---------------------------------------------------------------------------
@@ -391,37 +417,44 @@ class Detector:
             if complete.any():
                 rows = np.flatnonzero(complete)
                 ll[rows] = self.model.warmup_score_samples(X[rows])
-                score[rows] = -ll[rows]
+                score[rows] = (-self.model.warmup_score_samples(X[rows], tail=True)
+                               if self.score == "tail" else -ll[rows])
                 predictive[rows] = True
                 self.model.partial_fit(X[complete])
         else:
             params = MixtureParameters.of(self.model)  # the model that scores this batch
             if (~complete).any():
                 inc = np.flatnonzero(~complete)
-                ll_inc, resp_inc = self.model.marginal_score_samples(X[inc])
+                ll_inc, resp_inc, tail_inc = self.model.marginal_score_samples(
+                    X[inc], return_tail=True
+                )
                 ll[inc] = ll_inc
                 k_inc = resp_inc.argmax(axis=1)
                 component[inc] = k_inc
-                score[inc] = complete_scale_scores(params, X[inc], ll_inc, k_inc)
+                score[inc] = (-tail_inc if self.score == "tail" else
+                              complete_scale_scores(params, X[inc], ll_inc, k_inc))
             if complete.any():
                 rows = np.flatnonzero(complete)
                 decided: dict[str, np.ndarray] = {}
 
-                def weights_for(log_lik: np.ndarray) -> np.ndarray:
-                    flags = self.threshold.decide(-log_lik)
+                tail = self.score == "tail"
+
+                def weights_for(log_score: np.ndarray) -> np.ndarray:
+                    flags = self.threshold.decide(-log_score)
                     decided["flags"] = flags
                     if not self.protect:
-                        return np.ones(log_lik.size)
+                        return np.ones(log_score.size)
                     return np.where(flags, self.flagged_weight, 1.0)
 
-                ll_c, resp_c = self.model.score_partial_fit(
-                    X[rows], sample_weight=weights_for, return_resp=True
+                scored = self.model.score_partial_fit(
+                    X[rows], sample_weight=weights_for, return_resp=True, return_tail=tail
                 )
+                ll_c, resp_c = scored[0], scored[1]
                 ll[rows] = ll_c
-                score[rows] = -ll_c
+                score[rows] = -(scored[2] if tail else ll_c)
                 component[rows] = resp_c.argmax(axis=1)
             scored = component >= 0
-            typical[scored] = typical_scores(params, component[scored])
+            typical[scored] = typical_scores(params, component[scored], self.score)
 
         warming = np.full(n, not math.isfinite(thr_before))
         warming |= np.isnan(score) | predictive
@@ -431,16 +464,24 @@ class Detector:
             a_score[warming] = np.nan
         # warm-up predictive scores are of another model: kept out of the calibration
         is_anomaly = self.threshold.update(np.where(predictive, np.nan, score))
+        if self.density_threshold is not None:
+            self.density_threshold.update(np.where(predictive, np.nan, -ll))
         is_anomaly &= ~warming
         refitted = self.model.n_refits_ != refits_before
-        if refitted and self.model.held_out_log_likelihood_ is not None:
+        held_out = (self.model.held_out_log_tail_ if self.score == "tail"
+                    else self.model.held_out_log_likelihood_)
+        if refitted and held_out is not None:
             # all rows, the flagged ones too (leaving them out would truncate the tail)
-            self.threshold.rebase(-self.model.held_out_log_likelihood_)
+            self.threshold.rebase(-held_out)
+            if self.density_threshold is not None:
+                self.density_threshold.rebase(-self.model.held_out_log_likelihood_)
         self.n_events_seen += n
 
         if self.protect and params is not None:
+            density_threshold = (self.threshold if self.density_threshold is None
+                                 else self.density_threshold).threshold
             self.adoption.update(self.model, X, complete, is_anomaly, self.n_events_seen,
-                                 self.threshold.threshold)
+                                 density_threshold)
         self.adoption.advance(self.model, n)
 
         decided_mask = ~warming
@@ -453,7 +494,7 @@ class Detector:
                 covariances=self.model.covariances_,
                 covariance_type=self.covariance_type,
                 decided=decided_mask,
-                log_likelihood_floor=-getattr(self.threshold, "rejection_level", math.inf),
+                log_likelihood_floor=self._drift_floor(ll, score),
             )
         else:
             report = self.drift.update(np.where(predictive, np.nan, ll), is_anomaly,
@@ -479,8 +520,18 @@ class Detector:
             _tail_function=tail_function,
         )
 
+    def _drift_floor(self, ll: np.ndarray, score: np.ndarray) -> float:
+        """The log-likelihood below which the drift statistics clip events: that of the
+        threshold's rejection level (minus it, when scoring by density; by tail mass, the
+        lowest log-likelihood of this batch's events the level does not reject)."""
+        level = getattr(self.threshold, "rejection_level", math.inf)
+        if self.score == "density" or not math.isfinite(level):
+            return -level
+        kept = np.isfinite(ll) & (score <= level)
+        return float(ll[kept].min()) if kept.any() else -math.inf
+
     def score_samples(self, X: Any) -> np.ndarray:
-        """Scores ``-log p(x)`` without learning or deciding (NaN while the model warms up).
+        """Scores without learning or deciding (NaN while the model warms up).
 
         Incomplete events get the complete-event scale, as in :meth:`process`; an event with no
         observed feature scores NaN.
@@ -490,6 +541,11 @@ class Detector:
         if not self.model.is_fitted or len(X) == 0:
             return out
         complete = ~np.isnan(X.sum(axis=1))  # NaN marks a missing feature; X has no inf
+        if self.score == "tail":
+            if complete.all():
+                return -self.model.score_tail_samples(X)
+            _, _, tail = self.model.marginal_score_samples(X, return_tail=True)
+            return np.where(np.isnan(X).all(axis=1), np.nan, -tail)
         if complete.all():
             return -self.model.score_samples(X)
         if complete.any():
@@ -525,6 +581,7 @@ class Detector:
             "shift_fraction": self.shift_fraction,
             "covariance_shrinkage": self.model.covariance_shrinkage,
             "refit_events": self.model.refit_size,
+            "score": self.score,
             "warmup_size": self.model.warmup_size,
             **self.engine_params,
         }
@@ -533,8 +590,10 @@ class Detector:
         """The whole state as ``(arrays, meta)`` for :mod:`streamgmm.checkpoint` (no pickle)."""
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"version": _STATE_VERSION, "params": self.get_params()}
-        for part, obj in (("model", self.model), ("threshold", self.threshold),
-                          ("drift", self.drift)):
+        parts = [("model", self.model), ("threshold", self.threshold), ("drift", self.drift)]
+        if self.density_threshold is not None:
+            parts.append(("density_threshold", self.density_threshold))
+        for part, obj in parts:
             a, m = obj.get_state()
             arrays.update({f"{part}/{k}": v for k, v in a.items()})
             meta[part] = m
@@ -547,14 +606,17 @@ class Detector:
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Detector:
         """Rebuild from :meth:`get_state` output.
 
-        Reads format versions 1 to 3 (``meta["version"]``; a state nested in a checkpoint
+        Reads format versions 1 to 4 (``meta["version"]``; a state nested in a checkpoint
         before version 3 has none and is version 2 or older).
         """
         try:
             version = meta.get("version", 2)
-            if version not in (1, 2, 3):
-                raise ValueError(f"format version {version!r}, this streamgmm reads 1 to 3")
-            det = cls(**meta["params"])
+            if version not in (1, 2, 3, 4):
+                raise ValueError(f"format version {version!r}, this streamgmm reads 1 to 4")
+            params = dict(meta["params"])
+            if version < 4:
+                params["score"] = "density"
+            det = cls(**params)
 
             def part(prefix: str) -> dict[str, np.ndarray]:
                 cut = len(prefix) + 1
@@ -562,8 +624,12 @@ class Detector:
 
             det.model = OnlineGaussianMixture.from_state(part("model"), meta["model"])
             det.threshold = threshold_from_state(part("threshold"), meta["threshold"])
+            if det.density_threshold is not None:
+                det.density_threshold = threshold_from_state(
+                    part("density_threshold"), meta["density_threshold"]
+                )
             det.drift = DriftMonitor.from_state(part("drift"), meta["drift"])
-            if version == 3:
+            if version >= 3:
                 det.adoption.set_state(part("adoption"), meta["adoption"])
                 det.n_events_seen = int(meta["detector"]["n_events_seen"])
             else:

@@ -102,8 +102,14 @@ def _neg_log_weights(params: MixtureParameters) -> np.ndarray:
     return -np.log(np.maximum(params.weights, 1e-300))
 
 
-def typical_scores(params: MixtureParameters, component: np.ndarray) -> np.ndarray:
-    """``E[-log pi_k N(x|k)]`` for x from component k: ``-log pi_k + (d + log|2 pi S|) / 2``."""
+def typical_scores(
+    params: MixtureParameters, component: np.ndarray, score: str = "density"
+) -> np.ndarray:
+    """The score of a typical event of component k. By density, ``E[-log pi_k N(x|k)]``
+    ``= -log pi_k + (d + log|2 pi S|) / 2``; by tail mass, at the median distance,
+    ``-log(pi_k / 2)``."""
+    if score == "tail":
+        return (_neg_log_weights(params) + math.log(2.0))[component]
     d = params.n_features
     per_k = _neg_log_weights(params) + 0.5 * (
         d * (1.0 + cv.LOG_2PI) + params.log_det_covariances()

@@ -6,13 +6,15 @@ the output topic and readers of a replay's output file share one parser:
 ``event``
     the original JSON event, unchanged
 ``score``
-    ``-log p(x)`` under the model before it learned the event (nats; higher is stranger)
+    under the model before it learned the event (nats; higher is stranger): ``-log`` of the
+    mixture's probability mass further out than the event (``detector.score = "tail"``, the
+    default), or ``-log p(x)`` (``"density"``)
 ``anomaly_score``
     the score relative to the threshold: ``> 1`` is anomalous, its meaning never changes
 ``threshold``
     the threshold on ``score`` in force for this event
 ``log_likelihood``
-    ``log p(x)`` (``-score``)
+    ``log p(x)`` (``-score`` when scoring by density)
 ``tail_probability``
     the estimated fraction of normal events at least this strange
 ``component``

@@ -44,8 +44,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from scipy.optimize import linear_sum_assignment
-from scipy.special import gammaln
+from scipy.special import betaln, gammaln
 
 from . import _covariance as cv
 from .statefile import read_state, write_state
@@ -140,10 +141,11 @@ class OnlineGaussianMixture:
         Fitted parameters, in scikit-learn's shapes.
     n_refits_ : int
         Refits since initialisation (see ``refit_size``).
-    held_out_log_likelihood_, held_out_sample_weight_ : ndarray or None
-        Two-fold cross-fitted log-likelihoods (each row scored by the half it was not fitted
-        on) and weights of the rows of the last initialisation or refit: honest scores of
-        data the model was fitted to, e.g. to recalibrate a threshold after a refit.
+    held_out_log_likelihood_, held_out_log_tail_, held_out_sample_weight_ : ndarray or None
+        Two-fold cross-fitted log-likelihoods and log tail masses (each row scored by the half
+        it was not fitted on) and weights of the rows of the last initialisation or refit:
+        honest scores of data the model was fitted to, e.g. to recalibrate a threshold after a
+        refit.
     n_events_learned_ : int
         Rows passed to ``fit``/``partial_fit`` since creation (including the warm-up rows).
     converged_, n_iter_, lower_bound_ :
@@ -219,6 +221,7 @@ class OnlineGaussianMixture:
         self._next_refit = 0  # buffered rows at which to refit (0: no more refits)
         self.n_refits_ = 0
         self.held_out_log_likelihood_: np.ndarray | None = None
+        self.held_out_log_tail_: np.ndarray | None = None
         self.held_out_sample_weight_: np.ndarray | None = None
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
@@ -376,6 +379,15 @@ class OnlineGaussianMixture:
     def _estep(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return cv.posterior(self._weighted_log_prob(X))
 
+    def _log_tail(self, weighted_log_prob: np.ndarray) -> np.ndarray:
+        """:func:`~streamgmm._covariance.log_tail_mass` of rows from their E-step."""
+        d = self._means.shape[1]
+        log_det = cv.log_det_precision_cholesky(self.covariance_type, self.precisions_cholesky_, d)
+        log_det = np.broadcast_to(np.asarray(log_det, dtype=float), self._log_weights.shape)
+        return cv.log_tail_mass(
+            weighted_log_prob - self._log_weights[None, :], self._log_weights, log_det, d
+        )
+
     # ------------------------------------------------------------------ scikit-learn surface
 
     def score_samples(self, X: Any) -> np.ndarray:
@@ -387,7 +399,32 @@ class OnlineGaussianMixture:
             self._memo = (X.copy(), wlp)
         return cv.log_sum_exp(wlp)
 
-    def warmup_score_samples(self, X: Any) -> np.ndarray:
+    def score_tail_samples(self, X: Any) -> np.ndarray:
+        """Log of the mixture's mass further out than each row, shape ``(n,)``.
+
+        ``log sum_k pi_k P(chi2_d >= q_k(x))``, ``q_k`` the squared Mahalanobis distance to
+        component ``k`` (:func:`~streamgmm._covariance.log_tail_mass`): at most 0, lower =
+        more unusual. Where :meth:`score_samples` ranks by density, so that a point inside a
+        tight but light component (a small cluster of anomalies, say) looks normal, this ranks
+        by how much of the mixture's mass lies beyond the point.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> X = np.vstack([rng.normal(size=(950, 2)), 0.01 * rng.normal(size=(50, 2)) + 6])
+        >>> gmm = OnlineGaussianMixture(2, random_state=0).fit(X)
+        >>> tight_centre, broad_edge = [6.0, 6.0], [2.0, 0.0]
+        >>> ll = gmm.score_samples([tight_centre, broad_edge])
+        >>> tail = gmm.score_tail_samples([tight_centre, broad_edge])
+        >>> bool(ll[0] > ll[1]), bool(tail[0] < tail[1])
+        (True, True)
+        """
+        self._check_fitted()
+        X = self._validate_X(X)
+        return self._log_tail(self._weighted_log_prob(X))
+
+    def warmup_score_samples(self, X: Any, tail: bool = False) -> np.ndarray:
         """Predictive log-density of rows while the model gathers its warm-up buffer.
 
         Row ``i`` is scored under a Gaussian of unknown mean and variance per feature, fitted to
@@ -397,7 +434,9 @@ class OnlineGaussianMixture:
         resolution), the features taken as independent. Wider than the plug-in Gaussian while
         ``n`` is small, so the first rows of a stream get honest log-densities before the
         mixture exists. NaN while fewer than two rows precede a row, and once the model is
-        fitted (use :meth:`score_samples`). Nothing is learned.
+        fitted (use :meth:`score_samples`). Nothing is learned. With ``tail=True``, the log of
+        the predictive tail instead (the counterpart of :meth:`score_tail_samples`): of
+        ``F(d, n - 1)`` at the mean squared standardised residual ``sum_j t_j**2 / d``.
 
         Examples
         --------
@@ -436,6 +475,15 @@ class OnlineGaussianMixture:
         scale2 = np.maximum(var, floor) * (1.0 + 1.0 / n)
         const = gammaln((nu + 1.0) / 2.0) - gammaln(nu / 2.0) - 0.5 * np.log(nu * math.pi)
         z2 = (x - mean) ** 2 / (nu * scale2)
+        if tail:
+            d = X.shape[1]
+            statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
+            log_tail = stats.f.logsf(statistic, d, dof)
+            far = ~np.isfinite(log_tail)  # underflow: the tail's power law, x ** (-dof / 2)
+            log_tail[far] = (-0.5 * dof[far] * np.log(d * statistic[far] / dof[far])
+                             - betaln(0.5 * d, 0.5 * dof[far]) - np.log(0.5 * dof[far]))
+            out[ok] = log_tail
+            return out
         out[ok] = (const - 0.5 * np.log(scale2) - 0.5 * (nu + 1.0) * np.log1p(z2)).sum(axis=1)
         return out
 
@@ -648,10 +696,11 @@ class OnlineGaussianMixture:
         best_k, best, falls, previous = 1, -np.inf, 0, -np.inf
         wn = w / max(w.sum(), 1e-300)
         per_row: dict[int, np.ndarray] = {}
+        per_row_tail: dict[int, np.ndarray] = {}
         for k in range(1, max_k + 1):
-            per_row[k] = np.empty(n)
+            per_row[k], per_row_tail[k] = np.empty(n), np.empty(n)
             for train, test in splits:
-                per_row[k][test] = self._held_out(X, w, k, train, test)
+                per_row[k][test], per_row_tail[k][test] = self._held_out(X, w, k, train, test)
             held_out = float(wn @ per_row[k])
             if held_out > best:
                 best_k, best = k, held_out
@@ -670,14 +719,17 @@ class OnlineGaussianMixture:
                 break
         log.info("n_components='auto' chose %d components by held-out likelihood", best_k)
         self.held_out_log_likelihood_, self.held_out_sample_weight_ = per_row[best_k], w
+        self.held_out_log_tail_ = per_row_tail[best_k]
         return best_k
 
     def _held_out(
         self, X: np.ndarray, w: np.ndarray, k: int, train: np.ndarray, test: np.ndarray
-    ) -> np.ndarray:
-        """Log-likelihoods of ``X[test]`` under ``k`` components fitted to ``X[train]``."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Log-likelihoods and log tail masses of ``X[test]`` under ``k`` components fitted to
+        ``X[train]``."""
         self._initialise(X[train], w[train], k)
-        return cv.log_sum_exp(self._weighted_log_prob(X[test]))
+        wlp = self._weighted_log_prob(X[test])
+        return cv.log_sum_exp(wlp), self._log_tail(wlp)
 
     def _fit_batch(self, X: np.ndarray, w: np.ndarray) -> None:
         if self.n_components == "auto":
@@ -691,10 +743,11 @@ class OnlineGaussianMixture:
         if self.n_components != "auto" and self.refit_size is not None and len(X) >= 2 * k:
             order = self._rng.permutation(len(X))
             a, b = order[: len(X) // 2], order[len(X) // 2 :]
-            ll = np.empty(len(X))
-            ll[b] = self._held_out(X, w, k, a, b)
-            ll[a] = self._held_out(X, w, k, b, a)
+            ll, tail = np.empty(len(X)), np.empty(len(X))
+            ll[b], tail[b] = self._held_out(X, w, k, a, b)
+            ll[a], tail[a] = self._held_out(X, w, k, b, a)
             self.held_out_log_likelihood_, self.held_out_sample_weight_ = ll, w
+            self.held_out_log_tail_ = tail
         self._initialise(X, w, k)
         self._steps = len(X) / self.batch_size
 
@@ -825,8 +878,12 @@ class OnlineGaussianMixture:
         return self
 
     def score_partial_fit(
-        self, X: Any, sample_weight: SampleWeight = None, return_resp: bool = False
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        self,
+        X: Any,
+        sample_weight: SampleWeight = None,
+        return_resp: bool = False,
+        return_tail: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Score each row under the model *before* learning it, then learn the batch.
 
         The E-step runs once: the log-likelihoods it yields are returned and its
@@ -841,6 +898,10 @@ class OnlineGaussianMixture:
             model is warming up.
         return_resp : bool
             Also return the responsibilities ``(n, K)`` (shape ``(n, 0)`` while warming up).
+        return_tail : bool
+            Also return the log tail masses (:meth:`score_tail_samples`, after the
+            responsibilities if those are returned); a callable ``sample_weight`` then receives
+            them instead of the log-likelihoods.
 
         Returns
         -------
@@ -853,23 +914,30 @@ class OnlineGaussianMixture:
             w = self._validate_weights(None if callable(sample_weight) else sample_weight, n)
             self._gather(X, w)
             ll = np.full(n, np.nan)
-            return (ll, np.full((n, 0), np.nan)) if return_resp else ll
+            return self._scored(ll, np.full((n, 0), np.nan), ll, return_resp, return_tail)
         if n == 0:
             ll = np.empty(0)
-            return (ll, np.empty((0, len(self.weights_)))) if return_resp else ll
+            return self._scored(ll, np.empty((0, len(self.weights_))), ll, return_resp,
+                                return_tail)
         Xc = X - self._shift
         wlp = self._recall_estep(X)
         if wlp is None:
             wlp = self._weighted_log_prob(Xc, centred=True)
         ll, resp = cv.posterior(wlp)
+        tail = self._log_tail(wlp) if return_tail else ll
         if callable(sample_weight):
-            sample_weight = sample_weight(ll)
+            sample_weight = sample_weight(tail)
         w = None if sample_weight is None else self._validate_weights(sample_weight, n)
         self._learn(Xc, w, resp)
         self.n_events_learned_ += n
         if self._next_refit:
             self._gather_refit(X, np.ones(n) if w is None else w)
-        return (ll, resp) if return_resp else ll
+        return self._scored(ll, resp, tail, return_resp, return_tail)
+
+    @staticmethod
+    def _scored(ll, resp, tail, return_resp: bool, return_tail: bool):
+        out = (ll,) + ((resp,) if return_resp else ()) + ((tail,) if return_tail else ())
+        return out if len(out) > 1 else ll
 
     def _gather_refit(self, X: np.ndarray, w: np.ndarray) -> None:
         """Keep learned rows; refit to all of them when their number reaches the next size."""
@@ -916,8 +984,13 @@ class OnlineGaussianMixture:
 
     # ------------------------------------------------------------------ missing features
 
-    def marginal_score_samples(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+    def marginal_score_samples(
+        self, X: Any, return_tail: bool = False
+    ) -> tuple[np.ndarray, ...]:
         """Log-likelihood and responsibilities with missing features (``NaN``) marginalised out.
+
+        With ``return_tail``, also the log tail masses of the observed features (of
+        :meth:`score_tail_samples`, with as many degrees of freedom as features observed).
 
         The marginal of a Gaussian mixture over the observed features is the mixture of the
         Gaussians restricted to them, with the same weights: exact, no imputation. Rows with no
@@ -937,6 +1010,7 @@ class OnlineGaussianMixture:
         X = self._validate_X(X, allow_nan=True)
         missing = np.isnan(X)
         ll = np.empty(len(X))
+        tail = np.zeros(len(X))
         resp = np.empty((len(X), len(self.weights_)))
         patterns, inverse = np.unique(missing, axis=0, return_inverse=True)
         for p, pattern in enumerate(patterns):
@@ -948,19 +1022,22 @@ class OnlineGaussianMixture:
                 continue
             if observed.all():
                 wlp = self._weighted_log_prob(X[rows])
+                if return_tail:
+                    tail[rows] = self._log_tail(wlp)
             else:
-                wlp = (
-                    cv.marginal_log_gaussian_prob(
-                        self.covariance_type,
-                        X[rows],
-                        self.means_,
-                        self.covariances_,
-                        observed,
-                    )
-                    + self._log_weights
+                kind, mo, prec_chol = cv.marginal_parameters(
+                    self.covariance_type, self.means_, self.covariances_, observed
                 )
+                log_prob = cv.log_gaussian_prob(kind, X[rows][:, observed], mo, prec_chol)
+                wlp = log_prob + self._log_weights
+                if return_tail:
+                    m = int(observed.sum())
+                    log_det = np.broadcast_to(
+                        cv.log_det_precision_cholesky(kind, prec_chol, m), self._log_weights.shape
+                    )
+                    tail[rows] = cv.log_tail_mass(log_prob, self._log_weights, log_det, m)
             ll[rows], resp[rows] = cv.posterior(wlp)
-        return ll, resp
+        return (ll, resp, tail) if return_tail else (ll, resp)
 
     # ------------------------------------------------------------------ structure changes
 

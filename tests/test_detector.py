@@ -56,11 +56,18 @@ def test_a_batch_larger_than_the_warm_up_is_decided_after_it():
     assert det.n_events_learned == 5000
 
 
-def test_result_fields_are_consistent():
-    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+@pytest.mark.parametrize("score", ["tail", "density"])
+def test_result_fields_are_consistent(score):
+    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1, score=score)
     _warm(det, _stream(5000))
-    res = det.process(_stream(500, seed=1))
-    assert np.allclose(res.score, -res.log_likelihood)
+    batch = _stream(500, seed=1)
+    before = det.score_samples(batch)  # scores without learning: what process will report
+    res = det.process(batch)
+    assert np.allclose(res.score, before)
+    if score == "density":
+        assert np.allclose(res.score, -res.log_likelihood)
+    else:  # -log of a probability mass; the model's log-likelihoods are still reported
+        assert (res.score >= 0).all() and np.isfinite(res.log_likelihood).all()
     assert np.array_equal(res.is_anomaly, res.score > res.threshold)
     assert np.array_equal(res.is_anomaly, res.anomaly_score > 1.0)
     assert ((res.tail_probability > 0) & (res.tail_probability <= 1)).all()
@@ -197,9 +204,9 @@ def test_a_version_2_state_loads_and_carries_on(tmp_path):
     arrays, meta = read_state(DATA / "detector_v2.npz", "Detector", 3)
     meta.pop("version")
     nested = Detector.from_state(arrays, meta)
-    nested.save(tmp_path / "v3.npz")
-    assert read_state(tmp_path / "v3.npz", "Detector", 3)[1]["version"] == 3
-    _expect_v2_continuation(Detector.load(tmp_path / "v3.npz"))
+    nested.save(tmp_path / "current.npz")
+    assert read_state(tmp_path / "current.npz", "Detector", 4)[1]["version"] == 4
+    _expect_v2_continuation(Detector.load(tmp_path / "current.npz"))
 
 
 def test_a_version_2_state_from_before_the_shift_rule_loads():
@@ -269,3 +276,31 @@ def test_refits_recalibrate_the_threshold_on_cross_fitted_scores():
     flags = np.concatenate([r.is_anomaly for r in results])
     decided = ~np.concatenate([r.warming_up for r in results])
     assert 0.005 < flags[decided].mean() < 0.02
+
+
+def _tight_light_cluster_stream(seed):
+    """2-D normal events, 5 % of them replaced -- from the first event on -- by anomalies packed
+    in a cluster 100 times tighter than the normal spread."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(4000, 2))
+    y = rng.random(4000) < 0.05
+    X[y] = [4.0, 4.0] + 0.01 * rng.normal(size=(int(y.sum()), 2))
+    return X, y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_tight_light_cluster_of_anomalies_stays_ranked_as_anomalous(seed):
+    """The warm-up gives the cluster a component; by density its members then score as the
+    most normal events there are (ROC-AUC near 0), by tail mass as rarer than 95 % of the
+    normal events."""
+    from sklearn.metrics import roc_auc_score
+
+    X, y = _tight_light_cluster_stream(seed)
+    auc = {}
+    for score in ("tail", "density"):
+        det = Detector(false_alarm_rate=0.01, warmup_events=500, random_state=seed, score=score)
+        scores = np.concatenate([det.process(b).score for b in np.array_split(X, 40)])
+        decided = np.isfinite(scores)
+        auc[score] = roc_auc_score(y[decided], scores[decided])
+    assert auc["tail"] > 0.9 > 0.5 > auc["density"], auc
+
