@@ -441,21 +441,29 @@ class Daemon:
 
         Returns what was published. A refusal that remains after the replacement (a broker that
         refuses even a reason-only record) is a fault of the environment: KafkaUnavailable.
+
+        Kafka judges the size of a whole record batch, so a reason-only dead letter sent in one
+        produce request with a still-oversized record is refused with it; it is kept as it is
+        (replacing it again would describe an empty value) and the request is tried again.
         """
-        for _ in range(2):
+        replaced: set[int] = set()
+        while True:
             try:
                 self._sink.publish(records, commit, self._source)
                 return records
             except RecordRejected as exc:
+                new = {i: why for i, why in exc.rejected.items() if i not in replaced}
+                if not new:
+                    raise KafkaUnavailable("the broker refuses even reason-only dead letters; "
+                                           "check the dead-letter topic's configuration") from exc
                 logger.warning("the broker refused %d records of the batch (%s); sending "
-                               "reason-only dead letters in their place", len(exc.rejected), exc)
-                records = [self._reason_only(r, exc.rejected[i]) if i in exc.rejected else r
+                               "reason-only dead letters in their place", len(new), exc)
+                records = [self._reason_only(r, new[i]) if i in new else r
                            for i, r in enumerate(records)]
+                replaced |= set(new)
                 self._pending = (records, commit)
                 if self.metrics is not None:
-                    self.metrics.dead_letters({"oversize": len(exc.rejected)})
-        raise KafkaUnavailable("the broker refuses even reason-only dead letters; check the "
-                               "dead-letter topic's configuration")
+                    self.metrics.dead_letters({"oversize": len(new)})
 
     def _reason_only(self, record: OutgoingRecord, why: str) -> OutgoingRecord:
         """A dead letter without the value the broker refused: the reason, the source and the

@@ -12,6 +12,11 @@ id names the broker (``[tansu-…]``, ``[apache-…]``):
 Each broker is started lazily, by the first test that asks for it, on free loopback ports. Tests
 isolate themselves with unique topic and group names (:func:`unique_name`), not with separate
 brokers; a test that stops or restarts a broker starts its own with :func:`start_broker`.
+
+Under pytest-xdist (``./scripts/test`` runs 4 workers) each worker is a session of its own: it
+starts its own brokers, lazily, on free ports, with files in its own temporary folder, so a test
+that kills, freezes or fills a broker can only touch its own. Tests that share a costly
+module-scoped fixture share a worker with ``@pytest.mark.xdist_group`` (``--dist loadgroup``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,24 @@ _counter = itertools.count()
 
 #: The brokers every broker test runs on.
 BROKERS = ("tansu", "apache")
+
+
+def _cost_rank(item) -> int:
+    """0 for the tests that take tens of seconds (daemons killed, brokers of their own frozen
+    and restarted), 1 for the other integration tests, 2 for the rest (seconds or less)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "kind" in params or item.path.name == "test_recovery.py":
+        return 0
+    return 1 if item.get_closest_marker("integration") else 2
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by fixture parameters
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the longest tests first (a stable sort): the workers take tests as
+    they finish one, so the short ones fill in at the end instead of a worker left running a
+    60 s test alone. A run in one process keeps pytest's order (tests grouped by broker)."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=_cost_rank)
 
 
 def unique_name(prefix: str) -> str:

@@ -48,6 +48,7 @@ def test_gaussian_kl_matches_closed_form():
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_variational_kl_is_zero_for_equal_mixtures_and_close_to_monte_carlo():
     w = np.array([0.3, 0.7])
     # well-separated components: there the approximation is close (it is looser under overlap)

@@ -370,6 +370,7 @@ def run_expecting_exit_3(daemon) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("good_checkpoint")  # one worker makes the module's checkpoint once
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_checkpoint_with_a_valid_digest_but_bad_content_exits_3_saying_what(
         good_checkpoint, case, tmp_path):
@@ -390,6 +391,7 @@ def test_a_checkpoint_with_a_valid_digest_but_bad_content_exits_3_saying_what(
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("good_checkpoint")
 def test_a_directory_in_place_of_the_checkpoint_exits_3(good_checkpoint):
     daemon = good_checkpoint
     aside = daemon.checkpoint.with_suffix(".aside")

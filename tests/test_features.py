@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import re
-import time
 
 import numpy as np
 import orjson
@@ -189,21 +187,19 @@ def test_numbers_round_trip_exactly(pairs):
     assert out.features.tolist() == [[x, float(n)] for x, n in pairs]
 
 
-def test_throughput_of_the_hot_path():
-    """Small events decode and extract at well over 300k/s on one core (measured ~1.1M/s)."""
+def test_the_hot_path_extracts_every_field_of_small_events_batch_by_batch():
+    """The events ``scripts/bench_features.py`` times (its goal: 300k/s on one core; measured
+    ~1.1M/s): what the hot path returns, batch by batch. A rate is not asserted here: on a
+    shared machine it is a benchmark's figure, not a unit test's verdict."""
     rng = np.random.default_rng(0)
-    values = [orjson.dumps({"ts": 1_700_000_000 + i, "host": f"web-{i % 7}",
-                            "latency_ms": float(rng.gamma(2, 10)),
-                            "bytes": int(rng.integers(100, 5000)), "cpu": float(rng.random())})
-              for i in range(20_000)]
+    events = [{"ts": 1_700_000_000 + i, "host": f"web-{i % 7}",
+               "latency_ms": float(rng.gamma(2, 10)), "bytes": int(rng.integers(100, 5000)),
+               "cpu": float(rng.random())} for i in range(20_000)]
+    values = [orjson.dumps(e) for e in events]
     extractor = FeatureExtractor(["latency_ms", "bytes", "cpu"])
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        for s in range(0, len(values), 1000):
-            out = extractor.extract(values[s:s + 1000])
-        best = min(best, time.perf_counter() - start)
-        assert out.features.shape == (1000, 3)
-    rate = len(values) / best
-    # A loose bound: the machine is shared, the goal (300k/s) is checked by the benchmark.
-    assert rate > 100_000, f"{rate:,.0f} events/s"
+    expected = np.array([[e["latency_ms"], e["bytes"], e["cpu"]] for e in events])
+    for s in range(0, len(values), 1000):
+        out = extractor.extract(values[s:s + 1000])
+        assert out.features.shape == (1000, 3) and not out.dead_letters
+        assert out.indices.tolist() == list(range(1000))
+        np.testing.assert_array_equal(out.features, expected[s:s + 1000])

@@ -95,6 +95,7 @@ def test_batch_fit_from_the_same_start_reaches_sklearns_likelihood(covariance_ty
     "seed,k,d,covariance_type",
     [(0, 3, 2, "full"), (1, 4, 5, "full"), (2, 5, 8, "full"), (3, 4, 6, "diag"), (4, 3, 4, "tied")],
 )
+@pytest.mark.slow
 def test_one_streamed_pass_is_within_002_nats_of_batch_em(seed, k, d, covariance_type):
     draw = random_mixture(seed, k, d)
     X, held_out = draw(100_000), draw(20_000)
@@ -193,6 +194,7 @@ def test_a_discrete_feature_gets_at_least_its_rounding_variance():
     assert cov[1, 1] == pytest.approx(X[:, 1].var() + 0.25 / 12, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_forgetting_recovers_after_abrupt_drift_and_plain_stepwise_em_is_slower():
     before, after = random_mixture(9, 3, 3), random_mixture(10, 3, 3)
     held_out = after(5000)
@@ -217,6 +219,7 @@ def test_forgetting_recovers_after_abrupt_drift_and_plain_stepwise_em_is_slower(
     assert forgetting < plain
 
 
+@pytest.mark.slow
 def test_a_rare_normal_mode_survives_forgetting():
     rng = np.random.default_rng(11)
     n = 300_000

@@ -137,3 +137,47 @@ def test_next_offsets_per_partition_from_each_runs_last_record():
             tp = TopicPartition(r.topic, r.partition)
             expected[tp] = max(expected.get(tp, 0), r.offset + 1)
         assert _next_offsets(batch) == expected
+
+
+def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its_headers():
+    """Seen under load on Apache Kafka: the first publish refused the anomaly message of event
+    400; its reason-only dead letter then went in one produce request with event 401's
+    oversized dead letter, and the broker refused both. The replacement is kept as it was (its
+    ``streamgmm.original-size`` was rewritten to 0 before) and only 401 is replaced."""
+    from types import SimpleNamespace
+
+    from streamgmm.io.kafka import KafkaUnavailable, OutgoingRecord, RecordRejected
+    from streamgmm.service import Daemon
+
+    big_anomaly, big_invalid = b"a" * 30_000, b"b" * 30_000
+    records = [OutgoingRecord("out", big_anomaly, source=("in", 0, 400)),
+               OutgoingRecord("dlq", big_invalid, source=("in", 0, 401)),
+               OutgoingRecord("out", b"small", source=("in", 0, 402))]
+    attempts = []
+
+    class Sink:
+        def publish(self, batch, commit, source):
+            attempts.append(list(batch))
+            if len(attempts) == 1:
+                raise RecordRejected({0: "MSG_SIZE_TOO_LARGE"})
+            if len(attempts) == 2:  # one produce request to the dead-letter topic: both refused
+                raise RecordRejected({0: "MSG_SIZE_TOO_LARGE", 1: "MSG_SIZE_TOO_LARGE"})
+
+    daemon = object.__new__(Daemon)
+    daemon.config = SimpleNamespace(kafka=SimpleNamespace(output_topic="out",
+                                                          dead_letter_topic="dlq"))
+    daemon._sink, daemon._source, daemon.metrics = Sink(), None, None
+    published = daemon._publish(records, commit=None)
+    assert len(attempts) == 3
+    sizes = [dict(r.headers).get("streamgmm.original-size") for r in published]
+    assert sizes == [b"30000", b"30000", None]
+    assert [r.topic for r in published] == ["dlq", "dlq", "out"] and published[2] is records[2]
+    assert published[0] is attempts[1][0]  # the replacement was kept, not replaced again
+
+    class Refusing:  # a topic that refuses even reason-only dead letters
+        def publish(self, batch, commit, source):
+            raise RecordRejected({0: "MSG_SIZE_TOO_LARGE"})
+
+    daemon._sink = Refusing()
+    with pytest.raises(KafkaUnavailable, match="refuses even reason-only"):
+        daemon._publish(records[:1], commit=None)

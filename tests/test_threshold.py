@@ -34,6 +34,7 @@ def _run(thr, scores):
     "shape",
     ["gaussian-10d", "student-t3-squared", "lognormal", "pareto-2", "uniform", "negative-narrow"],
 )
+@pytest.mark.slow
 def test_realised_false_alarm_rate_within_25_percent_on_stationary_streams(target, shape):
     rng = np.random.default_rng(abs(hash((target, shape))) % 2**32)
     scores = _shapes(rng)[shape](N_EVENTS)
@@ -46,6 +47,7 @@ def test_realised_false_alarm_rate_within_25_percent_on_stationary_streams(targe
     assert thr.n_events_decided == N_EVENTS - 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.01, 0.001])
 @pytest.mark.parametrize("contamination", [0.01, 0.03])
 def test_injected_anomalies_do_not_inflate_the_threshold(target, contamination):
