@@ -26,7 +26,8 @@ from kafka import TopicPartition
 from waiting import wait_for
 
 from streamgmm.checkpoint import read_state
-from streamgmm.io.kafka import ensure_topics, source_of_dead_letter, source_of_output
+from streamgmm.io.kafka import ensure_topics
+from streamgmm.messages import source_of_dead_letter, source_of_output
 from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
 
 N_EVENTS = 6000
