@@ -221,6 +221,9 @@ class Daemon:
         self._output_positions: dict[TopicPartition, int] = {}
         # A batch learned but not yet published (the broker failed while publishing it).
         self._pending: tuple[list[OutgoingRecord], dict[TopicPartition, int]] | None = None
+        # What the detector had learned before the pending batch (None: nothing of that
+        # partition), the part of _learned the group should have committed.
+        self._before_pending: dict[TopicPartition, int | None] = {}
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_wall: float | None = None
         self._broker_up = False
@@ -342,7 +345,10 @@ class Daemon:
         for tp in sorted(assigned):
             c, learned = committed.get(tp), self._learned.get(tp)
             begin = beginnings.get(tp, 0)
-            if learned is not None and c is None and learned > begin:
+            # The pending batch is learned but not committed: only what came before it counts.
+            confirmed = (self._before_pending.get(tp) if self._pending is not None
+                         and tp in self._before_pending else learned)
+            if confirmed is not None and c is None and confirmed > begin:
                 # A checkpoint is only written once what it learned is committed, so a group
                 # without commits means the broker lost its state (or the group was deleted).
                 logger.warning("%s: the group has no committed offset although the model learned "
@@ -393,6 +399,7 @@ class Daemon:
         outgoing, extraction, result = self.process_batch(records)
         n_anomalies = len(outgoing) - len(extraction.dead_letters)
         offsets = _next_offsets(records)
+        self._before_pending = {tp: self._learned.get(tp) for tp in offsets}
         self._learned.update(offsets)
         to_publish = [r for r in outgoing if self._should_publish(r.source)]
         self.stats.skipped_duplicates += len(outgoing) - len(to_publish)
@@ -401,20 +408,20 @@ class Daemon:
             self.stats.relearned += sum(
                 1 for r in records
                 if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
+        # Processed (and learned) now, whether or not the broker takes the output yet.
+        self.stats.batches += 1
+        self.stats.events += len(records)
+        self.stats.anomalies += n_anomalies
+        self.stats.dead_letters += len(extraction.dead_letters)
+        for reason, count in extraction.reason_counts().items():
+            self.stats.dead_letter_reasons[reason] = (
+                self.stats.dead_letter_reasons.get(reason, 0) + count)
         self._pending = (to_publish, commit)
         to_publish = self._publish(to_publish, commit)
         self._pending = None
         for tp in commit:
             self._publish_from.pop(tp, None)
-
-        self.stats.batches += 1
-        self.stats.events += len(records)
-        self.stats.anomalies += n_anomalies
-        self.stats.dead_letters += len(extraction.dead_letters)
         self.stats.published += len(to_publish)
-        for reason, count in extraction.reason_counts().items():
-            self.stats.dead_letter_reasons[reason] = (
-                self.stats.dead_letter_reasons.get(reason, 0) + count)
         duration = time.perf_counter() - started
         self._report_batch(records, extraction, result, n_anomalies, duration)
         if self.on_batch is not None:

@@ -191,6 +191,18 @@ def test_a_process_killed_inside_a_visible_transaction_publishes_nothing_twice(b
     assert learned(tmp_path)["events_learned"] == n_valid(values)
 
 
+def test_a_batch_pending_while_the_broker_is_away_is_published_once_on_return(broker, tmp_path):
+    values = make_events()
+    fill(broker, values)
+    broker.inject("transact", times=3)  # three publishing attempts fail
+    broker.inject("commit", times=2)
+    daemon = daemon_on(broker, config_for(tmp_path))
+    daemon.run(max_events=len(values))
+    assert daemon.stats.reconnects >= 5
+    assert_each_once(broker, values)
+    assert learned(tmp_path)["events_learned"] == n_valid(values)
+
+
 def test_a_checkpoint_is_written_only_when_everything_learned_is_committed(broker, tmp_path):
     values = make_events()
     fill(broker, values)
