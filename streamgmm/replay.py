@@ -2,11 +2,11 @@
 
 :func:`replay` reads a JSONL (or CSV) file in micro-batches of ``batch.max_records`` events and
 runs each through the daemon's own batch path (:class:`streamgmm.pipeline.BatchPipeline`:
-features extracted, every event scored before the detector learns from it). Every anomaly becomes one JSON line of the output file, in the schema of the
-daemon's output topic (:mod:`streamgmm.messages`) with ``source = {file, line}``; every record
-that cannot be scored goes, with its reason, to ``<output>.dead-letters.jsonl`` (``out.jsonl``
-gives ``out.dead-letters.jsonl``). Nothing is dropped silently: the summary accounts for every
-line.
+features extracted, every event scored before the detector learns from it). Every anomaly
+becomes one JSON line of the output file, in the schema of the daemon's output topic
+(:mod:`streamgmm.messages`) with ``source = {file, line}``; every record that cannot be scored
+goes, with its reason, to ``<output>.dead-letters.jsonl`` (``out.jsonl`` gives
+``out.dead-letters.jsonl``). Nothing is dropped silently: the summary accounts for every line.
 
 Use it to try a configuration on recorded data, to backfill, or to warm a detector up before it
 goes live (the summary carries the trained detector, ``summary.detector.save(path)``).

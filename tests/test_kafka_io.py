@@ -7,6 +7,7 @@ import socket
 import orjson
 import pytest
 from conftest import produce, read_topic, unique_name
+
 from streamgmm.embedded import BrokerError, EmbeddedBroker
 from streamgmm.io import confluent, kafka
 from streamgmm.io.base import (

@@ -66,9 +66,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "bootstrap_timeout_ms": 5000,
     "reconnect_backoff_max_ms": 2000,
     # How long the broker may hold a fetch that found too little data. kafka-python's 500 ms
-    # default stalled a group member's polls for ~400 ms every few batches on the embedded broker
-    # (a third of the daemon's time; measured with scripts/bench_daemon.py); short waits remove
-    # the stalls and cost a few idle fetch requests per second.
+    # default stalls a group member's polls every few batches on the embedded broker (README,
+    # "Daemon speed"); short waits remove the stalls and cost a few idle fetches per second.
     "fetch_max_wait_ms": 20,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -81,8 +80,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "reconnect_backoff_max_ms": 2000,
     # Kafka's transaction coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
     # previous transaction's markers; the client retries after retry_backoff_ms (100 ms by
-    # default; Kafka's Java client retries that one after 20 ms). Measured on Apache Kafka 4.4.0
-    # (records + offsets per transaction): 121 ms per transaction at 100 ms, 24 ms at 10 ms.
+    # default; Kafka's Java client retries that one after 20 ms): a fifth of the time per
+    # transaction on Apache Kafka at 10 ms (the README's broker table has the numbers).
     # Reconnecting to a lost broker keeps its own backoff (reconnect_backoff_max_ms).
     "retry_backoff_ms": 10,
 }

@@ -247,9 +247,9 @@ class MemorySink:
         self.cancel: threading.Event | None = None
 
     def _refused(self, records: Sequence[OutgoingRecord]) -> None:
-        too_large = {i: f"record of {record_size(r)} bytes, more than "
-                        f"{self.broker.max_record_bytes}"
-                     for i, r in enumerate(records) if record_size(r) > self.broker.max_record_bytes}
+        limit = self.broker.max_record_bytes
+        too_large = {i: f"record of {record_size(r)} bytes, more than {limit}"
+                     for i, r in enumerate(records) if record_size(r) > limit}
         if too_large:
             raise RecordRejected(too_large)
 
