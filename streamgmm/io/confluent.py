@@ -320,7 +320,8 @@ def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int
         If the broker cannot be reached or refuses to create a topic.
     """
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "logger": _librdkafka_log,
-                         "error_cb": _log_error, **settings})
+                         "error_cb": _log_error, "reconnect.backoff.max.ms": 2000,
+                         "socket.timeout.ms": 10000, **settings})
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
         new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t not in existing]

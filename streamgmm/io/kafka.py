@@ -108,9 +108,9 @@ def ensure_topics(
 ) -> None:
     """Create the topics that do not exist yet (replication factor 1 on a single broker).
 
-    The admin client gets the daemon's short bootstrap timeout and reconnect backoff: with
-    kafka-python's defaults (30 s each) a daemon reconnecting to a restarting Kafka waited 30 s
-    for a broker that had been back for 25.
+    The admin client gets the daemon's short bootstrap timeout and reconnect backoff, so that a
+    daemon reconnecting to a restarting Kafka finds it within seconds of its return
+    (kafka-python's defaults wait 30 s each).
     """
     options = {key: CONSUMER_DEFAULTS[key] for key in
                ("bootstrap_timeout_ms", "reconnect_backoff_max_ms", "request_timeout_ms")}
