@@ -154,9 +154,6 @@ class Daemon:
     ----------
     config : streamgmm.config.Config
         The validated configuration.
-    backend : streamgmm.io.base.Backend, optional
-        The cluster's client library; defaults to the configured one
-        (:func:`streamgmm.io.backend.open_backend`).
     metrics : streamgmm.metrics.Metrics, optional
         Where to export the Prometheus metrics; ``None`` exports nothing.
     detector_factory : callable, optional
@@ -169,6 +166,9 @@ class Daemon:
         Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
     watchdog : streamgmm.watchdog.Watchdog, optional
         Told (:meth:`~streamgmm.watchdog.Watchdog.beat`) whenever the loop makes progress.
+    backend : streamgmm.io.base.Backend, optional
+        The cluster's client library; defaults to the configured one
+        (:func:`streamgmm.io.backend.open_backend`).
 
     Attributes
     ----------
@@ -185,11 +185,11 @@ class Daemon:
         self,
         config: Config,
         metrics: Any = None,
-        backend: Backend | None = None,
         detector_factory: Callable[[], Any] | None = None,
         on_batch: Callable[..., None] | None = None,
         create_topics: bool = False,
         watchdog: Any = None,
+        backend: Backend | None = None,
     ) -> None:
         self.config = config
         self.watchdog = watchdog
