@@ -54,6 +54,7 @@ __all__ = [
     "CallTimedOut",
     "RecordRejected",
     "bounded_call",
+    "Deadline",
     "abandoned_clients",
     "record_size",
     "fit_record",
@@ -149,7 +150,7 @@ def abandoned_clients() -> int:
 STOP_GRACE_SECONDS = 2.0
 
 
-class _Deadline:
+class Deadline:
     """``seconds`` from now, or :data:`STOP_GRACE_SECONDS` after ``cancel`` is set if sooner."""
 
     def __init__(self, seconds: float, cancel: threading.Event | None) -> None:
@@ -198,7 +199,7 @@ def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = Non
 
     worker = threading.Thread(target=run, name=f"streamgmm-{what}", daemon=True)
     worker.start()
-    ends = _Deadline(deadline, cancel)
+    ends = Deadline(deadline, cancel)
     while worker.is_alive() and not ends.passed():
         worker.join(0.1)
     if worker.is_alive():

@@ -32,6 +32,7 @@ from kafka.structs import OffsetAndMetadata
 from streamgmm.io.base import (
     READBACK_SILENCE_SECONDS,
     CallTimedOut,
+    Deadline,
     GroupMember,
     KafkaUnavailable,
     OutgoingRecord,
@@ -363,15 +364,50 @@ class KafkaSource(GroupMember):
             logger.debug("closing the consumer: %s", exc)
 
 
+class _Transactions:
+    """The one place that uses kafka-python internals: a transaction's steps without blocking.
+
+    Why: kafka-python's public ``send_offsets_to_transaction``, ``commit_transaction`` and
+    ``abort_transaction`` each wait for their answer without a deadline, and the public offsets
+    call blocks before the records' own wait can start. Run under threads to bound them, a
+    transaction took about twice as long on the embedded broker (thread start-up and GIL
+    contention with the sender thread; ``scripts/bench_daemon.py``, kafka-python backend).
+    These are the public methods' own bodies without their final ``result.wait()``: each returns
+    kafka-python's ``TransactionalRequestResult`` so that the sink waits with a deadline, and
+    the offsets travel while the records are produced.
+
+    ``tests/test_kafka_io.py::test_kafka_python_internals_are_what_its_public_api_does`` fails
+    when a kafka-python release changes them (the pin is ``kafka-python>=3.0.11,<3.1``).
+    """
+
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+        self._manager = producer._transaction_manager
+
+    def _started(self, result):
+        self._producer._sender.wakeup()
+        return result
+
+    def send_offsets(self, offsets, group_metadata):
+        return self._started(self._manager.send_offsets_to_transaction(offsets, group_metadata))
+
+    def commit(self):
+        return self._started(self._manager.begin_commit())
+
+    def abort(self):
+        return self._started(self._manager.begin_abort())
+
+    def wake(self) -> None:
+        """Send what is waiting now rather than after ``linger_ms``."""
+        self._producer._sender.wakeup()
+
+
 class KafkaSink:
     """Publishes records, alone or in one transaction with a batch's input offsets (a
     :class:`~streamgmm.io.base.Sink`).
 
-    Only kafka-python's public API is used. Its transactional calls
-    (``send_offsets_to_transaction``, ``commit_transaction``, ``abort_transaction``) wait
-    without a deadline, so each runs under :func:`~streamgmm.io.base.bounded_call`: one that
-    does not return within ``operation_timeout`` seconds (or soon after the daemon stops)
-    abandons the producer and raises :class:`~streamgmm.io.base.CallTimedOut`.
+    The transaction's steps go through :class:`_Transactions`, each awaited with a deadline of
+    ``operation_timeout`` seconds (shortened once the daemon stops).
 
     Parameters
     ----------
@@ -413,17 +449,19 @@ class KafkaSink:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **options)
             if delivery == "exactly-once":
                 self._producer.init_transactions()  # bounded by max_block_ms
+                self._transactions = _Transactions(self._producer)
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot start a producer on {bootstrap_servers}", exc) from exc
 
-    def _bounded(self, what: str, call, *args: Any) -> Any:
-        """``call(*args)`` within ``operation_timeout``; a producer blocked past it is abandoned."""
-        try:
-            return bounded_call(what, self.operation_timeout, call, *args,
-                                client=self._producer, cancel=self.cancel)
-        except CallTimedOut:
-            self._producer = None  # blocked inside kafka-python: never closed or reused
-            raise
+    def _wait(self, result, what: str) -> None:
+        """Wait for a transactional step, at most ``operation_timeout`` (or the stop's grace)."""
+        ends = Deadline(self.operation_timeout, self.cancel)
+        while not result.wait(timeout_ms=100):
+            if ends.passed():
+                if ends.cancelled:
+                    raise KafkaUnavailable(f"{what} given up: stopping")
+                raise KafkaUnavailable(
+                    f"{what} did not finish within {self.operation_timeout:g} s")
 
     def _live(self) -> KafkaProducer:
         if self._producer is None:
@@ -475,25 +513,27 @@ class KafkaSink:
     def transact(self, records: Sequence[OutgoingRecord], offsets: Mapping[TopicPartition, int],
                  group_metadata: Any) -> None:
         """Publish ``records`` and commit ``offsets`` for the group in one transaction."""
-        producer = self._live()
+        producer, steps = self._live(), self._transactions
         futures: list = []
         try:
             producer.begin_transaction()
             self._send(records, futures)
             # The offsets travel to the group coordinator while the records are produced;
             # nothing is visible before the commit, and a failed send aborts both.
+            offsets_sent = None
             if offsets:
-                self._bounded("send_offsets_to_transaction", producer.send_offsets_to_transaction,
-                              {_KafkaTopicPartition(*tp): OffsetAndMetadata(o, "", -1)
-                               for tp, o in offsets.items()}, group_metadata)
+                offsets_sent = steps.send_offsets(
+                    {_KafkaTopicPartition(*tp): OffsetAndMetadata(o, "", -1)
+                     for tp, o in offsets.items()}, group_metadata)
             self._await_sends(futures)
-            self._bounded("commit_transaction", producer.commit_transaction)
+            if offsets_sent is not None:
+                self._wait(offsets_sent, "send_offsets_to_transaction")
+            self._wait(steps.commit(), "commit_transaction")
         except Exception as exc:
-            if self._producer is not None:
-                try:
-                    self._bounded("abort_transaction", producer.abort_transaction)
-                except Exception as abort_exc:  # the broker may be gone; the next one fences us
-                    logger.debug("abort after a failed transaction: %s", abort_exc)
+            try:
+                self._wait(steps.abort(), "abort_transaction")
+            except Exception as abort_exc:  # the broker may be gone; the next one fences us
+                logger.debug("abort after a failed transaction: %s", abort_exc)
             # A refused record puts the transaction in error, so a later call (the offsets, the
             # commit) raises a generic error: the record's own future says what happened.
             refused = {} if isinstance(exc, RecordRejected) else self._refused(futures)
