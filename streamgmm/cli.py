@@ -183,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     watchdog = Watchdog(config.watchdog.stall_seconds, config.watchdog.stop_seconds)
     watchdog.watch_signals()
     from streamgmm.checkpoint import CheckpointError
-    from streamgmm.io.kafka import abandoned_clients
+    from streamgmm.io.base import abandoned_clients
     from streamgmm.metrics import Metrics
     from streamgmm.service import Daemon
 

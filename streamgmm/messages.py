@@ -37,8 +37,13 @@ infinity. Every message is strict UTF-8 JSON whatever the event held (:func:`enc
 surrogates become U+FFFD and nesting deeper than :data:`MAX_DEPTH` levels is left out.
 
 Dead letters on Kafka keep the original value unchanged and carry the reason and source in
-headers (:func:`streamgmm.io.kafka.dead_letter_headers`). A file has no headers, so a replay writes
+headers (:func:`dead_letter_headers`, in both the Kafka Connect and the Spring Kafka conventions,
+so that existing tooling can route and replay them). A file has no headers, so a replay writes
 each dead letter as a JSON line of its own (:func:`dead_letter_record`).
+
+Each writer has its reader here too: :func:`source_of_output` reads an anomaly message's
+``source``, :func:`source_of_dead_letter` a dead letter's headers (recovery reads back what is
+already published with them).
 
 Examples
 --------
@@ -70,7 +75,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,9 +88,16 @@ __all__ = [
     "dead_letter_message",
     "format_timestamp",
     "encode",
+    "dead_letter_headers",
+    "source_of_dead_letter",
+    "source_of_output",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Kafka Connect and Spring Kafka dead-letter header names.
+_CONNECT = "__connect.errors."
+_SPRING = "kafka_dlt-"
 
 Source = Mapping[str, Any] | tuple[str, int, int]
 
@@ -313,3 +325,73 @@ def dead_letter_message(value: bytes | str | None, dead_letter: Any, source: Sou
                         detected_at: float | None = None) -> bytes:
     """:func:`dead_letter_record` as JSON bytes (one line of a dead-letter file)."""
     return encode(dead_letter_record(value, dead_letter, source, detected_at))
+
+
+def dead_letter_headers(
+    reason: str, message: str, topic: str, partition: int, offset: int,
+    exception_class: str = "streamgmm.features.InvalidEvent",
+) -> list[tuple[str, bytes]]:
+    """Headers of a dead letter, in both Kafka Connect and Spring Kafka conventions.
+
+    Parameters
+    ----------
+    reason
+        Machine-readable reason (``invalid_json``, ``missing_field``, …), also in
+        ``streamgmm.reason``.
+    message
+        Human-readable explanation.
+    topic, partition, offset
+        Where the event was read from.
+    """
+    text = message.encode("utf-8", "replace")
+    return [
+        ("streamgmm.reason", reason.encode()),
+        (_CONNECT + "topic", topic.encode()),
+        (_CONNECT + "partition", str(partition).encode()),
+        (_CONNECT + "offset", str(offset).encode()),
+        (_CONNECT + "exception.class.name", exception_class.encode()),
+        (_CONNECT + "exception.message", text),
+        (_SPRING + "original-topic", topic.encode()),
+        (_SPRING + "original-partition", str(partition).encode()),
+        (_SPRING + "original-offset", str(offset).encode()),
+        (_SPRING + "exception-message", text),
+    ]
+
+
+def source_of_dead_letter(
+    headers: Sequence[tuple[str, bytes]] | None,
+) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` named by a dead letter's headers, or ``None``.
+
+    Reads the Kafka Connect headers, falling back to Spring Kafka's.
+    """
+    found = dict(headers or ())
+    for prefix, names in ((_CONNECT, ("topic", "partition", "offset")),
+                          (_SPRING, ("original-topic", "original-partition", "original-offset"))):
+        try:
+            topic, part, off = (found[prefix + n] for n in names)
+            return topic.decode(), int(part), int(off)
+        except (KeyError, ValueError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def source_of_output(value: bytes | None) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` in an anomaly message's ``source`` field, or ``None``.
+
+    Examples
+    --------
+    >>> source_of_output(b'{"score": 9.1, "source": {"topic": "t", "partition": 0, "offset": 7}}')
+    ('t', 0, 7)
+    >>> source_of_output(b'not json') is None
+    True
+    """
+    try:
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:  # valid JSON orjson refuses (a 400-digit number)
+            doc = json.loads(value)
+        src = doc["source"]
+        return str(src["topic"]), int(src["partition"]), int(src["offset"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None

@@ -1,13 +1,12 @@
 """Replay: the daemon's detector over a file instead of a Kafka topic.
 
-:func:`replay` reads a JSONL (or CSV) file in micro-batches of ``batch.max_records`` events,
-extracts features exactly as the daemon does, and lets the same
-:class:`streamgmm.detector.Detector` score each batch and then learn from it (prequential, as
-on the stream). Every anomaly becomes one JSON line of the output file, in the schema of the
-daemon's output topic (:mod:`streamgmm.messages`) with ``source = {file, line}``; every record
-that cannot be scored goes, with its reason, to ``<output>.dead-letters.jsonl`` (``out.jsonl``
-gives ``out.dead-letters.jsonl``). Nothing is dropped silently: the summary accounts for every
-line.
+:func:`replay` reads a JSONL (or CSV) file in micro-batches of ``batch.max_records`` events and
+runs each through the daemon's own batch path (:class:`streamgmm.pipeline.BatchPipeline`:
+features extracted, every event scored before the detector learns from it). Every anomaly
+becomes one JSON line of the output file, in the schema of the daemon's output topic
+(:mod:`streamgmm.messages`) with ``source = {file, line}``; every record that cannot be scored
+goes, with its reason, to ``<output>.dead-letters.jsonl`` (``out.jsonl`` gives
+``out.dead-letters.jsonl``). Nothing is dropped silently: the summary accounts for every line.
 
 Use it to try a configuration on recorded data, to backfill, or to warm a detector up before it
 goes live (the summary carries the trained detector, ``summary.detector.save(path)``).
@@ -53,9 +52,9 @@ from typing import Any
 import numpy as np
 
 from streamgmm.config import Config
-from streamgmm.features import FeatureExtractor
 from streamgmm.io.files import JsonlSink, open_source
 from streamgmm.messages import anomaly_record, dead_letter_record
+from streamgmm.pipeline import BatchPipeline
 
 __all__ = ["replay", "ReplaySummary", "dead_letter_path_for", "main"]
 
@@ -127,11 +126,8 @@ class ReplaySummary:
 def _progress_bar(enabled: bool, total: int, name: str):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        logger.warning("install tqdm for a progress bar (pip install tqdm)")
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                 dynamic_ncols=True, file=sys.stderr)
 
@@ -151,7 +147,7 @@ def replay(config: Config, input_path: str | os.PathLike, output_path: str | os.
     output_path : path-like
         One JSON line per anomaly. Dead letters go to :func:`dead_letter_path_for`.
     progress : bool, default True
-        Show a progress bar on stderr (needs tqdm).
+        Show a progress bar on stderr.
     detector : streamgmm.detector.Detector, optional
         Continue with this detector (e.g. one loaded from disk) instead of a new one built from
         ``config.detector_kwargs()``. It must use the configured features.
@@ -165,12 +161,8 @@ def replay(config: Config, input_path: str | os.PathLike, output_path: str | os.
     ReplaySummary
     """
     started = time.perf_counter()
-    if detector is None:
-        from streamgmm.detector import Detector
-
-        detector = Detector(**config.detector_kwargs())
-    extractor = FeatureExtractor(config.features.fields, missing=config.features.missing,
-                                 max_event_bytes=config.features.max_event_bytes)
+    pipeline = BatchPipeline.from_config(config, detector)
+    detector = pipeline.detector
     input_path, output_path = Path(input_path), Path(output_path)
     summary = ReplaySummary(input_path=input_path, output_path=output_path,
                             dead_letter_path=dead_letter_path_for(output_path),
@@ -186,23 +178,21 @@ def replay(config: Config, input_path: str | os.PathLike, output_path: str | os.
         shown = 0
         try:
             for batch in source.batches(config.batch.max_records):
-                extraction = extractor.extract(batch.values)
+                outcome = pipeline.process(batch.values)
                 now = clock()
-                if len(extraction.indices):
-                    result = detector.process(extraction.features)
-                    model_events = int(detector.n_events_learned)
-                    summary.events_scored += len(extraction.indices)
+                result = outcome.result
+                if result is not None:
+                    summary.events_scored += outcome.n_scored
                     summary.warming_up_events += int(np.count_nonzero(result.warming_up))
                     drift = getattr(result, "drift", None)
                     if drift is not None and getattr(drift, "drift_detected", False):
                         summary.drifts += 1
-                    for row in np.flatnonzero(result.is_anomaly):
-                        line = batch.lines[extraction.indices[row]]
+                    for index, row in outcome.anomalies:
                         anomalies_out.write(anomaly_record(
-                            extraction.events[row], result, int(row),
-                            source={"file": file_name, "line": line},
-                            model_events=model_events, detected_at=now))
-                for letter in extraction.dead_letters:
+                            outcome.extraction.events[row], result, row,
+                            source={"file": file_name, "line": batch.lines[index]},
+                            model_events=outcome.model_events, detected_at=now))
+                for letter in outcome.dead_letters:
                     reasons[letter.reason] += 1
                     dead_out.write(dead_letter_record(
                         batch.values[letter.index], letter,

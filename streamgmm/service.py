@@ -3,12 +3,11 @@
 One iteration of :meth:`Daemon.run`:
 
 1. poll a micro-batch of raw records (``[batch] max_records``, ``max_wait_ms``);
-2. decode and validate them (:class:`streamgmm.features.FeatureExtractor`); bad ones become dead
-   letters;
-3. ``detector.process(X)`` — score every event with the model *before* it learns from it, decide,
-   then learn;
+2. decode, validate, score and learn (:class:`streamgmm.pipeline.BatchPipeline`, the same path
+   as ``streamgmm replay``): bad records become dead letters, every event is scored by the model
+   *before* it learns from it;
 4. publish the anomalies, the dead letters and the batch's input offsets together
-   (:class:`streamgmm.io.kafka.KafkaSink`: one transaction in exactly-once mode);
+   (:func:`streamgmm.io.base.publish_batch`: one transaction in exactly-once mode);
 5. update the metrics, and now and then write a checkpoint.
 
 Recovery
@@ -28,10 +27,15 @@ event the detector has learned has also been published and committed. After a cr
 
 So every valid event is learned exactly once and every anomaly and dead letter appears once.
 
+The cluster is a :class:`streamgmm.io.base.Backend` (the configured one,
+:func:`streamgmm.io.backend.open_backend`, or any given to :class:`Daemon`: the unit tests use
+:class:`streamgmm.io.memory.MemoryBackend`), and the broker's quirks are named in
+:class:`streamgmm.io.quirks.BrokerQuirks` (``[kafka] broker_quirks``).
+
 Broker loss: any Kafka failure closes the clients, keeps the unpublished batch in memory, and
 reconnects with an exponential back-off (capped at :attr:`Daemon.max_backoff` seconds); the daemon
 never exits because the broker is away. A client call that blocks past its deadline
-(:func:`streamgmm.io.kafka.bounded_call`) abandons that client and reconnects the same way; should
+(:func:`streamgmm.io.base.bounded_call`) abandons that client and reconnects the same way; should
 the loop still make no progress for ``[watchdog] stall_seconds``, the watchdog
 (:mod:`streamgmm.watchdog`) ends the process with exit code 4. ``streamgmm_broker_up`` comes from a
 probe on a thread of its own (:mod:`streamgmm.io.probe`), so it is true while the loop blocks.
@@ -69,35 +73,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kafka import TopicPartition
 
 from streamgmm.checkpoint import CheckpointError, read_state, write_state
 from streamgmm.config import Config
-from streamgmm.features import FeatureExtractor
-from streamgmm.io.kafka import (
-    KafkaSink,
-    KafkaSource,
+from streamgmm.io.base import (
+    Backend,
     KafkaUnavailable,
     OutgoingRecord,
     RecordRejected,
-    broker_reachable,
-    dead_letter_headers,
-    ensure_topics,
+    Sink,
+    Source,
+    TopicPartition,
     fit_record,
-    read_published_sources,
+    publish_batch,
 )
-from streamgmm.messages import anomaly_message
+from streamgmm.io.quirks import BrokerQuirks
+from streamgmm.messages import anomaly_message, dead_letter_headers
+from streamgmm.pipeline import BatchPipeline
 
 __all__ = ["Daemon", "DaemonStats", "CHECKPOINT_KIND", "CHECKPOINT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "streamgmm-daemon"
-CHECKPOINT_VERSION = 1
-
-
-def _tp_key(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
+#: 2: ``written_at`` (when the checkpoint was written) is always there; version 1 files, which
+#: may lack it, are still read.
+CHECKPOINT_VERSION = 2
 
 
 def _next_offsets(records) -> dict[TopicPartition, int]:
@@ -127,11 +128,6 @@ def _next_offsets(records) -> dict[TopicPartition, int]:
         offsets[tp] = max(offsets.get(tp, 0), records[end - 1].offset + 1)
         start = end
     return offsets
-
-
-def _tp_from_key(key: str) -> TopicPartition:
-    topic, _, partition = key.rpartition(":")
-    return TopicPartition(topic, int(partition))
 
 
 @dataclass
@@ -170,6 +166,9 @@ class Daemon:
         Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
     watchdog : streamgmm.watchdog.Watchdog, optional
         Told (:meth:`~streamgmm.watchdog.Watchdog.beat`) whenever the loop makes progress.
+    backend : streamgmm.io.base.Backend, optional
+        The cluster's client library; defaults to the configured one
+        (:func:`streamgmm.io.backend.open_backend`).
 
     Attributes
     ----------
@@ -190,6 +189,7 @@ class Daemon:
         on_batch: Callable[..., None] | None = None,
         create_topics: bool = False,
         watchdog: Any = None,
+        backend: Backend | None = None,
     ) -> None:
         self.config = config
         self.watchdog = watchdog
@@ -198,18 +198,19 @@ class Daemon:
         self.create_topics = create_topics
         self._detector_factory = detector_factory or self._default_detector
         kafka = config.kafka
-        self._bootstrap = ",".join(kafka.bootstrap_servers)
-        self._extractor = FeatureExtractor(
-            config.features.fields, missing=config.features.missing,
-            max_event_bytes=config.features.max_event_bytes,
-        )
+        if backend is None:
+            from streamgmm.io.backend import open_backend
+
+            backend = open_backend(kafka)
+        self.backend = backend
+        self.quirks = BrokerQuirks.named(kafka.broker_quirks)
         # The largest record to publish: what the producer takes, less room for the framing.
         limit, _ = kafka.max_message_bytes
         self._max_record_bytes = limit - 1024
         self.stats = DaemonStats()
         self._stop = threading.Event()
-        self._source: KafkaSource | None = None
-        self._sink: KafkaSink | None = None
+        self._source: Source | None = None
+        self._sink: Sink | None = None
         # What the detector has learned up to (next offset per partition).
         self._learned: dict[TopicPartition, int] = {}
         # Below these offsets events are re-learned but not published (their output is out).
@@ -220,10 +221,18 @@ class Daemon:
         self._output_positions: dict[TopicPartition, int] = {}
         # A batch learned but not yet published (the broker failed while publishing it).
         self._pending: tuple[list[OutgoingRecord], dict[TopicPartition, int]] | None = None
+        # What the detector had learned before the pending batch (None: nothing of that
+        # partition), the part of _learned the group should have committed.
+        self._before_pending: dict[TopicPartition, int | None] = {}
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_wall: float | None = None
         self._broker_up = False
-        self.detector = self._restore_or_create()
+        self._pipeline = BatchPipeline.from_config(config, self._restore_or_create())
+
+    @property
+    def detector(self):
+        """The live detector."""
+        return self._pipeline.detector
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -306,34 +315,16 @@ class Daemon:
 
     def _connect(self) -> None:
         kafka = self.config.kafka
-        consumer_kwargs = kafka.consumer_kwargs()
-        for managed in ("bootstrap_servers", "group_id", "auto_offset_reset"):
-            consumer_kwargs.pop(managed, None)
-        producer_kwargs = kafka.producer_kwargs()
-        producer_kwargs.pop("bootstrap_servers", None)
         if self.create_topics:
             try:
-                ensure_topics(self._bootstrap,
-                              [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic],
-                              **kafka.security_kwargs())
+                self.backend.ensure_topics(
+                    [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
             except Exception as exc:
                 raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
-        if kafka.backend == "confluent-kafka":
-            from streamgmm.io.confluent import ConfluentSink as sink_class
-            from streamgmm.io.confluent import ConfluentSource as source_class
-
-            producer_kwargs = kafka.librdkafka_settings()
-            consumer_kwargs = {**producer_kwargs, "offsets_options": kafka.security_kwargs()}
-        else:
-            sink_class, source_class = KafkaSink, KafkaSource
-        # The producer first: init_transactions settles a previous instance's open transaction
+        # The sink first: an exactly-once sink settles a previous instance's open transaction
         # before the output topics are read back.
-        self._sink = sink_class(self._bootstrap, delivery=kafka.delivery,
-                                transactional_id=kafka.effective_transactional_id,
-                                **producer_kwargs)
-        self._sink.cancel = self._stop
-        self._source = source_class(self._bootstrap, kafka.input_topic, kafka.group_id,
-                                    auto_offset_reset=kafka.auto_offset_reset, **consumer_kwargs)
+        self._sink = self.backend.open_sink(cancel=self._stop)
+        self._source = self.backend.open_source()
 
     def _close_clients(self) -> None:
         if self._source is not None:
@@ -354,12 +345,15 @@ class Daemon:
         for tp in sorted(assigned):
             c, learned = committed.get(tp), self._learned.get(tp)
             begin = beginnings.get(tp, 0)
-            if learned is not None and c is None and learned > begin:
+            # The pending batch is learned but not committed: only what came before it counts.
+            confirmed = (self._before_pending.get(tp) if self._pending is not None
+                         and tp in self._before_pending else learned)
+            if confirmed is not None and c is None and confirmed > begin:
                 # A checkpoint is only written once what it learned is committed, so a group
                 # without commits means the broker lost its state (or the group was deleted).
                 logger.warning("%s: the group has no committed offset although the model learned "
                                "up to %d; the broker lost its data or the group was deleted. "
-                               "Continuing from auto_offset_reset", _tp_key(tp), learned)
+                               "Continuing from auto_offset_reset", tp.key(), learned)
                 learned = None
             if learned is None:
                 if c is not None and c >= begin:
@@ -369,15 +363,13 @@ class Daemon:
                 learned = start
             if c is not None and c > learned:
                 logger.info("%s: re-learning offsets %d..%d (after the checkpoint, already "
-                            "published) without publishing", _tp_key(tp), learned, c - 1)
+                            "published) without publishing", tp.key(), learned, c - 1)
                 self._publish_from[tp] = c
             self._learned[tp] = learned
             source.seek(tp, learned)
-        published, ends_out = read_published_sources(
-            self._bootstrap, kafka.output_topic, kafka.dead_letter_topic,
-            start_positions=self._output_positions,
-            **kafka.security_kwargs(),
-        )
+        published, ends_out = self.backend.read_published_sources(
+            kafka.output_topic, kafka.dead_letter_topic, start_positions=self._output_positions,
+            until_silence=self.quirks.readback_until_silence)
         self._already_published |= published
         self._progress()
         if not self._output_positions:
@@ -386,7 +378,7 @@ class Daemon:
             records, offsets = self._pending
             fresh = [r for r in records if r.source not in self._already_published]
             self.stats.skipped_duplicates += len(records) - len(fresh)
-            self._sink.publish(fresh, offsets, source)
+            self._deliver(fresh, offsets)
             self.stats.published += len(fresh)
             self._pending = None
             logger.info("published the batch that was pending when the broker failed")
@@ -407,6 +399,7 @@ class Daemon:
         outgoing, extraction, result = self.process_batch(records)
         n_anomalies = len(outgoing) - len(extraction.dead_letters)
         offsets = _next_offsets(records)
+        self._before_pending = {tp: self._learned.get(tp) for tp in offsets}
         self._learned.update(offsets)
         to_publish = [r for r in outgoing if self._should_publish(r.source)]
         self.stats.skipped_duplicates += len(outgoing) - len(to_publish)
@@ -415,20 +408,20 @@ class Daemon:
             self.stats.relearned += sum(
                 1 for r in records
                 if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
+        # Processed (and learned) now, whether or not the broker takes the output yet.
+        self.stats.batches += 1
+        self.stats.events += len(records)
+        self.stats.anomalies += n_anomalies
+        self.stats.dead_letters += len(extraction.dead_letters)
+        for reason, count in extraction.reason_counts().items():
+            self.stats.dead_letter_reasons[reason] = (
+                self.stats.dead_letter_reasons.get(reason, 0) + count)
         self._pending = (to_publish, commit)
         to_publish = self._publish(to_publish, commit)
         self._pending = None
         for tp in commit:
             self._publish_from.pop(tp, None)
-
-        self.stats.batches += 1
-        self.stats.events += len(records)
-        self.stats.anomalies += n_anomalies
-        self.stats.dead_letters += len(extraction.dead_letters)
         self.stats.published += len(to_publish)
-        for reason, count in extraction.reason_counts().items():
-            self.stats.dead_letter_reasons[reason] = (
-                self.stats.dead_letter_reasons.get(reason, 0) + count)
         duration = time.perf_counter() - started
         self._report_batch(records, extraction, result, n_anomalies, duration)
         if self.on_batch is not None:
@@ -449,7 +442,7 @@ class Daemon:
         replaced: set[int] = set()
         while True:
             try:
-                self._sink.publish(records, commit, self._source)
+                self._deliver(records, commit)
                 return records
             except RecordRejected as exc:
                 new = {i: why for i, why in exc.rejected.items() if i not in replaced}
@@ -464,6 +457,11 @@ class Daemon:
                 self._pending = (records, commit)
                 if self.metrics is not None:
                     self.metrics.dead_letters({"oversize": len(new)})
+
+    def _deliver(self, records: Sequence[OutgoingRecord],
+                 offsets: Mapping[TopicPartition, int]) -> None:
+        publish_batch(self._source, self._sink, records, offsets,
+                      plain_commit_when_empty=self.quirks.plain_commit_when_nothing_to_publish)
 
     def _reason_only(self, record: OutgoingRecord, why: str) -> OutgoingRecord:
         """A dead letter without the value the broker refused: the reason, the source and the
@@ -498,14 +496,13 @@ class Daemon:
         extraction : streamgmm.features.Extraction
         result : detector batch result, or None when no record could be scored
         """
-        extraction = self._extractor.extract([r.value for r in records])
-        result = self.detector.process(extraction.features) if len(extraction.indices) else None
+        outcome = self._pipeline.process([r.value for r in records])
+        extraction, result = outcome.extraction, outcome.result
         outgoing = [self._dead_letter(records[letter.index], letter)
-                    for letter in extraction.dead_letters]
-        if result is not None:
-            for row in np.flatnonzero(result.is_anomaly):
-                rec = records[int(extraction.indices[row])]
-                outgoing.append(self._anomaly(rec, extraction.events[row], result, int(row)))
+                    for letter in outcome.dead_letters]
+        for index, row in outcome.anomalies:
+            outgoing.append(self._anomaly(records[index], extraction.events[row], result, row,
+                                          outcome.model_events))
         return outgoing, extraction, result
 
     @property
@@ -529,10 +526,10 @@ class Daemon:
                                 source=(rec.topic, rec.partition, rec.offset))
         return fit_record(record, self._max_record_bytes)
 
-    def _anomaly(self, rec, event: dict, result, row: int) -> OutgoingRecord:
+    def _anomaly(self, rec, event: dict, result, row: int, model_events: int) -> OutgoingRecord:
         room = self._max_record_bytes - len(rec.key or b"") - 512
         value = anomaly_message(event, result, row, source=(rec.topic, rec.partition, rec.offset),
-                                model_events=self.detector.n_events_learned, max_bytes=room)
+                                model_events=model_events, max_bytes=room)
         return OutgoingRecord(self.config.kafka.output_topic, value, rec.key,
                               source=(rec.topic, rec.partition, rec.offset))
 
@@ -564,8 +561,8 @@ class Daemon:
         state_arrays = {f"detector/{k}": v for k, v in arrays.items()}
         state_meta = {
             "detector": meta,
-            "learned_offsets": {_tp_key(tp): o for tp, o in self._learned.items()},
-            "output_positions": {_tp_key(tp): o for tp, o in self._output_positions.items()},
+            "learned_offsets": {tp.key(): o for tp, o in self._learned.items()},
+            "output_positions": {tp.key(): o for tp, o in self._output_positions.items()},
             "input_topic": self.config.kafka.input_topic,
             "fields": list(self.config.features.fields),
             "events_learned": int(self.detector.n_events_learned),
@@ -609,7 +606,10 @@ class Daemon:
         detector = _restore_detector(path, arrays, meta, len(fields))
         self._learned = _offsets_of(path, meta, "learned_offsets")
         self._output_positions = _offsets_of(path, meta, "output_positions")
-        written_at = meta.get("written_at")
+        written_at = meta["written_at"] if meta["version"] >= 2 else meta.get("written_at")
+        if meta["version"] >= 2 and not isinstance(written_at, int | float):
+            raise CheckpointError(f"{path}: 'written_at' is {written_at!r}, not a time")
+        # Version 1 files may lack it: they count as written now.
         self._last_checkpoint_wall = (float(written_at) if isinstance(written_at, int | float)
                                       else time.time())
         logger.info("restored checkpoint %s: %d events learned, offsets %s", path,
@@ -638,19 +638,13 @@ class Daemon:
         the main thread blocks (only with metrics: the probe exists for them)."""
         if self.metrics is None:
             return None
-        from streamgmm.io.confluent import librdkafka_security
-        from streamgmm.io.probe import BrokerProbe
-
-        kafka = self.config.kafka
-        settings = (kafka.librdkafka_settings() if kafka.backend == "confluent-kafka"
-                    else librdkafka_security(kafka.security_kwargs()))
-        return BrokerProbe({**settings, "bootstrap.servers": self._bootstrap},
-                           self._set_broker_up).start()
+        return self.backend.probe(self._set_broker_up)
 
     def _probe_broker(self) -> None:
         """An idle poll says nothing about the broker: check that it can be reached at all."""
-        if not broker_reachable(self._bootstrap, timeout=0.5):
-            raise KafkaUnavailable(f"no broker answers at {self._bootstrap}")
+        if not self.backend.reachable(timeout=0.5):
+            raise KafkaUnavailable("no broker answers at "
+                                   f"{','.join(self.config.kafka.bootstrap_servers)}")
 
     def _report_lag(self) -> None:
         if self.metrics is not None and self._source is not None:
@@ -720,7 +714,3 @@ def _restore_detector(path, arrays: Mapping[str, np.ndarray], meta: Mapping[str,
                               f"{exc})") from exc
     return detector
 
-
-def offsets_as_dict(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
-    """``{"topic:partition": offset}``, the checkpoint's form of consumer offsets."""
-    return {_tp_key(tp): int(o) for tp, o in offsets.items()}

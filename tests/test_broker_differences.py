@@ -7,13 +7,13 @@ the workaround can go:
 
 * records of aborted and of abandoned transactions are visible to ``read_committed`` readers on
   Tansu → the daemon reads back its output topics on recovery and skips what is already there
-  (``streamgmm.io.kafka.read_published_sources``);
+  (``Backend.read_published_sources``; at-least-once delivery needs it on every broker);
 * a transaction holding only offsets (other than a producer's first) loses them on Tansu, with
   either client → batches with nothing to publish commit their offsets with a plain commit
-  (``BatchSink.publish``);
+  (``BrokerQuirks.plain_commit_when_nothing_to_publish``, :mod:`streamgmm.io.quirks`);
 * end offsets count record *batches*, not records, on Tansu (ListOffsets, for either client;
-  the high watermark in fetch responses is right) → the read-back reads until idle rather than
-  to the end offsets;
+  the high watermark in fetch responses is right) → the read-back reads until a second of
+  silence rather than to the end offsets (``BrokerQuirks.readback_until_silence``);
 * Tansu does not fence a stale group generation (KIP-447) → nothing works around it: a zombie
   replica could commit for partitions it lost (harmless for one daemon; see the README).
 """

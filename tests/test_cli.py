@@ -12,7 +12,7 @@ import pytest
 
 from streamgmm.cli import EXIT_CONFIG, main
 from streamgmm.embedded import free_port
-from streamgmm.io.kafka import broker_reachable
+from streamgmm.io.base import broker_reachable
 
 
 def _streamgmm(*args, env=None, timeout=60):

@@ -182,7 +182,7 @@ def test_the_issue_example_message(tmp_path):
         ("[model]\nn_components = 12", {}, "model.n_components", "more than model.max_components"),
         ('[model]\ncovariance_type = "ful"', {}, "model.covariance_type", 'did you mean "full"'),
         ("[model]\nreg_covar = -1.0", {}, "model.reg_covar", "between 0 and"),
-        ("[model]\nforgetting = 0.9", {}, "model.forgetting", "between 0 and 0.5"),
+        ("[model]\nforgetting = 1.0", {}, "model.forgetting", "forgetting must be in [0, 1)"),
         ("[model]\nadoption_persistence = 0", {}, "model.adoption_persistence", "between 1"),
         ("[threshold]\nwarmup_events = 1", {}, "threshold.warmup_events", "between 2 and"),
         ("[model]\nstep_exponent = 0.5", {}, "model.step_exponent", "between 0.5 and 1"),
@@ -238,7 +238,10 @@ linger_ms = 5
            "STREAMGMM_KAFKA__PRODUCER__COMPRESSION_TYPE": "gzip",
            "STREAMGMM_KAFKA__CONSUMER__CHECK_CRCS": "false"}
     kafka = load_config(write(tmp_path, toml), env=env).kafka
-    consumer, producer = kafka.consumer_kwargs(), kafka.producer_kwargs()
+    from streamgmm.io.kafka import KafkaPythonBackend
+
+    backend = KafkaPythonBackend(kafka)
+    consumer, producer = backend.consumer_options(), backend.producer_options()
     assert set(consumer) <= set(KafkaConsumer.DEFAULT_CONFIG)
     assert set(producer) <= set(KafkaProducer.DEFAULT_CONFIG)
     assert consumer["sasl_plain_password"] == producer["sasl_plain_password"] == "pw"
@@ -246,7 +249,7 @@ linger_ms = 5
     assert consumer["check_crcs"] is False
     assert producer["linger_ms"] == 5 and producer["compression_type"] == "gzip"
     assert consumer["client_id"] == producer["client_id"] == "gmm"
-    assert consumer["bootstrap_servers"] == ["localhost:9092"]
+    assert backend.bootstrap == "localhost:9092"
     assert kafka.effective_transactional_id == "streamgmm-events"
 
 

@@ -28,7 +28,8 @@ from conftest import produce, read_topic, start_broker, unique_name
 from test_recovery import committed_total, wait_until_recovered, write_config
 from waiting import wait_for
 
-from streamgmm.io.kafka import ensure_topics, source_of_dead_letter, source_of_output
+from streamgmm.io.kafka import ensure_topics
+from streamgmm.messages import source_of_dead_letter, source_of_output
 
 BACKENDS = ["confluent-kafka", "kafka-python"]
 BROKERS = ["tansu", "apache"]  # for tests that freeze, kill and restart a broker of their own

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamgmm.config import load_config
-from streamgmm.io.kafka import record_size, source_of_dead_letter, source_of_output
+from streamgmm.io.base import record_size
+from streamgmm.messages import source_of_dead_letter, source_of_output
 from streamgmm.service import Daemon
 
 EXAMPLES = 300

@@ -1,61 +1,50 @@
-"""Kafka edges of the daemon on confluent-kafka (librdkafka): the default, fast backend.
+"""The confluent-kafka backend (librdkafka): the default, fast one, on confluent-kafka alone.
 
-The same source and sink as :mod:`streamgmm.io.kafka` — same methods, same records, same
-transaction per batch — on librdkafka, whose C client parses fetched records about five times
-faster than kafka-python and commits a transaction in 1–2 ms instead of about 12 ms
-(``scripts/bench_daemon.py`` measures both side by side). ``kafka.backend = "kafka-python"``
-selects :mod:`streamgmm.io.kafka` instead.
+The same :class:`~streamgmm.io.base.Source` and :class:`~streamgmm.io.base.Sink` as
+:mod:`streamgmm.io.kafka` — same records, same transaction per batch — on librdkafka, whose C
+client is the faster of the two (the README's performance table measures both side by side,
+``scripts/bench_daemon.py``). :class:`ConfluentBackend` also creates topics
+(:func:`ensure_topics`), reads first and end offsets (:class:`OffsetsReader`) and reads the
+output topics back on recovery (:func:`read_published_sources`), all on librdkafka.
+``kafka.backend = "kafka-python"`` selects :mod:`streamgmm.io.kafka` instead.
 
-What stays on kafka-python whatever the backend: creating topics, reading first and end offsets
-(:class:`streamgmm.io.kafka.OffsetsReader`) and reading back the output topics on recovery
-(:func:`streamgmm.io.kafka.read_published_sources`); all rare and none needs speed. (Tansu's end
-offsets are wrong for either client; see :class:`~streamgmm.io.kafka.OffsetsReader`.)
-
-Settings: the ``[kafka]`` security keys are translated to librdkafka's names
-(:func:`librdkafka_security`); anything else goes under ``[kafka.librdkafka]`` with librdkafka's
-own property names (``"fetch.wait.max.ms"``, or ``fetch_wait_max_ms``), checked against librdkafka's
-documented properties when the configuration is loaded, without building a client
-(:func:`check_librdkafka_settings`).
-
-Examples
---------
->>> librdkafka_security({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
-...                      "sasl_plain_username": "svc", "ssl_check_hostname": False})
-... # doctest: +NORMALIZE_WHITESPACE
-{'security.protocol': 'SASL_SSL', 'sasl.mechanism': 'PLAIN', 'sasl.username': 'svc',
- 'ssl.endpoint.identification.algorithm': 'none'}
->>> librdkafka_name("fetch_wait_max_ms"), librdkafka_name("fetch.wait.max.ms")
-('fetch.wait.max.ms', 'fetch.wait.max.ms')
+Settings: the ``[kafka]`` security keys and ``[kafka.librdkafka]``, translated and checked by
+:mod:`streamgmm.io.librdkafka_settings` (which needs no client library).
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import confluent_kafka as ck
-from kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamgmm.io.kafka import (
-    BatchSink,
+from streamgmm.io.base import (
+    READBACK_SILENCE_SECONDS,
     CallTimedOut,
     GroupMember,
     KafkaUnavailable,
-    OffsetsReader,
     OutgoingRecord,
     RecordRejected,
+    TopicPartition,
     bounded_call,
+    broker_reachable,
+    check_delivery,
+    collect_published,
 )
+from streamgmm.io.librdkafka_settings import librdkafka_security
 
 __all__ = [
+    "ConfluentBackend",
     "ConfluentSource",
     "ConfluentSink",
-    "librdkafka_name",
-    "librdkafka_security",
-    "check_librdkafka_settings",
-    "SENSITIVE_PROPERTIES",
+    "OffsetsReader",
+    "read_published_sources",
+    "ensure_topics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,127 +69,17 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "reconnect.backoff.max.ms": 2000,
     # Kafka's transaction coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
     # previous transaction's markers, and librdkafka retries after retry.backoff.ms (100 ms by
-    # default; Kafka's own Java client retries that one after 20 ms). Measured on Apache Kafka
-    # 4.4.0 (records + offsets per transaction): 73 ms per transaction at 100 ms, 18 ms at 10 ms.
+    # default; Kafka's own Java client retries that one after 20 ms): a quarter of the time per
+    # transaction on Apache Kafka at 10 ms (the README's broker table has the numbers).
     # The backoff still grows exponentially to retry.backoff.max.ms (1 s) while a broker is down.
     "retry.backoff.ms": 10,
 }
 
-#: Settings the daemon manages itself; ``[kafka.librdkafka]`` may not override them.
-MANAGED = frozenset({
-    "bootstrap.servers", "group.id", "auto.offset.reset", "isolation.level",
-    "enable.auto.commit", "enable.auto.offset.store", "transactional.id", "logger",
-    "on_delivery", "error_cb", "on_assign",
-})
-
-_SECURITY_NAMES = {
-    "security_protocol": "security.protocol",
-    "sasl_mechanism": "sasl.mechanism",
-    "sasl_plain_username": "sasl.username",
-    "sasl_plain_password": "sasl.password",
-    "ssl_cafile": "ssl.ca.location",
-    "ssl_certfile": "ssl.certificate.location",
-    "ssl_keyfile": "ssl.key.location",
-    "ssl_password": "ssl.key.password",
-}
-#: librdkafka's names of the ``[kafka]`` security keys; set them there, not in the table.
-SECURITY_PROPERTIES = frozenset(_SECURITY_NAMES.values()) | {
-    "ssl.endpoint.identification.algorithm"}
-
-
-def librdkafka_name(name: str) -> str:
-    """librdkafka's property name for ``name``: underscores become dots unless it has dots."""
-    return name if "." in name else name.replace("_", ".")
-
-
-def librdkafka_security(security: Mapping[str, Any]) -> dict[str, Any]:
-    """Translate the ``[kafka]`` security keys (kafka-python names) to librdkafka properties."""
-    out: dict[str, Any] = {}
-    for name, value in security.items():
-        if value is None:
-            continue
-        if name == "ssl_check_hostname":
-            if not value:
-                out["ssl.endpoint.identification.algorithm"] = "none"
-        else:
-            out[_SECURITY_NAMES[name]] = value
-    return out
-
-
-#: librdkafka's sensitive properties (flagged ``_RK_SENSITIVE`` in its ``rdkafka_conf.c``): their
-#: values are never shown, in ``--print-config`` or in an error.
-SENSITIVE_PROPERTIES = frozenset({
-    "sasl.username", "sasl.password", "sasl.oauthbearer.config", "sasl.oauthbearer.client.secret",
-    "sasl.oauthbearer.assertion.private.key.file", "sasl.oauthbearer.assertion.private.key.pem",
-    "sasl.oauthbearer.assertion.private.key.passphrase", "ssl.key.location", "ssl.key.password",
-    "ssl.key.pem", "ssl_key", "ssl.ca.pem", "ssl.keystore.password",
-})
-_BOOLEANS = {"true": True, "false": False}
 #: librdkafka's errors that refuse one record for what it is.
 _RECORD_ERRORS = frozenset({ck.KafkaError.MSG_SIZE_TOO_LARGE, ck.KafkaError.RECORD_LIST_TOO_LARGE,
                             ck.KafkaError.INVALID_RECORD})
 
 
-def check_librdkafka_settings(settings: Mapping[str, Any]) -> str | None:
-    """Check ``settings`` against librdkafka's documented properties; return the first
-    complaint, or ``None``.
-
-    Names, types, ranges and allowed words come from librdkafka's CONFIGURATION.md
-    (:mod:`streamgmm.io.librdkafka_properties`). No client is built, so checking has no side
-    effects: no plugin (``plugin.library.paths``) is loaded, no key file read, no thread
-    started. The value of a sensitive property is never repeated in a complaint.
-
-    Examples
-    --------
-    >>> check_librdkafka_settings({"fetch.wait.max.ms": 50}) is None
-    True
-    >>> print(check_librdkafka_settings({"fetch.wait.max.msec": 50}))
-    No such configuration property: "fetch.wait.max.msec" (did you mean "fetch.wait.max.ms"?)
-    >>> print(check_librdkafka_settings({"compression.type": "brotli"}))
-    Invalid value "brotli" for configuration property "compression.type": one of none, gzip, \
-snappy, lz4, zstd
-    >>> print(check_librdkafka_settings({"ssl.key.password": 12345}))  # a number, not shown
-    None
-    >>> print(check_librdkafka_settings({"plugin.library.paths": "/opt/none.so"}))  # not loaded
-    None
-    """
-    from streamgmm.io.librdkafka_properties import PROPERTIES
-
-    for name, value in settings.items():
-        if name not in PROPERTIES:
-            close = difflib.get_close_matches(name, list(PROPERTIES), n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            return f'No such configuration property: "{name}"{hint}'
-        _, kind, allowed = PROPERTIES[name]
-        problem = _check_value(name, kind, allowed, value)
-        if problem:
-            shown = "(not shown: sensitive)" if name in SENSITIVE_PROPERTIES else f'"{value}"'
-            return f'Invalid value {shown} for configuration property "{name}": {problem}'
-    return None
-
-
-def _check_value(name: str, kind: str, allowed: tuple, value: Any) -> str | None:
-    """What is wrong with ``value`` for a property of ``kind``, or ``None``."""
-    text = str(value).strip().lower() if not isinstance(value, bool) else str(value).lower()
-    if kind == "api":
-        return "it is set through librdkafka's API, not in a configuration file"
-    if kind == "boolean":
-        return None if isinstance(value, bool) or text in _BOOLEANS else "true or false"
-    if kind in ("integer", "float"):
-        if name in ("acks", "request.required.acks") and text == "all":
-            return None
-        try:
-            number = float(text) if kind == "float" else int(text)
-        except ValueError:
-            return f"expected {'a number' if kind == 'float' else 'an integer'}"
-        if isinstance(value, bool) or (allowed and not allowed[0] <= number <= allowed[1]):
-            return f"must be between {allowed[0]} and {allowed[1]}" if allowed else "a number"
-        return None
-    if kind in ("enum", "flags") and allowed:
-        words = [w.strip() for w in text.split(",")] if kind == "flags" else [text]
-        if not all(w in allowed for w in words):
-            return "one of " + ", ".join(allowed)
-    return None
 
 
 class _ScopeFilter(logging.Filter):
@@ -277,9 +156,9 @@ class ConsumedRecord:
 class ConfluentSource(GroupMember):
     """A consumer-group member that yields micro-batches of raw records (librdkafka).
 
-    Same interface as :class:`streamgmm.io.kafka.KafkaSource`. Newly assigned partitions are held
-    (paused) until the next :meth:`poll`, so that the daemon can :meth:`seek` them first; seeks
-    take effect at the next :meth:`poll`.
+    A :class:`~streamgmm.io.base.Source`. Newly assigned partitions are held (paused) until the
+    next :meth:`poll`, so that the daemon can :meth:`seek` them first; seeks take effect at the
+    next :meth:`poll`.
 
     Parameters
     ----------
@@ -287,9 +166,6 @@ class ConfluentSource(GroupMember):
         As for :class:`~streamgmm.io.kafka.KafkaSource`.
     connect_timeout
         Seconds to wait for the broker's first answer.
-    offsets_options
-        kafka-python settings (security) for the :class:`~streamgmm.io.kafka.OffsetsReader`
-        that reads first and end offsets.
     settings
         Extra librdkafka properties (security included), already in librdkafka's names.
 
@@ -306,7 +182,6 @@ class ConfluentSource(GroupMember):
         group_id: str,
         auto_offset_reset: str = "earliest",
         connect_timeout: float = 5.0,
-        offsets_options: Mapping[str, Any] | None = None,
         **settings: Any,
     ) -> None:
         self.topic = topic
@@ -324,7 +199,7 @@ class ConfluentSource(GroupMember):
             self.close()
             raise _unavailable(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
         try:
-            self._offsets = OffsetsReader(bootstrap_servers, **dict(offsets_options or {}))
+            self._offsets = OffsetsReader(bootstrap_servers, **settings)
         except KafkaUnavailable:
             self.close()
             raise
@@ -350,11 +225,6 @@ class ConfluentSource(GroupMember):
             self._starts = {}
         consumer.resume(consumer.assignment())
         self._held = False
-
-    @property
-    def consumer(self):
-        """The underlying ``confluent_kafka.Consumer``."""
-        return self._consumer
 
     def poll(self, max_records: int, timeout_ms: int) -> list[ConsumedRecord]:
         """Up to ``max_records`` records that have arrived, waiting at most ``timeout_ms`` for the
@@ -440,21 +310,178 @@ class ConfluentSource(GroupMember):
                 logger.debug("closing the consumer: %s", exc)
 
 
-class ConfluentSink(BatchSink):
-    """Publishes a batch's records and commits its input offsets (librdkafka).
+def ensure_topics(bootstrap_servers: str, topics: Iterable[str], partitions: int = 1,
+                  timeout: float = 10.0, **settings: Any) -> None:
+    """Create the topics that do not exist yet (replication factor 1 on a single broker).
 
-    Same interface and guarantees as :class:`streamgmm.io.kafka.KafkaSink`: one transaction per
-    batch in ``"exactly-once"`` mode; ``acks=all``, every delivery confirmed, then the offsets
-    committed in ``"at-least-once"`` mode.
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker cannot be reached or refuses to create a topic.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "logger": _librdkafka_log,
+                         "error_cb": _log_error, "reconnect.backoff.max.ms": 2000,
+                         "socket.timeout.ms": 10000, **settings})
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+        new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t not in existing]
+        for topic, future in (admin.create_topics(new, request_timeout=timeout).items()
+                              if new else ()):
+            try:
+                future.result(timeout)
+            except ck.KafkaException as exc:
+                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise _unavailable(f"cannot create topic {topic!r}", exc) from exc
+    except ck.KafkaException as exc:
+        raise _unavailable("cannot create topics", exc) from exc
+
+
+class OffsetsReader:
+    """First and end offsets of partitions, read by a librdkafka client at ``read_uncommitted``.
+
+    On Tansu no end offset from ListOffsets is right once a batch holds several records
+    (:attr:`~streamgmm.io.quirks.BrokerQuirks.readback_until_silence`), so the daemon uses these
+    ends only where too low is harmless: as the start of the next read-back (which then reads a
+    little more).
+
+    Raises
+    ------
+    KafkaUnavailable
+        If a query fails.
+    """
+
+    def __init__(self, bootstrap_servers: str, timeout: float = 10.0, **settings: Any) -> None:
+        self.timeout = timeout
+        self._consumer = ck.Consumer({
+            **settings, "bootstrap.servers": bootstrap_servers, "logger": _librdkafka_log,
+            "error_cb": _log_error, "group.id": "streamgmm-offsets-reader",
+            "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+
+    def _watermarks(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, tuple]:
+        try:
+            return {tp: self._consumer.get_watermark_offsets(_to_confluent(tp), self.timeout,
+                                                             cached=False)
+                    for tp in partitions}
+        except ck.KafkaException as exc:
+            raise _unavailable("reading offsets failed", exc) from exc
+
+    def beginnings(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """First available offset of each partition."""
+        return {tp: low for tp, (low, _) in self._watermarks(partitions).items()}
+
+    def ends(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """High watermark of each partition."""
+        return {tp: high for tp, (_, high) in self._watermarks(partitions).items()}
+
+    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        """High watermarks of every partition of ``topics``."""
+        return self.ends(_partitions_of(self._consumer, topics, self.timeout))
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        except Exception as exc:  # a dead broker; nothing to do
+            logger.debug("closing the offsets reader: %s", exc)
+
+
+def _partitions_of(client, topics: Iterable[str], timeout: float) -> list[TopicPartition]:
+    """Every partition of the ``topics`` that exist."""
+    parts = []
+    for topic in topics:
+        try:
+            meta = client.list_topics(topic, timeout=timeout).topics.get(topic)
+        except ck.KafkaException as exc:
+            raise _unavailable("reading topic metadata failed", exc) from exc
+        if meta is not None and meta.error is None:
+            parts += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+    return parts
+
+
+def read_published_sources(
+    bootstrap_servers: str,
+    output_topic: str,
+    dead_letter_topic: str,
+    start_positions: Mapping[TopicPartition, int] | None = None,
+    until_silence: bool = True,
+    timeout: float = 60.0,
+    **settings: Any,
+) -> tuple[set[tuple[str, int, int]], dict[TopicPartition, int]]:
+    """Sources of everything already published on the output and dead-letter topics.
+
+    As :func:`streamgmm.io.kafka.read_published_sources`, on librdkafka: read with
+    ``read_committed`` from ``start_positions`` (partitions not listed: from their beginning)
+    until every partition reports its end (the last stable offset), or, ``until_silence``,
+    until nothing new arrives for :data:`~streamgmm.io.base.READBACK_SILENCE_SECONDS`.
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker fails, or reading takes longer than ``timeout`` seconds.
+    """
+    start_positions = dict(start_positions or {})
+    try:
+        consumer = ck.Consumer({
+            **CONSUMER_DEFAULTS, **settings, "bootstrap.servers": bootstrap_servers,
+            "logger": _librdkafka_log, "error_cb": _log_error,
+            "group.id": "streamgmm-read-back", "enable.partition.eof": True})
+    except ck.KafkaException as exc:
+        raise _unavailable("cannot connect to read back the output topics", exc) from exc
+    sources: set[tuple[str, int, int]] = set()
+    try:
+        parts = _partitions_of(consumer, (output_topic, dead_letter_topic), 10.0)
+        reached = {tp: start_positions.get(tp, 0) for tp in parts}
+        if parts:
+            consumer.assign([_to_confluent(tp, reached[tp]) for tp in parts])
+            at_end: set[TopicPartition] = set()
+            deadline = time.monotonic() + timeout
+            last_record = time.monotonic()
+            while True:
+                if until_silence:
+                    if time.monotonic() - last_record >= READBACK_SILENCE_SECONDS:
+                        break
+                elif len(at_end) == len(parts):
+                    break
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable(
+                        f"reading back the output topics took over {timeout:g} s")
+                messages = consumer.consume(5000, 0.1)
+                if messages:
+                    last_record = time.monotonic()
+                for message in messages:
+                    tp = TopicPartition(message.topic(), message.partition())
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != ck.KafkaError._PARTITION_EOF:
+                            raise KafkaUnavailable(f"reading back failed: {error.str()}")
+                        at_end.add(tp)
+                        reached[tp] = max(reached[tp], message.offset())
+                        continue
+                    at_end.discard(tp)
+                    reached[tp] = message.offset() + 1
+                    collect_published(sources, output_topic, tp.topic, message.value(),
+                                      message.headers())
+        logger.info("read back %d published sources from %s and %s",
+                    len(sources), output_topic, dead_letter_topic)
+        return sources, reached
+    except ck.KafkaException as exc:
+        raise _unavailable("reading back the output topics failed", exc) from exc
+    finally:
+        consumer.close()
+
+
+class ConfluentSink:
+    """Publishes records, alone or in one transaction with a batch's input offsets (librdkafka).
+
+    A :class:`~streamgmm.io.base.Sink`, with the same guarantees as
+    :class:`streamgmm.io.kafka.KafkaSink`. librdkafka's transaction calls can block past their
+    own timeout (seen: a broker that restarted empty while ``send_offsets_to_transaction``
+    waited), so each runs under :func:`~streamgmm.io.base.bounded_call`.
 
     Raises
     ------
     KafkaUnavailable
         If the broker cannot be reached or transactions cannot be initialised.
     """
-
-    client_errors = (ck.KafkaException,)
-    _unavailable = staticmethod(_unavailable)
 
     def __init__(
         self,
@@ -464,7 +491,10 @@ class ConfluentSink(BatchSink):
         operation_timeout: float = 30.0,
         **settings: Any,
     ) -> None:
-        super().__init__(delivery, transactional_id, operation_timeout)
+        check_delivery(delivery, transactional_id)
+        self.delivery = delivery
+        self.operation_timeout = operation_timeout
+        self.cancel: threading.Event | None = None
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap_servers,
                 "logger": _librdkafka_log, "error_cb": _log_error, **settings}
         if delivery == "exactly-once":
@@ -484,7 +514,7 @@ class ConfluentSink(BatchSink):
         ``on_delivery(error, message)`` is called for every delivery. A record refused for what
         it is (too large) is noted in the returned mapping, by its position in ``records``.
         """
-        producer, rejected = self._producer, {}
+        producer, rejected = self._live(), {}
 
         def reporter(index):
             def report(error, message) -> None:
@@ -508,6 +538,18 @@ class ConfluentSink(BatchSink):
                     raise
         return rejected
 
+    def _live(self):
+        if self._producer is None:
+            raise KafkaUnavailable("the producer was abandoned in a blocked call; rebuild the sink")
+        return self._producer
+
+    def send(self, records: Sequence[OutgoingRecord]) -> None:
+        """Publish ``records``; return once every one is acknowledged."""
+        try:
+            self._send_all(records)
+        except ck.KafkaException as exc:
+            raise _unavailable("publishing a batch failed", exc) from exc
+
     def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
         failures: list = []
 
@@ -516,7 +558,7 @@ class ConfluentSink(BatchSink):
                 failures.append(error)
 
         rejected = self._produce(records, on_delivery)
-        remaining = self._producer.flush(self.operation_timeout)
+        remaining = self._live().flush(self.operation_timeout)
         if rejected:
             raise RecordRejected(rejected)
         if failures:
@@ -535,8 +577,16 @@ class ConfluentSink(BatchSink):
             self._producer = None  # blocked inside librdkafka: never flushed, closed or reused
             raise
 
-    def _publish_transaction(self, records, offsets, source) -> None:
-        producer, timeout = self._producer, self.operation_timeout
+    def transact(self, records: Sequence[OutgoingRecord], offsets: Mapping[TopicPartition, int],
+                 group_metadata: Any) -> None:
+        """Publish ``records`` and commit ``offsets`` for the group in one transaction."""
+        try:
+            self._transact(records, offsets, group_metadata)
+        except ck.KafkaException as exc:
+            raise _unavailable("publishing a batch failed", exc) from exc
+
+    def _transact(self, records, offsets, group_metadata) -> None:
+        producer, timeout = self._live(), self.operation_timeout
         producer.begin_transaction()
         rejected: dict[int, str] = {}
         try:
@@ -544,7 +594,7 @@ class ConfluentSink(BatchSink):
             if offsets:
                 self._bounded("send_offsets_to_transaction", producer.send_offsets_to_transaction,
                               timeout, [_to_confluent(tp, o) for tp, o in offsets.items()],
-                              source.group_metadata())
+                              group_metadata)
             self._bounded("commit_transaction", producer.commit_transaction, timeout)
         except Exception as exc:
             if self._producer is not None:
@@ -565,3 +615,59 @@ class ConfluentSink(BatchSink):
         except Exception as exc:  # a dead broker; nothing to do
             logger.debug("closing the producer: %s", exc)
         self._producer = None
+
+
+class ConfluentBackend:
+    """The confluent-kafka backend (a :class:`~streamgmm.io.base.Backend`) for a ``[kafka]``
+    section.
+
+    Parameters
+    ----------
+    kafka : streamgmm.config.KafkaConfig
+    """
+
+    name = "confluent-kafka"
+
+    def __init__(self, kafka: Any) -> None:
+        self.kafka = kafka
+        self.bootstrap = ",".join(kafka.bootstrap_servers)
+        self._settings = {**librdkafka_security(kafka.security_kwargs()), **kafka.librdkafka}
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        ensure_topics(self.bootstrap, topics, **librdkafka_security(self.kafka.security_kwargs()))
+
+    def open_sink(self, cancel: threading.Event | None = None) -> ConfluentSink:
+        sink = ConfluentSink(self.bootstrap, delivery=self.kafka.delivery,
+                             transactional_id=self.kafka.effective_transactional_id,
+                             **self._settings)
+        sink.cancel = cancel
+        return sink
+
+    def open_source(self) -> ConfluentSource:
+        return ConfluentSource(self.bootstrap, self.kafka.input_topic, self.kafka.group_id,
+                               auto_offset_reset=self.kafka.auto_offset_reset, **self._settings)
+
+    def reachable(self, timeout: float = 0.5) -> bool:
+        return broker_reachable(self.bootstrap, timeout)
+
+    def read_published_sources(self, output_topic: str, dead_letter_topic: str,
+                               start_positions: Mapping[TopicPartition, int] | None = None,
+                               until_silence: bool = True):
+        security = librdkafka_security(self.kafka.security_kwargs())
+        return read_published_sources(self.bootstrap, output_topic, dead_letter_topic,
+                                      start_positions, until_silence, **security)
+
+    def probe(self, report: Any, interval: float = 2.0, timeout: float = 2.0):
+        """A started :class:`streamgmm.io.probe.BrokerProbe` on a librdkafka client of its own."""
+        from streamgmm.io.probe import BrokerProbe
+
+        client = ck.Producer({**self._settings, "bootstrap.servers": self.bootstrap,
+                              "logger": _probe_log,
+                              "socket.timeout.ms": max(10, int(timeout * 1000))})
+        return BrokerProbe(lambda t: client.list_topics(timeout=t), report, interval,
+                           timeout).start()
+
+
+_probe_log = logging.getLogger("streamgmm.librdkafka.probe")
+_probe_log.propagate = False
+_probe_log.addHandler(logging.NullHandler())

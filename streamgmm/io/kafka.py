@@ -1,77 +1,62 @@
-"""Kafka edges of the daemon on kafka-python: a batch source, a sink and dead-letter headers.
+"""The kafka-python backend: the daemon's edges on kafka-python and nothing else.
 
-:class:`KafkaSource` is a consumer-group member that hands out micro-batches of raw records
-(bytes in; decoding is :mod:`streamgmm.features`' job, so a bad record can reach the dead-letter
-topic instead of blowing up inside the client). :class:`KafkaSink` publishes a batch's anomalies and
-dead letters together with the batch's input offsets:
+:class:`KafkaSource` (a :class:`~streamgmm.io.base.Source`) is a consumer-group member that
+hands out micro-batches of raw records (bytes in; decoding is :mod:`streamgmm.features`' job, so
+a bad record can reach the dead-letter topic instead of blowing up inside the client).
+:class:`KafkaSink` (a :class:`~streamgmm.io.base.Sink`) publishes records, in one transaction
+with a batch's input offsets in exactly-once mode; in at-least-once mode every send future is
+awaited (``flush()`` does not raise on failure). :class:`KafkaPythonBackend` builds them and
+creates topics (:func:`ensure_topics`), reads first and end offsets (:class:`OffsetsReader`)
+and reads the output topics back on recovery (:func:`read_published_sources`), all on
+kafka-python. Settings passed through from ``[kafka.client]``, ``[kafka.consumer]`` and
+``[kafka.producer]`` are checked by :func:`check_passthrough_settings`.
 
-* ``delivery="exactly-once"`` (default): one transaction per batch — records, then
-  ``send_offsets_to_transaction`` for the consumer group, then commit. Readers of the output use
-  ``isolation_level="read_committed"``.
-* ``delivery="at-least-once"``: records are sent with ``acks="all"``, every send future is awaited
-  (``flush()`` does not raise on failure), and only then are the offsets committed.
-
-:func:`read_published_sources` reads back the tail of the output and dead-letter topics and returns
-the ``(topic, partition, offset)`` of every input event already published. The daemon uses it on
-recovery so that nothing is published twice even where the broker is weaker than Kafka: Tansu makes
-the records of an aborted or abandoned transaction visible to ``read_committed`` readers.
-
-Every dead letter carries both the Kafka Connect and the Spring Kafka header conventions, so
-existing tooling can route and replay it (:func:`dead_letter_headers`).
-
-Examples
---------
->>> headers = dict(dead_letter_headers("invalid_json", "Expecting value", "events", 2, 41))
->>> headers["__connect.errors.offset"], headers["kafka_dlt-original-topic"]
-(b'41', b'events')
->>> source_of_dead_letter(list(headers.items()))
-('events', 2, 41)
+``kafka.backend = "confluent-kafka"`` (the default) selects :mod:`streamgmm.io.confluent`
+instead.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as _KafkaTopicPartition
 from kafka import errors as kafka_errors
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import OffsetAndMetadata
 
+from streamgmm.io.base import (
+    READBACK_SILENCE_SECONDS,
+    CallTimedOut,
+    Deadline,
+    GroupMember,
+    KafkaUnavailable,
+    OutgoingRecord,
+    RecordRejected,
+    TopicPartition,
+    bounded_call,
+    broker_reachable,
+    check_delivery,
+    collect_published,
+)
+
 __all__ = [
-    "DELIVERY_MODES",
-    "OutgoingRecord",
-    "GroupMember",
+    "KafkaPythonBackend",
     "KafkaSource",
-    "BatchSink",
     "KafkaSink",
-    "KafkaUnavailable",
-    "CallTimedOut",
-    "RecordRejected",
-    "bounded_call",
-    "abandoned_clients",
-    "dead_letter_headers",
-    "record_size",
-    "fit_record",
-    "source_of_dead_letter",
-    "source_of_output",
-    "read_published_sources",
     "OffsetsReader",
+    "read_published_sources",
     "ensure_topics",
-    "broker_reachable",
+    "check_passthrough_settings",
+    "CONSUMER_DEFAULTS",
+    "PRODUCER_DEFAULTS",
 ]
 
 logger = logging.getLogger(__name__)
-
-DELIVERY_MODES = ("exactly-once", "at-least-once")
 
 #: Client settings for fast group joins and bounded waits (seconds, not minutes, on broker loss).
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -82,9 +67,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "bootstrap_timeout_ms": 5000,
     "reconnect_backoff_max_ms": 2000,
     # How long the broker may hold a fetch that found too little data. kafka-python's 500 ms
-    # default stalled a group member's polls for ~400 ms every few batches on the embedded broker
-    # (a third of the daemon's time; measured with scripts/bench_daemon.py); short waits remove
-    # the stalls and cost a few idle fetch requests per second.
+    # default stalls a group member's polls every few batches on the embedded broker (README,
+    # "Daemon speed"); short waits remove the stalls and cost a few idle fetches per second.
     "fetch_max_wait_ms": 20,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -97,8 +81,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "reconnect_backoff_max_ms": 2000,
     # Kafka's transaction coordinator answers CONCURRENT_TRANSACTIONS while it still writes the
     # previous transaction's markers; the client retries after retry_backoff_ms (100 ms by
-    # default; Kafka's Java client retries that one after 20 ms). Measured on Apache Kafka 4.4.0
-    # (records + offsets per transaction): 121 ms per transaction at 100 ms, 24 ms at 10 ms.
+    # default; Kafka's Java client retries that one after 20 ms): a fifth of the time per
+    # transaction on Apache Kafka at 10 ms (the README's broker table has the numbers).
     # Reconnecting to a lost broker keeps its own backoff (reconnect_backoff_max_ms).
     "retry_backoff_ms": 10,
 }
@@ -106,258 +90,18 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 #: Deadline of the consumer calls that have none by default (committed, position, close), ms.
 CALL_TIMEOUT_MS = 10_000
 
-# Kafka Connect and Spring Kafka dead-letter header names.
-_CONNECT = "__connect.errors."
-_SPRING = "kafka_dlt-"
-
-
-class KafkaUnavailable(ConnectionError):
-    """The Kafka cluster cannot be reached or a Kafka operation failed; retry later."""
-
-
-class CallTimedOut(KafkaUnavailable):
-    """A client call did not return by its deadline; the client is abandoned, not reused."""
-
-
-class RecordRejected(Exception):
-    """The producer or the broker refused some records for what they are (too large for a topic's
-    ``max.message.bytes``): a fault of those messages, not of the broker. Nothing of the batch was
-    published; replace the records and publish again.
-
-    Attributes
-    ----------
-    rejected : dict of int to str
-        Position in the batch of each refused record, and why.
-    """
-
-    def __init__(self, rejected: Mapping[int, str]) -> None:
-        self.rejected = dict(rejected)
-        super().__init__(f"{len(self.rejected)} records refused: "
-                         f"{next(iter(self.rejected.values()))}")
-
-
 #: kafka-python's errors that refuse one record for what it is.
 RECORD_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
                  kafka_errors.InvalidRecordError)
 
 
-# Clients one of whose calls never returned. They stay referenced (destroying a client that is
-# blocked inside a call blocks too) until the process ends; see abandoned_clients().
-_ABANDONED: list[Any] = []
-
-
-def abandoned_clients() -> int:
-    """How many clients were abandoned in a blocked call (the process should end by ``os._exit``:
-    destroying them at interpreter exit would block)."""
-    return len(_ABANDONED)
-
-
-#: Seconds a blocking call still gets once the daemon is stopping.
-STOP_GRACE_SECONDS = 2.0
-
-
-class _Deadline:
-    """``seconds`` from now, or :data:`STOP_GRACE_SECONDS` after ``cancel`` is set if sooner."""
-
-    def __init__(self, seconds: float, cancel: threading.Event | None) -> None:
-        self._ends = time.monotonic() + seconds
-        self._cancel = cancel
-        self.cancelled = False
-
-    def passed(self) -> bool:
-        now = time.monotonic()
-        if not self.cancelled and self._cancel is not None and self._cancel.is_set():
-            self.cancelled = True
-            self._ends = min(self._ends, now + STOP_GRACE_SECONDS)
-        return now > self._ends
-
-
-def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = None,
-                 cancel: threading.Event | None = None) -> Any:
-    """``call(*args)``, given up after ``deadline`` seconds even if the call itself never returns.
-
-    The call runs on a thread of its own. A call that returns in time returns (or raises) as if
-    called directly. One that does not is left running, ``client`` (the object it blocks in) is
-    kept from being destroyed, and :class:`CallTimedOut` is raised: build a new client and retry.
-    Once ``cancel`` is set (the daemon is stopping) the call gets :data:`STOP_GRACE_SECONDS` more
-    at most: a stop does not wait for a call that may never return (what it was publishing is
-    published after the restart, once).
-    librdkafka's transaction calls can block past their own timeout (seen: a broker that restarted
-    empty while ``send_offsets_to_transaction`` waited), and a blocked main thread cannot even run
-    the signal handler.
-
-    Examples
-    --------
-    >>> bounded_call("adding", 1.0, lambda a, b: a + b, 2, 3)
-    5
-    >>> bounded_call("sleeping", 0.05, time.sleep, 1)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    streamgmm.io.kafka.CallTimedOut: sleeping did not return within 0.05 s; the client is ...
-    """
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call(*args)
-        except BaseException as exc:  # handed to the caller's thread as it is
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, name=f"streamgmm-{what}", daemon=True)
-    worker.start()
-    ends = _Deadline(deadline, cancel)
-    while worker.is_alive() and not ends.passed():
-        worker.join(0.1)
-    if worker.is_alive():
-        if client is not None:
-            _ABANDONED.append(client)
-        if ends.cancelled:
-            raise CallTimedOut(f"{what} given up: stopping")
-        raise CallTimedOut(f"{what} did not return within {deadline:g} s; the client is "
-                           "abandoned and rebuilt")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
-
-
-@dataclass(frozen=True)
-class OutgoingRecord:
-    """One record to publish: an anomaly on the output topic or a dead letter."""
-
-    topic: str
-    value: bytes
-    key: bytes | None = None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    source: tuple[str, int, int] | None = None
-    """(topic, partition, offset) of the input event this record was made from."""
-
-
-def dead_letter_headers(
-    reason: str, message: str, topic: str, partition: int, offset: int,
-    exception_class: str = "streamgmm.features.InvalidEvent",
-) -> list[tuple[str, bytes]]:
-    """Headers of a dead letter, in both Kafka Connect and Spring Kafka conventions.
-
-    Parameters
-    ----------
-    reason
-        Machine-readable reason (``invalid_json``, ``missing_field``, …), also in
-        ``streamgmm.reason``.
-    message
-        Human-readable explanation.
-    topic, partition, offset
-        Where the event was read from.
-    """
-    text = message.encode("utf-8", "replace")
-    return [
-        ("streamgmm.reason", reason.encode()),
-        (_CONNECT + "topic", topic.encode()),
-        (_CONNECT + "partition", str(partition).encode()),
-        (_CONNECT + "offset", str(offset).encode()),
-        (_CONNECT + "exception.class.name", exception_class.encode()),
-        (_CONNECT + "exception.message", text),
-        (_SPRING + "original-topic", topic.encode()),
-        (_SPRING + "original-partition", str(partition).encode()),
-        (_SPRING + "original-offset", str(offset).encode()),
-        (_SPRING + "exception-message", text),
-    ]
-
-
-#: Bytes a record needs on the wire beyond its key, value and headers (a generous bound).
-RECORD_FRAMING_BYTES = 512
-
-
-def record_size(record: OutgoingRecord) -> int:
-    """Bytes ``record`` takes against a producer's message limit (an upper bound)."""
-    headers = sum(len(name) + len(value) for name, value in record.headers)
-    return (len(record.value or b"") + len(record.key or b"") + headers
-            + RECORD_FRAMING_BYTES)
-
-
-def fit_record(record: OutgoingRecord, max_bytes: int) -> OutgoingRecord:
-    """``record``, its value truncated so that it fits in ``max_bytes``.
-
-    A record that fits is returned as it is. Otherwise the value keeps its first bytes and the
-    headers say what was cut: ``streamgmm.truncated`` (``true``), ``streamgmm.original-size``
-    and ``streamgmm.original-sha256`` (of the whole value), so that the original can be matched
-    with its source (the dead-letter headers name its topic, partition and offset).
-
-    Examples
-    --------
-    >>> letter = OutgoingRecord("dlq", b"x" * 5000, headers=[("streamgmm.reason", b"oversize")])
-    >>> fitted = fit_record(letter, 2000)
-    >>> record_size(fitted) <= 2000, dict(fitted.headers)["streamgmm.original-size"]
-    (True, b'5000')
-    >>> fit_record(letter, 10_000) is letter
-    True
-    """
-    if record_size(record) <= max_bytes:
-        return record
-    value = record.value or b""
-    headers = [*record.headers, ("streamgmm.truncated", b"true"),
-               ("streamgmm.original-size", str(len(value)).encode()),
-               ("streamgmm.original-sha256", hashlib.sha256(value).hexdigest().encode())]
-    cut = OutgoingRecord(record.topic, b"", record.key, headers, record.source)
-    room = max(0, max_bytes - record_size(cut))
-    return OutgoingRecord(record.topic, value[:room], record.key, headers, record.source)
-
-
-def source_of_dead_letter(
-    headers: Sequence[tuple[str, bytes]] | None,
-) -> tuple[str, int, int] | None:
-    """``(topic, partition, offset)`` named by a dead letter's headers, or ``None``.
-
-    Reads the Kafka Connect headers, falling back to Spring Kafka's.
-    """
-    found = dict(headers or ())
-    for prefix, names in ((_CONNECT, ("topic", "partition", "offset")),
-                          (_SPRING, ("original-topic", "original-partition", "original-offset"))):
-        try:
-            topic, part, off = (found[prefix + n] for n in names)
-            return topic.decode(), int(part), int(off)
-        except (KeyError, ValueError, UnicodeDecodeError):
-            continue
-    return None
-
-
-def source_of_output(value: bytes | None) -> tuple[str, int, int] | None:
-    """``(topic, partition, offset)`` in an anomaly message's ``source`` field, or ``None``.
-
-    Examples
-    --------
-    >>> source_of_output(b'{"score": 9.1, "source": {"topic": "t", "partition": 0, "offset": 7}}')
-    ('t', 0, 7)
-    >>> source_of_output(b'not json') is None
-    True
-    """
-    try:
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError:  # valid JSON orjson refuses (a 400-digit number)
-            doc = json.loads(value)
-        src = doc["source"]
-        return str(src["topic"]), int(src["partition"]), int(src["offset"])
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None
-
-
-def broker_reachable(bootstrap_servers: str | Sequence[str], timeout: float = 1.0) -> bool:
-    """True if a TCP connection to any bootstrap server succeeds (a cheap liveness probe)."""
-    servers = (
-        bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else bootstrap_servers
-    )
-    for server in servers:
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
 def _client_error(what: str, exc: Exception) -> KafkaUnavailable:
     return KafkaUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _kafka_partitions(partitions: Iterable[TopicPartition]) -> list[_KafkaTopicPartition]:
+    """kafka-python's ``TopicPartition`` of each partition (its API checks the type)."""
+    return [_KafkaTopicPartition(tp.topic, tp.partition) for tp in partitions]
 
 
 def ensure_topics(
@@ -365,9 +109,9 @@ def ensure_topics(
 ) -> None:
     """Create the topics that do not exist yet (replication factor 1 on a single broker).
 
-    The admin client gets the daemon's short bootstrap timeout and reconnect backoff: with
-    kafka-python's defaults (30 s each) a daemon reconnecting to a restarting Kafka waited 30 s
-    for a broker that had been back for 25.
+    The admin client gets the daemon's short bootstrap timeout and reconnect backoff, so that a
+    daemon reconnecting to a restarting Kafka finds it within seconds of its return
+    (kafka-python's defaults wait 30 s each).
     """
     options = {key: CONSUMER_DEFAULTS[key] for key in
                ("bootstrap_timeout_ms", "reconnect_backoff_max_ms", "request_timeout_ms")}
@@ -387,11 +131,10 @@ def ensure_topics(
 class OffsetsReader:
     """First and end offsets of partitions, read by a kafka-python client at ``read_uncommitted``.
 
-    Both backends use it. On Tansu 0.6 no end offset from ListOffsets is right once a batch
-    holds several records — it answers the last batch's base offset + 1, to kafka-python as to
-    librdkafka (``tests/test_broker_differences.py``) — so the daemon uses these ends only where
-    too low is harmless: as the start of the read-back (which then reads a little more). On
-    Apache Kafka every client's answer is right.
+    On Tansu no end offset from ListOffsets is right once a batch holds several records
+    (:attr:`~streamgmm.io.quirks.BrokerQuirks.readback_until_silence`), so the daemon uses these
+    ends only where too low is harmless: as the start of the next read-back (which then reads a
+    little more).
 
     Raises
     ------
@@ -412,18 +155,19 @@ class OffsetsReader:
 
     def _query(self, what: str, call, *args):
         try:
-            return dict(call(*args))
+            return {TopicPartition(*tp): o for tp, o in call(*args).items()}
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"reading {what} failed", exc) from exc
 
     def beginnings(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """First available offset of each partition."""
         return self._query("beginning offsets", self._consumer.beginning_offsets,
-                           list(partitions))
+                           _kafka_partitions(partitions))
 
     def ends(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """High watermark of each partition."""
-        return self._query("end offsets", self._consumer.end_offsets, list(partitions))
+        return self._query("end offsets", self._consumer.end_offsets,
+                           _kafka_partitions(partitions))
 
     def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         """High watermarks of every partition of ``topics``."""
@@ -446,14 +190,16 @@ def read_published_sources(
     output_topic: str,
     dead_letter_topic: str,
     start_positions: Mapping[TopicPartition, int] | None = None,
+    until_silence: bool = True,
     timeout: float = 60.0,
-    idle_seconds: float = 1.0,
     **client_options: Any,
 ) -> tuple[set[tuple[str, int, int]], dict[TopicPartition, int]]:
     """Sources of everything already published on the output and dead-letter topics.
 
     Reads both topics with ``read_committed`` from ``start_positions`` (partitions not listed are
-    read from their beginning) until nothing new arrives for ``idle_seconds``.
+    read from their beginning) up to their end offsets, or, ``until_silence``
+    (:attr:`~streamgmm.io.quirks.BrokerQuirks.readback_until_silence`), until nothing new
+    arrives for :data:`~streamgmm.io.base.READBACK_SILENCE_SECONDS`.
 
     Returns
     -------
@@ -461,32 +207,43 @@ def read_published_sources(
         The input events that already have an anomaly message or a dead letter.
     reached : dict of TopicPartition to int
         Where reading stopped, per partition.
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker fails, or reading takes longer than ``timeout`` seconds.
     """
     start_positions = dict(start_positions or {})
     options = {**CONSUMER_DEFAULTS, **client_options}
     for managed in ("session_timeout_ms", "heartbeat_interval_ms", "group_id",
                     "auto_offset_reset", "isolation_level"):
         options.pop(managed, None)
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers, isolation_level="read_committed", group_id=None,
-        **options,
-    )
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers,
+                                 isolation_level="read_committed", group_id=None, **options)
+    except kafka_errors.KafkaError as exc:
+        raise _client_error("cannot connect to read back the output topics", exc) from exc
     sources: set[tuple[str, int, int]] = set()
     try:
         parts = []
         for topic in (output_topic, dead_letter_topic):
             ids = consumer.partitions_for_topic(topic) or set()
-            parts += [TopicPartition(topic, p) for p in sorted(ids)]
+            parts += [_KafkaTopicPartition(topic, p) for p in sorted(ids)]
         reached: dict[TopicPartition, int] = {}
         if parts:
             consumer.assign(parts)
             for tp in parts:
-                consumer.seek(tp, start_positions.get(tp, 0))
+                consumer.seek(tp, start_positions.get(TopicPartition(*tp), 0))
+            # A read_committed consumer's end offsets are the last stable offsets.
+            ends = {} if until_silence else consumer.end_offsets(parts)
             deadline = time.monotonic() + timeout
             last_record = time.monotonic()
-            # Read until nothing more comes: end offsets from ListOffsets are not trusted
-            # (Tansu 0.6 reports them too low), and stopping early would republish outputs.
-            while time.monotonic() - last_record < idle_seconds:
+            while True:
+                if until_silence:
+                    if time.monotonic() - last_record >= READBACK_SILENCE_SECONDS:
+                        break
+                elif all(consumer.position(tp) >= ends[tp] for tp in parts):
+                    break
                 if time.monotonic() > deadline:
                     raise KafkaUnavailable(
                         f"reading back the output topics took over {timeout:g} s")
@@ -495,13 +252,9 @@ def read_published_sources(
                     last_record = time.monotonic()
                 for tp, records in batches.items():
                     for rec in records:
-                        if tp.topic == output_topic:
-                            src = source_of_output(rec.value)
-                        else:
-                            src = source_of_dead_letter(rec.headers)
-                        if src is not None:
-                            sources.add(src)
-            reached = {tp: consumer.position(tp) for tp in parts}
+                        collect_published(sources, output_topic, tp.topic, rec.value,
+                                          rec.headers)
+            reached = {TopicPartition(*tp): consumer.position(tp) for tp in parts}
         logger.info("read back %d published sources from %s and %s",
                     len(sources), output_topic, dead_letter_topic)
         return sources, reached
@@ -511,60 +264,9 @@ def read_published_sources(
         consumer.close()
 
 
-class GroupMember:
-    """What both sources share: joining the consumer group, offsets and the lag.
-
-    Subclasses set ``topic``, ``group_id``, ``_offsets`` (an :class:`OffsetsReader`) and
-    implement ``assignment()``, ``_serve_group()`` (one short round of the group protocol that
-    consumes nothing) and ``_last_seen_end(tp)`` (the high watermark the fetcher last saw, or
-    ``None``).
-    """
-
-    topic: str
-    group_id: str
-    _offsets: OffsetsReader
-
-    def beginning_offsets(self) -> dict[TopicPartition, int]:
-        """First available offset of each assigned partition."""
-        return self._offsets.beginnings(self.assignment())
-
-    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
-        """High watermarks of every partition of ``topics`` (e.g. the output topics)."""
-        return self._offsets.high_watermarks(topics)
-
-    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
-        """Join the group: serve the group protocol until partitions are assigned.
-
-        Raises
-        ------
-        KafkaUnavailable
-            If no partition was assigned within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while not self.assignment():
-            if time.monotonic() > deadline:
-                raise KafkaUnavailable(
-                    f"no partition of {self.topic!r} assigned to group {self.group_id!r} within "
-                    f"{timeout:g} s; does the topic exist and is another member holding it?")
-            self._serve_group()
-        return self.assignment()
-
-    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
-        """Events behind the end of the assigned partitions last seen by the fetcher (no I/O).
-
-        ``next_offsets`` is the next offset to process per partition (the caller knows it; asking
-        the consumer could block on the network).
-        """
-        total = 0
-        for tp in self.assignment():
-            end = self._last_seen_end(tp)
-            if end is not None and tp in next_offsets:
-                total += max(0, end - next_offsets[tp])
-        return total
-
-
 class KafkaSource(GroupMember):
-    """A consumer-group member that yields micro-batches of raw records.
+    """A consumer-group member that yields micro-batches of raw records (a
+    :class:`~streamgmm.io.base.Source`).
 
     Parameters
     ----------
@@ -606,11 +308,6 @@ class KafkaSource(GroupMember):
             self._consumer.close(autocommit=False)
             raise
 
-    @property
-    def consumer(self) -> KafkaConsumer:
-        """The underlying kafka-python consumer."""
-        return self._consumer
-
     def poll(self, max_records: int, timeout_ms: int) -> list:
         """Up to ``max_records`` records, waiting at most ``timeout_ms``; ordered per partition."""
         try:
@@ -626,27 +323,27 @@ class KafkaSource(GroupMember):
         self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._consumer.assignment())
+        return {TopicPartition(*tp) for tp in self._consumer.assignment()}
 
     def committed(self) -> dict[TopicPartition, int | None]:
         """The group's committed offset for each assigned partition (``None`` if none)."""
         try:
-            return {tp: self._consumer.committed(tp, timeout_ms=CALL_TIMEOUT_MS)
+            return {TopicPartition(*tp): self._consumer.committed(tp, timeout_ms=CALL_TIMEOUT_MS)
                     for tp in self._consumer.assignment()}
         except kafka_errors.KafkaError as exc:
             raise _client_error("reading committed offsets failed", exc) from exc
 
     def position(self, tp: TopicPartition) -> int:
         try:
-            return self._consumer.position(tp, timeout_ms=CALL_TIMEOUT_MS)
+            return self._consumer.position(_KafkaTopicPartition(*tp), timeout_ms=CALL_TIMEOUT_MS)
         except kafka_errors.KafkaError as exc:
             raise _client_error("reading the position failed", exc) from exc
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        self._consumer.seek(tp, offset)
+        self._consumer.seek(_KafkaTopicPartition(*tp), offset)
 
     def _last_seen_end(self, tp: TopicPartition) -> int | None:
-        return self._consumer.highwater(tp)
+        return self._consumer.highwater(_KafkaTopicPartition(*tp))
 
     def group_metadata(self):
         return self._consumer.group_metadata()
@@ -654,7 +351,8 @@ class KafkaSource(GroupMember):
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit ``offsets`` (next offset to read, per partition) synchronously."""
         try:
-            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            self._consumer.commit({_KafkaTopicPartition(*tp): OffsetAndMetadata(o, "", -1)
+                                   for tp, o in offsets.items()})
         except kafka_errors.KafkaError as exc:
             raise _client_error("offset commit failed", exc) from exc
 
@@ -666,78 +364,62 @@ class KafkaSource(GroupMember):
             logger.debug("closing the consumer: %s", exc)
 
 
-class BatchSink:
-    """The delivery rule both sinks share; subclasses bring the client.
+class _Transactions:
+    """The one place that uses kafka-python internals: a transaction's steps without blocking.
 
-    Subclasses set :attr:`client_errors` (their client's exception types) and implement
-    ``_publish_transaction(records, offsets, source)``, ``_send_all(records)`` and ``close()``.
+    Why: kafka-python's public ``send_offsets_to_transaction``, ``commit_transaction`` and
+    ``abort_transaction`` each wait for their answer without a deadline, and the public offsets
+    call blocks before the records' own wait can start. Run under threads to bound them, a
+    transaction took about twice as long on the embedded broker (thread start-up and GIL
+    contention with the sender thread; ``scripts/bench_daemon.py``, kafka-python backend).
+    These are the public methods' own bodies without their final ``result.wait()``: each returns
+    kafka-python's ``TransactionalRequestResult`` so that the sink waits with a deadline, and
+    the offsets travel while the records are produced.
+
+    ``tests/test_kafka_io.py::test_kafka_python_internals_are_what_its_public_api_does`` fails
+    when a kafka-python release changes them (the pin is ``kafka-python>=3.0.11,<3.1``).
     """
 
-    #: The client's exception types; :meth:`publish` turns them into :class:`KafkaUnavailable`.
-    client_errors: tuple[type[BaseException], ...] = (kafka_errors.KafkaError,)
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+        self._manager = producer._transaction_manager
 
-    def __init__(self, delivery: str, transactional_id: str | None,
-                 operation_timeout: float) -> None:
-        if delivery not in DELIVERY_MODES:
-            raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
-        if delivery == "exactly-once" and not transactional_id:
-            raise ValueError("exactly-once delivery needs a transactional_id")
-        self.delivery = delivery
-        self.operation_timeout = operation_timeout
-        #: Set when the daemon stops: a blocking call is then given up at once.
-        self.cancel: threading.Event | None = None
+    def _started(self, result):
+        self._producer._sender.wakeup()
+        return result
 
-    @staticmethod
-    def _unavailable(what: str, exc: BaseException) -> KafkaUnavailable:
-        return _client_error(what, exc)
+    def send_offsets(self, offsets, group_metadata):
+        return self._started(self._manager.send_offsets_to_transaction(offsets, group_metadata))
 
-    def publish(
-        self,
-        records: Sequence[OutgoingRecord],
-        offsets: Mapping[TopicPartition, int],
-        source: Any,
-    ) -> None:
-        """Publish ``records`` and commit ``offsets`` (next offset to read) for ``source``'s group.
+    def commit(self):
+        return self._started(self._manager.begin_commit())
 
-        In exactly-once mode both happen in one transaction; on failure the transaction is aborted
-        (best effort) and :class:`KafkaUnavailable` is raised — rebuild the sink and retry. A
-        batch with nothing to publish (the common case) commits its offsets with a plain,
-        synchronous offset commit: atomic by itself, one round trip instead of a transaction's
-        three, and the only way that works on Tansu 0.6, which drops the offsets of a
-        transaction that holds no records (any but a producer's first, with either client;
-        ``tests/test_broker_differences.py`` shows it, and that Kafka keeps them).
+    def abort(self):
+        return self._started(self._manager.begin_abort())
 
-        Raises
-        ------
-        RecordRejected
-            If records were refused for what they are (too large for their topic); in
-            exactly-once mode nothing was published. Replace them and publish again.
-        KafkaUnavailable
-            If anything else failed; nothing should be assumed published (or not).
-        """
-        try:
-            if self.delivery == "exactly-once" and records:
-                self._publish_transaction(records, offsets, source)
-            else:
-                self._send_all(records)
-                if offsets:
-                    source.commit(offsets)
-        except self.client_errors as exc:
-            raise self._unavailable("publishing a batch failed", exc) from exc
+    def wake(self) -> None:
+        """Send what is waiting now rather than after ``linger_ms``."""
+        self._producer._sender.wakeup()
 
 
-class KafkaSink(BatchSink):
-    """Publishes a batch's records and commits its input offsets, atomically or at least once.
+class KafkaSink:
+    """Publishes records, alone or in one transaction with a batch's input offsets (a
+    :class:`~streamgmm.io.base.Sink`).
+
+    The transaction's steps go through :class:`_Transactions`, each awaited with a deadline of
+    ``operation_timeout`` seconds (shortened once the daemon stops).
 
     Parameters
     ----------
     bootstrap_servers
         The cluster.
     delivery
-        ``"exactly-once"`` (transactions) or ``"at-least-once"`` (``acks=all``, commit after ack).
+        ``"exactly-once"`` (transactions) or ``"at-least-once"`` (``acks=all``).
     transactional_id
         Required for exactly-once; one per daemon instance, stable across restarts so that a new
         instance fences the old one.
+    operation_timeout
+        Seconds a publishing call may take.
     client_options
         Extra kafka-python settings (security).
 
@@ -755,20 +437,25 @@ class KafkaSink(BatchSink):
         operation_timeout: float = 30.0,
         **client_options: Any,
     ) -> None:
-        super().__init__(delivery, transactional_id, operation_timeout)
+        check_delivery(delivery, transactional_id)
+        self.delivery = delivery
+        self.operation_timeout = operation_timeout
+        self.cancel: threading.Event | None = None
         options = {**PRODUCER_DEFAULTS, **client_options}
         if delivery == "exactly-once":
             options["transactional_id"] = transactional_id
+        self._producer: KafkaProducer | None = None
         try:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **options)
             if delivery == "exactly-once":
-                self._producer.init_transactions()
+                self._producer.init_transactions()  # bounded by max_block_ms
+                self._transactions = _Transactions(self._producer)
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot start a producer on {bootstrap_servers}", exc) from exc
 
     def _wait(self, result, what: str) -> None:
-        self._producer._sender.wakeup()
-        ends = _Deadline(self.operation_timeout, self.cancel)
+        """Wait for a transactional step, at most ``operation_timeout`` (or the stop's grace)."""
+        ends = Deadline(self.operation_timeout, self.cancel)
         while not result.wait(timeout_ms=100):
             if ends.passed():
                 if ends.cancelled:
@@ -776,13 +463,18 @@ class KafkaSink(BatchSink):
                 raise KafkaUnavailable(
                     f"{what} did not finish within {self.operation_timeout:g} s")
 
-    def _send(self, records: Sequence[OutgoingRecord], futures: list | None = None) -> list:
+    def _live(self) -> KafkaProducer:
+        if self._producer is None:
+            raise KafkaUnavailable("the producer was abandoned in a blocked call; rebuild the sink")
+        return self._producer
+
+    def _send(self, records: Sequence[OutgoingRecord], futures: list) -> list:
         """Send ``records``; their futures are appended to ``futures`` as they go."""
-        futures = [] if futures is None else futures
+        producer = self._live()
         for i, r in enumerate(records):
             try:
-                futures.append(self._producer.send(r.topic, value=r.value, key=r.key,
-                                                   headers=r.headers or None))
+                futures.append(producer.send(r.topic, value=r.value, key=r.key,
+                                             headers=r.headers or None))
             except RECORD_ERRORS as exc:  # refused before sending: too large for the producer
                 raise RecordRejected({i: f"{type(exc).__name__}: {exc}"}) from exc
         return futures
@@ -792,7 +484,7 @@ class KafkaSink(BatchSink):
             return
         # flush() sends at once instead of after linger_ms; it does not raise on failure, the
         # futures do.
-        self._producer.flush(timeout=self.operation_timeout)
+        self._live().flush(timeout=self.operation_timeout)
         rejected = {}
         for i, fut in enumerate(futures):
             try:
@@ -802,8 +494,12 @@ class KafkaSink(BatchSink):
         if rejected:
             raise RecordRejected(rejected)
 
-    def _send_all(self, records: Sequence[OutgoingRecord]) -> None:
-        self._await_sends(self._send(records))
+    def send(self, records: Sequence[OutgoingRecord]) -> None:
+        """Publish ``records``; return once every one is acknowledged."""
+        try:
+            self._await_sends(self._send(records, []))
+        except kafka_errors.KafkaError as exc:
+            raise _client_error("publishing a batch failed", exc) from exc
 
     @staticmethod
     def _refused(futures: list) -> dict[int, str]:
@@ -814,39 +510,195 @@ class KafkaSink(BatchSink):
                 refused[i] = f"{type(fut.exception).__name__}: {fut.exception}"
         return refused
 
-    def _publish_transaction(self, records, offsets, source) -> None:
-        tm = self._producer._transaction_manager
-        self._producer.begin_transaction()
+    def transact(self, records: Sequence[OutgoingRecord], offsets: Mapping[TopicPartition, int],
+                 group_metadata: Any) -> None:
+        """Publish ``records`` and commit ``offsets`` for the group in one transaction."""
+        producer, steps = self._live(), self._transactions
         futures: list = []
         try:
+            producer.begin_transaction()
             self._send(records, futures)
             # The offsets travel to the group coordinator while the records are produced;
             # nothing is visible before the commit, and a failed send aborts both.
             offsets_sent = None
             if offsets:
-                offsets_sent = tm.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
-                    source.group_metadata(),
-                )
-                self._producer._sender.wakeup()
+                offsets_sent = steps.send_offsets(
+                    {_KafkaTopicPartition(*tp): OffsetAndMetadata(o, "", -1)
+                     for tp, o in offsets.items()}, group_metadata)
             self._await_sends(futures)
             if offsets_sent is not None:
                 self._wait(offsets_sent, "send_offsets_to_transaction")
-            self._wait(tm.begin_commit(), "commit_transaction")
+            self._wait(steps.commit(), "commit_transaction")
         except Exception as exc:
             try:
-                self._wait(tm.begin_abort(), "abort_transaction")
-            except Exception as abort_exc:  # the broker may be gone; the next instance fences us
+                self._wait(steps.abort(), "abort_transaction")
+            except Exception as abort_exc:  # the broker may be gone; the next one fences us
                 logger.debug("abort after a failed transaction: %s", abort_exc)
             # A refused record puts the transaction in error, so a later call (the offsets, the
             # commit) raises a generic error: the record's own future says what happened.
             refused = {} if isinstance(exc, RecordRejected) else self._refused(futures)
             if refused:
                 raise RecordRejected(refused) from exc
+            if isinstance(exc, kafka_errors.KafkaError):
+                raise _client_error("publishing a batch failed", exc) from exc
             raise
 
     def close(self, timeout: float = 2.0) -> None:
+        if self._producer is None:
+            return
         try:
             self._producer.close(timeout=timeout)
         except Exception as exc:  # closing a producer of a dead broker may fail; nothing to do
             logger.debug("closing the producer: %s", exc)
+        self._producer = None
+
+
+class KafkaPythonBackend:
+    """The kafka-python backend (a :class:`~streamgmm.io.base.Backend`) for a ``[kafka]``
+    section.
+
+    Parameters
+    ----------
+    kafka : streamgmm.config.KafkaConfig
+    """
+
+    name = "kafka-python"
+
+    def __init__(self, kafka: Any) -> None:
+        self.kafka = kafka
+        self.bootstrap = ",".join(kafka.bootstrap_servers)
+        self._security = kafka.security_kwargs()
+        common = {**_lists(kafka.client)}
+        self._consumer_options = {**self._security, **common, **_lists(kafka.consumer)}
+        self._producer_options = {**self._security, **common, **_lists(kafka.producer)}
+
+    def consumer_options(self) -> dict[str, Any]:
+        """The ``[kafka]`` settings of its consumers: security, ``[kafka.client]`` and
+        ``[kafka.consumer]`` (what streamgmm manages is added by :class:`KafkaSource`)."""
+        return dict(self._consumer_options)
+
+    def producer_options(self) -> dict[str, Any]:
+        """The ``[kafka]`` settings of its producer: security, ``[kafka.client]`` and
+        ``[kafka.producer]``."""
+        return dict(self._producer_options)
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        ensure_topics(self.bootstrap, topics, **self._security)
+
+    def open_sink(self, cancel: threading.Event | None = None) -> KafkaSink:
+        sink = KafkaSink(self.bootstrap, delivery=self.kafka.delivery,
+                         transactional_id=self.kafka.effective_transactional_id,
+                         **self._producer_options)
+        sink.cancel = cancel
+        return sink
+
+    def open_source(self) -> KafkaSource:
+        return KafkaSource(self.bootstrap, self.kafka.input_topic, self.kafka.group_id,
+                           auto_offset_reset=self.kafka.auto_offset_reset,
+                           **self._consumer_options)
+
+    def reachable(self, timeout: float = 0.5) -> bool:
+        return broker_reachable(self.bootstrap, timeout)
+
+    def read_published_sources(self, output_topic: str, dead_letter_topic: str,
+                               start_positions: Mapping[TopicPartition, int] | None = None,
+                               until_silence: bool = True):
+        return read_published_sources(self.bootstrap, output_topic, dead_letter_topic,
+                                      start_positions, until_silence, **self._security)
+
+    def probe(self, report: Any, interval: float = 2.0, timeout: float = 2.0):
+        """A started :class:`streamgmm.io.probe.BrokerProbe` on a kafka-python client of its own
+        (built on the probe's thread, again after each failure)."""
+        from streamgmm.io.probe import BrokerProbe
+
+        options = {**self._security, "request_timeout_ms": max(10, int(timeout * 1000)),
+                   "bootstrap_timeout_ms": max(10, int(timeout * 1000)),
+                   "reconnect_backoff_max_ms": 1000}
+        clients: list[KafkaConsumer] = []
+
+        def ask(deadline: float) -> None:
+            if not clients:
+                clients.append(KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                                             **options))
+            client = clients[0]
+            try:  # a metadata request; kafka-python's own wait has no deadline
+                bounded_call("broker probe", deadline, client.topics, client=client)
+            except CallTimedOut:
+                clients.clear()  # abandoned: blocked inside the client
+                raise
+            except Exception:
+                clients.clear()
+                try:
+                    client.close(timeout_ms=100)
+                except Exception as exc:  # a dead broker; nothing to do
+                    logger.debug("closing the probe's client: %s", exc)
+                raise
+
+        return BrokerProbe(ask, report, interval, timeout).start()
+
+
+def _lists(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+# Settings streamgmm sets itself: overriding them would break the delivery guarantee or decoding.
+_MANAGED = frozenset({
+    "bootstrap_servers", "group_id", "auto_offset_reset", "enable_auto_commit", "isolation_level",
+    "transactional_id", "enable_idempotence", "acks", "key_deserializer", "value_deserializer",
+    "key_serializer", "value_serializer", "max_poll_records", "default_offset_commit_callback",
+})
+# Settings that take Python objects, which a TOML file cannot express.
+_OBJECTS = frozenset({
+    "kafka_client", "selector", "ssl_context", "metric_reporters", "partitioner",
+    "sasl_oauth_token_provider", "socket_options", "partition_assignment_strategy",
+})
+
+
+def client_defaults() -> tuple[dict[str, Any], dict[str, Any]]:
+    """kafka-python's own defaults of its consumer and producer settings (no client built)."""
+    return dict(KafkaConsumer.DEFAULT_CONFIG), dict(KafkaProducer.DEFAULT_CONFIG)
+
+
+def check_passthrough_settings(table: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the ``[kafka.<table>]`` pass-through settings against kafka-python's own names.
+
+    ``table`` is ``"client"`` (both clients), ``"consumer"`` or ``"producer"``. Returns the
+    settings (lists as tuples).
+
+    Raises
+    ------
+    streamgmm.config.ConfigError
+        For the first setting that is managed by streamgmm, takes a Python object, or is not a
+        kafka-python setting of that client.
+    """
+    from streamgmm.config._schema import ConfigError
+
+    consumer_defaults, producer_defaults = client_defaults()
+    allowed = {"client": set(consumer_defaults) & set(producer_defaults),
+               "consumer": set(consumer_defaults), "producer": set(producer_defaults)}[table]
+    out = {}
+    for name, value in settings.items():
+        key = f"kafka.{table}.{name}"
+        if name in _MANAGED:
+            raise ConfigError(key, "is managed by streamgmm and cannot be overridden",
+                              "remove it (use the [kafka] keys for servers, group and delivery)")
+        if name in _OBJECTS:
+            raise ConfigError(key, "takes a Python object, which a config file cannot express",
+                              "remove it")
+        if name not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            raise ConfigError(key, f"is not a kafka-python {table} setting",
+                              hint + "see the KafkaConsumer/KafkaProducer documentation")
+        if isinstance(value, Mapping):
+            raise ConfigError(key, "expected a value, got a table", "remove the sub-table")
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def passthrough_default(name: str) -> Any:
+    """kafka-python's default of setting ``name`` (its type parses environment strings)."""
+    consumer_defaults, producer_defaults = client_defaults()
+    return {**producer_defaults, **consumer_defaults}.get(name)

@@ -3,15 +3,18 @@
 The daemon's main thread cannot report the broker's health while it is blocked in a call to that
 broker (a transaction waiting on a frozen or restarting broker), and a failed call is not proof of
 an outage either (a slow recovery is not a dead broker). :class:`BrokerProbe` asks the cluster for
-its metadata every ``interval`` seconds, with a deadline, on a librdkafka client of its own
-(whatever the daemon's backend), and reports each answer: up when a broker answered within the
-deadline, down otherwise, including when the broker accepts connections but does not answer
-(frozen).
+its metadata every ``interval`` seconds, with a deadline, on a client of its own (the backend's
+``ask``: :meth:`streamgmm.io.confluent.ConfluentBackend.probe` asks with librdkafka,
+:meth:`streamgmm.io.kafka.KafkaPythonBackend.probe` with kafka-python), and reports each answer:
+up when a broker answered within the deadline, down otherwise, including when the broker accepts
+connections but does not answer (frozen).
 
 Examples
 --------
+>>> def ask(timeout):
+...     raise ConnectionError("no broker at 127.0.0.1:1")
 >>> seen = []
->>> probe = BrokerProbe({"bootstrap.servers": "127.0.0.1:1"}, seen.append, timeout=0.2)
+>>> probe = BrokerProbe(ask, seen.append, timeout=0.2)
 >>> probe.check()
 False
 >>> seen
@@ -22,17 +25,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
-
-import confluent_kafka as ck
 
 __all__ = ["BrokerProbe"]
 
 logger = logging.getLogger(__name__)
-_quiet = logging.getLogger("streamgmm.librdkafka.probe")
-_quiet.propagate = False
-_quiet.addHandler(logging.NullHandler())
 
 
 class BrokerProbe:
@@ -40,18 +38,18 @@ class BrokerProbe:
 
     Parameters
     ----------
-    settings : mapping
-        librdkafka properties: ``bootstrap.servers`` and the security settings.
+    ask : callable
+        ``ask(timeout)`` asks the cluster for its metadata once and raises when no broker
+        answered within ``timeout`` seconds (runs on the probe's thread).
     report : callable
         ``report(up: bool)`` after every check (on the probe's thread; must be quick).
     interval, timeout : float
         Seconds between checks, and the deadline of each.
     """
 
-    def __init__(self, settings: Mapping[str, Any], report: Callable[[bool], None],
+    def __init__(self, ask: Callable[[float], Any], report: Callable[[bool], None],
                  interval: float = 2.0, timeout: float = 2.0) -> None:
-        self._client = ck.Producer({**settings, "logger": _quiet,
-                                    "socket.timeout.ms": max(10, int(timeout * 1000))})
+        self._ask = ask
         self._report = report
         self.interval = interval
         self.timeout = timeout
@@ -61,9 +59,9 @@ class BrokerProbe:
     def check(self) -> bool:
         """Ask once; report and return whether a broker answered within the deadline."""
         try:
-            self._client.list_topics(timeout=self.timeout)
+            self._ask(self.timeout)
             up = True
-        except ck.KafkaException as exc:
+        except Exception as exc:  # whatever the client raises: no answer
             logger.debug("broker probe: %s", exc)
             up = False
         self._report(up)

@@ -1,0 +1,540 @@
+"""What the daemon needs from a Kafka client library, written down: the edge's contract.
+
+:class:`Source` (a consumer-group member that hands out micro-batches of raw records) and
+:class:`Sink` (publishes a batch's anomalies and dead letters with the batch's input offsets) are
+the protocols every backend implements: :mod:`streamgmm.io.kafka` on kafka-python,
+:mod:`streamgmm.io.confluent` on confluent-kafka (librdkafka), :mod:`streamgmm.io.memory` in
+memory for the daemon's unit tests. :class:`Backend` builds them and does the rest of what the
+daemon asks of a cluster (creating topics, reading its own output back on recovery);
+:func:`streamgmm.io.backend.open_backend` picks the configured one.
+
+Nothing here imports a client library: partitions are streamgmm's own :class:`TopicPartition`,
+records are anything with the attributes of :class:`ConsumedRecord`, and the errors are
+:class:`KafkaUnavailable` (retry later) and :class:`RecordRejected` (the records' own fault).
+
+The delivery rule (:func:`publish_batch`):
+
+* ``delivery="exactly-once"``: one transaction per batch — the records, the batch's offsets for
+  the consumer group (:meth:`Sink.transact`), commit. Readers of the output use
+  ``isolation_level="read_committed"``.
+* ``delivery="at-least-once"``: every record acknowledged (:meth:`Sink.send`), then the offsets
+  committed (:meth:`Source.commit`).
+
+Examples
+--------
+>>> TopicPartition("events", 2)
+TopicPartition(topic='events', partition=2)
+>>> fit_record(OutgoingRecord("dlq", b"x" * 5000), 2000).value[:3]
+b'xxx'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from streamgmm.messages import source_of_dead_letter, source_of_output
+
+__all__ = [
+    "TopicPartition",
+    "ConsumedRecord",
+    "OutgoingRecord",
+    "Source",
+    "Sink",
+    "Backend",
+    "DELIVERY_MODES",
+    "publish_batch",
+    "check_delivery",
+    "KafkaUnavailable",
+    "CallTimedOut",
+    "RecordRejected",
+    "bounded_call",
+    "Deadline",
+    "abandoned_clients",
+    "record_size",
+    "fit_record",
+    "broker_reachable",
+    "GroupMember",
+    "collect_published",
+]
+
+DELIVERY_MODES = ("exactly-once", "at-least-once")
+
+
+class TopicPartition(NamedTuple):
+    """A partition of a topic; the daemon's own, whatever the client library.
+
+    A tuple, so it equals (and hashes like) kafka-python's ``TopicPartition`` of the same
+    partition; each backend converts at its client's boundary.
+    """
+
+    topic: str
+    partition: int
+
+    def key(self) -> str:
+        """``"topic:partition"``, the form checkpoints store.
+
+        Examples
+        --------
+        >>> TopicPartition("a:b", 3).key(), TopicPartition.from_key("a:b:3")
+        ('a:b:3', TopicPartition(topic='a:b', partition=3))
+        """
+        return f"{self.topic}:{self.partition}"
+
+    @classmethod
+    def from_key(cls, key: str) -> TopicPartition:
+        topic, _, partition = key.rpartition(":")
+        return cls(topic, int(partition))
+
+
+class ConsumedRecord(Protocol):
+    """A record a :class:`Source` hands out (the attributes the daemon reads)."""
+
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]] | None: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
+class KafkaUnavailable(ConnectionError):
+    """The Kafka cluster cannot be reached or a Kafka operation failed; retry later."""
+
+
+class CallTimedOut(KafkaUnavailable):
+    """A client call did not return by its deadline; the client is abandoned, not reused."""
+
+
+class RecordRejected(Exception):
+    """The producer or the broker refused some records for what they are (too large for a topic's
+    ``max.message.bytes``): a fault of those messages, not of the broker. Nothing of the batch was
+    published; replace the records and publish again.
+
+    Attributes
+    ----------
+    rejected : dict of int to str
+        Position in the batch of each refused record, and why.
+    """
+
+    def __init__(self, rejected: Mapping[int, str]) -> None:
+        self.rejected = dict(rejected)
+        super().__init__(f"{len(self.rejected)} records refused: "
+                         f"{next(iter(self.rejected.values()))}")
+
+
+
+# Clients one of whose calls never returned. They stay referenced (destroying a client that is
+# blocked inside a call blocks too) until the process ends; see abandoned_clients().
+_ABANDONED: list[Any] = []
+
+
+def abandoned_clients() -> int:
+    """How many clients were abandoned in a blocked call (the process should end by ``os._exit``:
+    destroying them at interpreter exit would block)."""
+    return len(_ABANDONED)
+
+
+#: Seconds a blocking call still gets once the daemon is stopping.
+STOP_GRACE_SECONDS = 2.0
+
+
+class Deadline:
+    """``seconds`` from now, or :data:`STOP_GRACE_SECONDS` after ``cancel`` is set if sooner."""
+
+    def __init__(self, seconds: float, cancel: threading.Event | None) -> None:
+        self._ends = time.monotonic() + seconds
+        self._cancel = cancel
+        self.cancelled = False
+
+    def passed(self) -> bool:
+        now = time.monotonic()
+        if not self.cancelled and self._cancel is not None and self._cancel.is_set():
+            self.cancelled = True
+            self._ends = min(self._ends, now + STOP_GRACE_SECONDS)
+        return now > self._ends
+
+
+def bounded_call(what: str, deadline: float, call, *args: Any, client: Any = None,
+                 cancel: threading.Event | None = None) -> Any:
+    """``call(*args)``, given up after ``deadline`` seconds even if the call itself never returns.
+
+    The call runs on a thread of its own. A call that returns in time returns (or raises) as if
+    called directly. One that does not is left running, ``client`` (the object it blocks in) is
+    kept from being destroyed, and :class:`CallTimedOut` is raised: build a new client and retry.
+    Once ``cancel`` is set (the daemon is stopping) the call gets :data:`STOP_GRACE_SECONDS` more
+    at most: a stop does not wait for a call that may never return (what it was publishing is
+    published after the restart, once).
+    librdkafka's transaction calls can block past their own timeout (seen: a broker that restarted
+    empty while ``send_offsets_to_transaction`` waited), and a blocked main thread cannot even run
+    the signal handler.
+
+    Examples
+    --------
+    >>> bounded_call("adding", 1.0, lambda a, b: a + b, 2, 3)
+    5
+    >>> bounded_call("sleeping", 0.05, time.sleep, 1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamgmm.io.base.CallTimedOut: sleeping did not return within 0.05 s; the client is ...
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller's thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"streamgmm-{what}", daemon=True)
+    worker.start()
+    ends = Deadline(deadline, cancel)
+    while worker.is_alive() and not ends.passed():
+        worker.join(0.1)
+    if worker.is_alive():
+        if client is not None:
+            _ABANDONED.append(client)
+        if ends.cancelled:
+            raise CallTimedOut(f"{what} given up: stopping")
+        raise CallTimedOut(f"{what} did not return within {deadline:g} s; the client is "
+                           "abandoned and rebuilt")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@dataclass(frozen=True)
+class OutgoingRecord:
+    """One record to publish: an anomaly on the output topic or a dead letter."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    source: tuple[str, int, int] | None = None
+    """(topic, partition, offset) of the input event this record was made from."""
+
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A consumer-group member of one input topic that hands out micro-batches of raw records.
+
+    The daemon calls it from one thread only. Every method that talks to the cluster raises
+    :class:`KafkaUnavailable` on failure; the daemon then closes it and builds a new one.
+
+    Attributes
+    ----------
+    topic, group_id : str
+        The input topic and the consumer group whose committed offsets record progress.
+
+    Notes
+    -----
+    Contract, method by method:
+
+    ``wait_for_assignment(timeout=30.0) -> set[TopicPartition]``
+        Serve the group protocol, consuming nothing, until partitions are assigned; raise
+        :class:`KafkaUnavailable` after ``timeout`` seconds without any.
+    ``assignment() -> set[TopicPartition]``
+        The partitions assigned now (no I/O).
+    ``committed() -> dict[TopicPartition, int | None]``
+        The group's committed offset (next offset to read) of each assigned partition, ``None``
+        where there is none.
+    ``beginning_offsets() -> dict[TopicPartition, int]``
+        The first available offset of each assigned partition.
+    ``position(tp) -> int``
+        The next offset :meth:`poll` would hand out for ``tp`` (a pending :meth:`seek` counts).
+    ``seek(tp, offset)``
+        Read ``tp`` from ``offset`` on; takes effect at the next :meth:`poll` at the latest.
+    ``poll(max_records, timeout_ms) -> list[ConsumedRecord]``
+        Up to ``max_records`` records, waiting at most ``timeout_ms`` for the first; the records
+        of each partition are contiguous and in offset order (the daemon relies on it). Only
+        committed records (``read_committed``). Polling does not commit anything.
+    ``high_watermarks(topics) -> dict[TopicPartition, int]``
+        End offsets of every partition of ``topics`` (any topic, e.g. the outputs). A broker may
+        answer too low (:class:`streamgmm.io.quirks.BrokerQuirks`); callers use them only where
+        too low is harmless.
+    ``lag(next_offsets) -> int``
+        Events behind the ends of the assigned partitions last seen by the fetcher, given the
+        next offset to process per partition; no I/O.
+    ``group_metadata() -> object``
+        The consumer's group metadata for :meth:`Sink.transact` (opaque; the same backend's
+        sink knows what it is). Read afresh for each transaction, so that a member that lost
+        its partitions cannot commit for them (KIP-447).
+    ``commit(offsets)``
+        Commit ``offsets`` (next offset to read, per partition) synchronously, outside any
+        transaction.
+    ``close()``
+        Leave the group without committing; never raises.
+    """
+
+    topic: str
+    group_id: str
+
+    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def committed(self) -> dict[TopicPartition, int | None]: ...
+    def beginning_offsets(self) -> dict[TopicPartition, int]: ...
+    def position(self, tp: TopicPartition) -> int: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+    def poll(self, max_records: int, timeout_ms: int) -> list[ConsumedRecord]: ...
+    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]: ...
+    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int: ...
+    def group_metadata(self) -> Any: ...
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Publishes records, alone or in one transaction with a consumer group's offsets.
+
+    Attributes
+    ----------
+    delivery : {"exactly-once", "at-least-once"}
+        Exactly-once sinks are transactional (their ``transactional_id`` fences a previous
+        instance when the sink is built, aborting its open transaction on Apache Kafka).
+    cancel : threading.Event or None
+        Set by the daemon when it stops: a blocking call then gives up within a few seconds.
+
+    Notes
+    -----
+    ``transact(records, offsets, group_metadata)``
+        One transaction: ``records`` and ``offsets`` (next offset to read, per partition, for
+        the group of ``group_metadata``, from :meth:`Source.group_metadata`) become visible
+        together or not at all. On failure the transaction is aborted (best effort).
+    ``send(records)``
+        Publish ``records`` and return once every one is acknowledged (``acks=all``).
+    ``close(timeout=2.0)``
+        Flush what can be flushed within ``timeout`` seconds and release the client; never
+        raises.
+
+    Both publishing calls raise :class:`RecordRejected` when records were refused for what they
+    are (too large for their topic; in a transaction nothing was published: replace them and
+    publish again) and :class:`KafkaUnavailable` for anything else (nothing should be assumed
+    published, or not: rebuild the sink and retry).
+    """
+
+    delivery: str
+    cancel: threading.Event | None
+
+    def transact(self, records: Sequence[OutgoingRecord], offsets: Mapping[TopicPartition, int],
+                 group_metadata: Any) -> None: ...
+    def send(self, records: Sequence[OutgoingRecord]) -> None: ...
+    def close(self, timeout: float = 2.0) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A client library's way to everything the daemon asks of the cluster.
+
+    ``open_sink()`` is called before ``open_source()`` on every (re)connection: building an
+    exactly-once sink settles a previous instance's open transaction before the source joins
+    the group and the outputs are read back.
+
+    Notes
+    -----
+    ``name``
+        ``"kafka-python"``, ``"confluent-kafka"`` or ``"memory"``.
+    ``ensure_topics(topics)``
+        Create the topics that do not exist yet.
+    ``open_sink(cancel) -> Sink`` and ``open_source() -> Source``
+        New clients, connected (raise :class:`KafkaUnavailable` when the cluster cannot be
+        reached).
+    ``read_published_sources(output_topic, dead_letter_topic, start_positions, until_silence)``
+        ``(sources, reached)``: the ``(topic, partition, offset)`` of every input event that
+        already has an anomaly message or a dead letter, read with ``read_committed`` from
+        ``start_positions`` (partitions not listed: from their beginning), and where reading
+        stopped per partition. Reads to the end offsets, or — ``until_silence``, for brokers
+        whose end offsets are wrong — until nothing new arrives for a second.
+    ``reachable(timeout) -> bool``
+        Whether a broker accepts connections now (a cheap check for idle polls).
+    ``probe(report)``
+        A started :class:`streamgmm.io.probe.BrokerProbe`-like object (``stop()``) that calls
+        ``report(up)`` from its own thread, or ``None``.
+    """
+
+    name: str
+
+    def ensure_topics(self, topics: Iterable[str]) -> None: ...
+    def open_sink(self, cancel: threading.Event | None = None) -> Sink: ...
+    def open_source(self) -> Source: ...
+    def read_published_sources(
+        self, output_topic: str, dead_letter_topic: str,
+        start_positions: Mapping[TopicPartition, int] | None = None, until_silence: bool = True,
+    ) -> tuple[set[tuple[str, int, int]], dict[TopicPartition, int]]: ...
+    def reachable(self, timeout: float = 0.5) -> bool: ...
+    def probe(self, report: Any) -> Any: ...
+
+
+def check_delivery(delivery: str, transactional_id: str | None) -> None:
+    """Refuse an unknown delivery mode, and exactly-once without a transactional id."""
+    if delivery not in DELIVERY_MODES:
+        raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
+    if delivery == "exactly-once" and not transactional_id:
+        raise ValueError("exactly-once delivery needs a transactional_id")
+
+
+def publish_batch(source: Source, sink: Sink, records: Sequence[OutgoingRecord],
+                  offsets: Mapping[TopicPartition, int], plain_commit_when_empty: bool) -> None:
+    """Publish a batch's ``records`` and commit its input ``offsets``, by the sink's delivery.
+
+    Exactly-once: one transaction. At-least-once: every record acknowledged, then the offsets
+    committed. ``plain_commit_when_empty`` (a broker quirk,
+    :attr:`streamgmm.io.quirks.BrokerQuirks.plain_commit_when_nothing_to_publish`) commits the
+    offsets of an exactly-once batch with nothing to publish by a plain offset commit instead
+    of a transaction that holds only offsets.
+
+    Raises
+    ------
+    RecordRejected, KafkaUnavailable
+        As :class:`Sink`'s calls.
+    """
+    if sink.delivery == "exactly-once" and (records or not plain_commit_when_empty):
+        if records or offsets:
+            sink.transact(records, offsets, source.group_metadata())
+        return
+    if records:
+        sink.send(records)
+    if offsets:
+        source.commit(offsets)
+
+
+#: Bytes a record needs on the wire beyond its key, value and headers (a generous bound).
+RECORD_FRAMING_BYTES = 512
+
+
+def record_size(record: OutgoingRecord) -> int:
+    """Bytes ``record`` takes against a producer's message limit (an upper bound)."""
+    headers = sum(len(name) + len(value) for name, value in record.headers)
+    return (len(record.value or b"") + len(record.key or b"") + headers
+            + RECORD_FRAMING_BYTES)
+
+
+def fit_record(record: OutgoingRecord, max_bytes: int) -> OutgoingRecord:
+    """``record``, its value truncated so that it fits in ``max_bytes``.
+
+    A record that fits is returned as it is. Otherwise the value keeps its first bytes and the
+    headers say what was cut: ``streamgmm.truncated`` (``true``), ``streamgmm.original-size``
+    and ``streamgmm.original-sha256`` (of the whole value), so that the original can be matched
+    with its source (the dead-letter headers name its topic, partition and offset).
+
+    Examples
+    --------
+    >>> letter = OutgoingRecord("dlq", b"x" * 5000, headers=[("streamgmm.reason", b"oversize")])
+    >>> fitted = fit_record(letter, 2000)
+    >>> record_size(fitted) <= 2000, dict(fitted.headers)["streamgmm.original-size"]
+    (True, b'5000')
+    >>> fit_record(letter, 10_000) is letter
+    True
+    """
+    if record_size(record) <= max_bytes:
+        return record
+    value = record.value or b""
+    headers = [*record.headers, ("streamgmm.truncated", b"true"),
+               ("streamgmm.original-size", str(len(value)).encode()),
+               ("streamgmm.original-sha256", hashlib.sha256(value).hexdigest().encode())]
+    cut = OutgoingRecord(record.topic, b"", record.key, headers, record.source)
+    room = max(0, max_bytes - record_size(cut))
+    return OutgoingRecord(record.topic, value[:room], record.key, headers, record.source)
+
+
+def broker_reachable(bootstrap_servers: str | Sequence[str], timeout: float = 1.0) -> bool:
+    """True if a TCP connection to any bootstrap server succeeds (a cheap liveness probe)."""
+    servers = (
+        bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else bootstrap_servers
+    )
+    for server in servers:
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+
+
+class GroupMember:
+    """What the Kafka sources share: joining the group, first and end offsets, the lag.
+
+    Subclasses set ``topic``, ``group_id`` and ``_offsets`` (an object with
+    ``beginnings(partitions)`` and ``high_watermarks(topics)``) and implement ``assignment()``,
+    ``_serve_group()`` (one short round of the group protocol that consumes nothing) and
+    ``_last_seen_end(tp)`` (the high watermark the fetcher last saw, or ``None``).
+    """
+
+    topic: str
+    group_id: str
+    _offsets: Any
+
+    def assignment(self) -> set[TopicPartition]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _serve_group(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _last_seen_end(self, tp: TopicPartition) -> int | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def beginning_offsets(self) -> dict[TopicPartition, int]:
+        """First available offset of each assigned partition."""
+        return self._offsets.beginnings(self.assignment())
+
+    def high_watermarks(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        """End offsets of every partition of ``topics`` (e.g. the output topics)."""
+        return self._offsets.high_watermarks(topics)
+
+    def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
+        """Join the group: serve the group protocol until partitions are assigned.
+
+        Raises
+        ------
+        KafkaUnavailable
+            If no partition was assigned within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.assignment():
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"no partition of {self.topic!r} assigned to group {self.group_id!r} within "
+                    f"{timeout:g} s; does the topic exist and is another member holding it?")
+            self._serve_group()
+        return self.assignment()
+
+    def lag(self, next_offsets: Mapping[TopicPartition, int]) -> int:
+        """Events behind the end of the assigned partitions last seen by the fetcher (no I/O).
+
+        ``next_offsets`` is the next offset to process per partition (the caller knows it; asking
+        the consumer could block on the network).
+        """
+        total = 0
+        for tp in self.assignment():
+            end = self._last_seen_end(tp)
+            if end is not None and tp in next_offsets:
+                total += max(0, end - next_offsets[tp])
+        return total
+
+
+def collect_published(sources: set[tuple[str, int, int]], output_topic: str, topic: str,
+                      value: bytes | None, headers: Any) -> None:
+    """Add the input event a read-back record was made from to ``sources`` (if it names one)."""
+    src = source_of_output(value) if topic == output_topic else source_of_dead_letter(headers)
+    if src is not None:
+        sources.add(src)
+
+
+#: How long a read-back waits for more once nothing arrives, with ``until_silence``.
+READBACK_SILENCE_SECONDS = 1.0
