@@ -155,7 +155,8 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
     ``streamgmm.original-size`` was rewritten to 0 before) and only 401 is replaced."""
     from types import SimpleNamespace
 
-    from streamgmm.io.kafka import KafkaUnavailable, OutgoingRecord, RecordRejected
+    from streamgmm.io.base import KafkaUnavailable, OutgoingRecord, RecordRejected
+    from streamgmm.io.quirks import BrokerQuirks
     from streamgmm.service import Daemon
 
     big_anomaly, big_invalid = b"a" * 30_000, b"b" * 30_000
@@ -165,7 +166,9 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
     attempts = []
 
     class Sink:
-        def publish(self, batch, commit, source):
+        delivery = "at-least-once"
+
+        def send(self, batch):
             attempts.append(list(batch))
             if len(attempts) == 1:
                 raise RecordRejected({0: "MSG_SIZE_TOO_LARGE"})
@@ -176,7 +179,8 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
     daemon.config = SimpleNamespace(kafka=SimpleNamespace(output_topic="out",
                                                           dead_letter_topic="dlq"))
     daemon._sink, daemon._source, daemon.metrics = Sink(), None, None
-    published = daemon._publish(records, commit=None)
+    daemon.quirks = BrokerQuirks.named("none")
+    published = daemon._publish(records, commit={})
     assert len(attempts) == 3
     sizes = [dict(r.headers).get("streamgmm.original-size") for r in published]
     assert sizes == [b"30000", b"30000", None]
@@ -184,9 +188,11 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
     assert published[0] is attempts[1][0]  # the replacement was kept, not replaced again
 
     class Refusing:  # a topic that refuses even reason-only dead letters
-        def publish(self, batch, commit, source):
+        delivery = "at-least-once"
+
+        def send(self, batch):
             raise RecordRejected({0: "MSG_SIZE_TOO_LARGE"})
 
     daemon._sink = Refusing()
     with pytest.raises(KafkaUnavailable, match="refuses even reason-only"):
-        daemon._publish(records[:1], commit=None)
+        daemon._publish(records[:1], commit={})

@@ -310,7 +310,11 @@ class ThresholdConfig(_Section):
                               "events learned before the first decision, e.g. 1000")
     fixed: float | None = _key(
         None, _Optional(_Float()),
-        hint="a fixed score threshold (-log p(x)) instead of the adaptive one; omit to adapt")
+        hint="a fixed threshold on the score instead of the adaptive one; omit to adapt")
+    score: str = _key(
+        "tail", _Choice("tail", "density"),
+        hint='"tail": -log of the mixture\'s mass further out than the event (a tight cluster of '
+             'anomalies stays anomalous); "density": -log p(x)')
 
 
 @dataclass(frozen=True)
@@ -412,6 +416,7 @@ class Config:
             "false_alarm_rate": t.false_alarm_rate,
             "warmup_events": t.warmup_events,
             "fixed_threshold": t.fixed,
+            "score": t.score,
             "forgetting": m.forgetting,
             "protect": m.protect,
             "feature_names": list(self.features.fields),
