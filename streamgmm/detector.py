@@ -322,7 +322,10 @@ class Detector:
         self.density_threshold: AdaptiveThreshold | None = None
         if self.score == "tail":
             self.density_threshold = AdaptiveThreshold(
-                false_alarm_rate=self.false_alarm_rate, warmup_events=threshold_warmup
+                false_alarm_rate=self.false_alarm_rate, warmup_events=threshold_warmup,
+                # a quarter of the deciding threshold's window: it only gates adoptions, and
+                # every window is a part of the checkpoint
+                window_size=int(min(max(10.0 / self.false_alarm_rate, 2000), 25_000)),
             )
         self.n_events_seen = 0
 

@@ -421,7 +421,7 @@ def metric(port: int, name: str) -> float | None:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 600 kB tmpfs: room for one checkpoint (~330 kB) but not for writing a second."""
+    """A 600 kB tmpfs: room for one checkpoint (~420 kB) but not for writing a second."""
     mount_point = tmp_path / "ck"
     mount_point.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs",
