@@ -303,6 +303,10 @@ class KafkaSource(GroupMember):
                 bootstrap_servers=bootstrap_servers, group_id=group_id,
                 auto_offset_reset=auto_offset_reset, isolation_level="read_committed", **options,
             )
+            # The topic's metadata before the first join: a member that joins without it is
+            # assigned nothing, and kafka-python may not rejoin when the metadata arrives (seen
+            # on Apache Kafka with a topic created just before).
+            self._consumer.partitions_for_topic(topic)
             self._consumer.subscribe([topic])
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
