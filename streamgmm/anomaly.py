@@ -228,6 +228,7 @@ class GMMDetector(base.AnomalyDetector):
         self._last_complete: np.ndarray | None = None  # the last row _row found complete
         self._batch_target = _MIN_BATCH  # learn_one flushes at this many buffered events
         self._input_frame: InputFrame | None = None  # from the first batch on
+        self._warm = False  # the mixture is initialised (is_warm, without the lookups)
 
     @classmethod
     def _unit_test_params(cls):
@@ -256,11 +257,16 @@ class GMMDetector(base.AnomalyDetector):
             return self._last_row
         if len(x) == len(self._index):  # the usual case: exactly the known features
             try:
-                row = np.array(self._getter(x), dtype=np.float64)
+                values = self._getter(x)
+                row = np.array(values, dtype=np.float64)
             except (KeyError, TypeError, ValueError):
                 pass
             else:
-                if math.isfinite(row.sum()):  # no NaN and no inf: the usual case
+                try:  # summing the Python floats is faster than a numpy reduction
+                    finite = math.isfinite(sum(values))
+                except TypeError:  # None, or numbers given as strings
+                    finite = math.isfinite(row.sum())
+                if finite:  # no NaN and no inf: the usual case
                     self._last_complete = row
                     return row
                 if not np.isinf(row).any():
@@ -315,7 +321,7 @@ class GMMDetector(base.AnomalyDetector):
                 # the event score_one saw, learned with other numbers: a scaler in front
                 # rescaled it (streamgmm.frame)?
                 self._input_frame.observe(scored, row, self._rows)
-        if self.detector is None or not self.detector.model.is_fitted:
+        if not self._warm:
             self._learn_fallback(x)
         if row is None:
             self._pending.append({k: self._value(k, v) for k, v in x.items()})
@@ -362,6 +368,7 @@ class GMMDetector(base.AnomalyDetector):
         usable = ~np.isnan(batch).all(axis=1)
         if usable.any():
             self.detector.process(batch[usable])
+            self._warm = self.detector.model.is_fitted
         self._fast = None
         self._batch_target = self._current_batch_size()
 
@@ -397,9 +404,12 @@ class GMMDetector(base.AnomalyDetector):
             return -(top + math.log(float(np.exp(terms - top).sum())))
         if len(log_const) == 1:
             return 0.5 * float(z @ z) - log_const[0]
-        terms = [c - 0.5 * q for c, q in zip(log_const, (z * z) @ sums, strict=True)]
+        terms = [c - 0.5 * q for c, q in zip(log_const, ((z * z) @ sums).tolist(), strict=True)]
         top = max(terms)
-        return -(top + math.log(sum(math.exp(t - top) for t in terms)))
+        total = 0.0
+        for t in terms:  # a plain loop: K is small, and a generator costs more than the sum
+            total += math.exp(t - top)
+        return -(top + math.log(total))
 
     def learn_many(self, X) -> None:
         """Flush the buffer, then learn the rows of the DataFrame ``X`` as one batch."""
@@ -408,7 +418,7 @@ class GMMDetector(base.AnomalyDetector):
             return
         if self.features is None:
             self._fix_features(list(X.columns))
-        if self.detector is None or not self.detector.model.is_fitted:
+        if not self._warm:
             for x in X.to_dict(orient="records"):
                 self._learn_fallback(x)
         rows = self._input_frame.internal(self._frame(X))
@@ -490,7 +500,7 @@ class GMMDetector(base.AnomalyDetector):
     @property
     def is_warm(self) -> bool:
         """Whether the mixture is initialised (scores are then the detector's, under it)."""
-        return self.detector is not None and self.detector.model.is_fitted
+        return self._warm
 
     @property
     def threshold(self) -> float:
@@ -509,7 +519,7 @@ class GMMDetector(base.AnomalyDetector):
         if self.features is not None:
             row = self._row(x)
             self._last_x, self._last_row = x, row  # for learn_one (see streamgmm.frame)
-        if self.is_warm:
+        if self._warm:
             assert self.detector is not None
             threshold = self.detector.threshold
             if threshold.n_events_seen >= 10:
