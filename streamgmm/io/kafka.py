@@ -70,10 +70,6 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     # default stalls a group member's polls every few batches on the embedded broker (README,
     # "Daemon speed"); short waits remove the stalls and cost a few idle fetches per second.
     "fetch_max_wait_ms": 20,
-    # A group member that joined before its topic's metadata reached the client is assigned
-    # nothing until the next metadata refresh, which kafka-python makes every 5 minutes by
-    # default: a daemon started together with its topic sat idle (seen on Apache Kafka).
-    "metadata_max_age_ms": 5000,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
