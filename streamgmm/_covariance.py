@@ -295,13 +295,17 @@ def log_chi2_tail(maha: np.ndarray, dof: int) -> np.ndarray:
 
 
 def log_tail_mass(
-    log_prob: np.ndarray, log_weights: np.ndarray, log_det: np.ndarray | float, n_features: int
+    log_prob: np.ndarray,
+    log_weights: np.ndarray,
+    covariance_type: str,
+    prec_chol: np.ndarray,
+    n_features: int,
 ) -> np.ndarray:
     """``log sum_k pi_k P(chi2_d >= q_k(x))`` per row: the mixture's mass further out than ``x``.
 
     ``q_k(x)`` is the squared Mahalanobis distance of ``x`` to component ``k``, recovered from
-    ``log_prob`` (``log N(x | k)``, shape ``(n, K)``) and ``log_det`` (of each precision
-    Cholesky factor, :func:`log_det_precision_cholesky`). Unlike the density ``p(x)``, the
+    ``log_prob`` (``log N(x | k)``, shape ``(n, K)``) and the log determinants of the precision
+    Cholesky factors ``prec_chol`` (:func:`log_det_precision_cholesky`). Unlike the density, the
     tail mass does not grow with a component's tightness: a point at the centre of a tight
     component holding 5 % of the events has mass at most 0.05, however high its density.
 
@@ -309,9 +313,11 @@ def log_tail_mass(
     --------
     >>> import numpy as np
     >>> log_n = np.array([[-0.5 * np.log(2 * np.pi)]])  # x at the mean of N(0, 1)
-    >>> round(float(np.exp(log_tail_mass(log_n, np.log([0.05]), 0.0, 1))[0]), 12)
+    >>> unit = np.array([1.0])  # the precision Cholesky factor of N(0, 1)
+    >>> round(float(np.exp(log_tail_mass(log_n, np.log([0.05]), "spherical", unit, 1))[0]), 12)
     0.05
     """
+    log_det = log_det_precision_cholesky(covariance_type, prec_chol, n_features)
     maha = -2.0 * (log_prob - np.reshape(log_det, (1, -1))) - n_features * LOG_2PI
     np.maximum(maha, 0.0, out=maha)
     return log_sum_exp(log_weights[None, :] + log_chi2_tail(maha, n_features))

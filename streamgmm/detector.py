@@ -419,9 +419,8 @@ class Detector:
         if not self.model.is_fitted:
             if complete.any():
                 rows = np.flatnonzero(complete)
-                ll[rows] = self.model.warmup_score_samples(X[rows])
-                score[rows] = (-self.model.warmup_score_samples(X[rows], tail=True)
-                               if self.score == "tail" else -ll[rows])
+                ll[rows], log_tail = self.model.warmup_score_samples(X[rows], return_tail=True)
+                score[rows] = -log_tail if self.score == "tail" else -ll[rows]
                 predictive[rows] = True
                 self.model.partial_fit(X[complete])
         else:

@@ -101,10 +101,12 @@ class InputFrame:
         s, v = np.asarray(scored, dtype=float), np.asarray(learned, dtype=float)
         if s.shape != self.scale.shape or s.shape != v.shape:
             return False
-        # Cheap necessary condition first (a scaler that moves every event, StandardScaler,
-        # ends here): a changed feature is learned at or beyond the known range's end.
         with np.errstate(invalid="ignore"):
-            changed = s != v
+            changed = ~((s == v) | (np.isnan(s) & np.isnan(v)))  # a missing value stays missing
+            if not changed.any():
+                return False
+            # Cheap necessary condition first (a scaler that moves every event, StandardScaler,
+            # ends here): a changed feature is learned at or beyond the known range's end.
             internal = v * self.scale + self.offset
             tol = _TOLERANCE * (1.0 + np.abs(self.low) + np.abs(self.high))
             if not ((internal >= self.high - tol) | (internal <= self.low + tol)
@@ -112,12 +114,8 @@ class InputFrame:
                 return False
         if len(pending):
             self.learned(np.vstack(pending))
-        with np.errstate(invalid="ignore"):
-            changed = np.flatnonzero(~((s == v) | (np.isnan(s) & np.isnan(v))))
-        if changed.size == 0:  # the usual case: the same event, the same numbers
-            return False
         moves = []
-        for j in changed.tolist():  # few: those whose range the event extended
+        for j in np.flatnonzero(changed).tolist():  # few: those whose range the event extended
             scale, offset = self.scale[j], self.offset[j]
             low = (self.low[j] - offset) / scale  # the learned range, in the input frame
             high = (self.high[j] - offset) / scale

@@ -381,11 +381,9 @@ class OnlineGaussianMixture:
 
     def _log_tail(self, weighted_log_prob: np.ndarray) -> np.ndarray:
         """:func:`~streamgmm._covariance.log_tail_mass` of rows from their E-step."""
-        d = self._means.shape[1]
-        log_det = cv.log_det_precision_cholesky(self.covariance_type, self.precisions_cholesky_, d)
-        log_det = np.broadcast_to(np.asarray(log_det, dtype=float), self._log_weights.shape)
         return cv.log_tail_mass(
-            weighted_log_prob - self._log_weights[None, :], self._log_weights, log_det, d
+            weighted_log_prob - self._log_weights[None, :], self._log_weights,
+            self.covariance_type, self.precisions_cholesky_, self._means.shape[1],
         )
 
     # ------------------------------------------------------------------ scikit-learn surface
@@ -424,7 +422,9 @@ class OnlineGaussianMixture:
         X = self._validate_X(X)
         return self._log_tail(self._weighted_log_prob(X))
 
-    def warmup_score_samples(self, X: Any, tail: bool = False) -> np.ndarray:
+    def warmup_score_samples(
+        self, X: Any, return_tail: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predictive log-density of rows while the model gathers its warm-up buffer.
 
         Row ``i`` is scored under a Gaussian of unknown mean and variance per feature, fitted to
@@ -434,8 +434,8 @@ class OnlineGaussianMixture:
         resolution), the features taken as independent. Wider than the plug-in Gaussian while
         ``n`` is small, so the first rows of a stream get honest log-densities before the
         mixture exists. NaN while fewer than two rows precede a row, and once the model is
-        fitted (use :meth:`score_samples`). Nothing is learned. With ``tail=True``, the log of
-        the predictive tail instead (the counterpart of :meth:`score_tail_samples`): of
+        fitted (use :meth:`score_samples`). Nothing is learned. With ``return_tail``, also the log
+        of the predictive tail (the counterpart of :meth:`score_tail_samples`): of
         ``F(d, n - 1)`` at the mean squared standardised residual ``sum_j t_j**2 / d``.
 
         Examples
@@ -449,8 +449,9 @@ class OnlineGaussianMixture:
         """
         X = self._validate_X(X)
         out = np.full(len(X), np.nan)
+        tail = np.full(len(X), np.nan)
         if self._fitted or len(X) == 0:
-            return out
+            return (out, tail) if return_tail else out
         past = (np.vstack(self._buffer)[np.concatenate(self._buffer_weights) > 0]
                 if self._buffer else np.empty((0, X.shape[1])))
         data = np.vstack([past, X])
@@ -466,7 +467,7 @@ class OnlineGaussianMixture:
             s2 = np.vstack([zero, np.cumsum(c[:-1] ** 2, axis=0)])
         ok = n[:, 0] >= 2
         if not ok.any():
-            return out
+            return (out, tail) if return_tail else out
         n, s1, s2, x = n[ok], s1[ok], s2[ok], c[len(past):][ok]
         mean = s1 / n
         var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1.0)
@@ -475,17 +476,17 @@ class OnlineGaussianMixture:
         scale2 = np.maximum(var, floor) * (1.0 + 1.0 / n)
         const = gammaln((nu + 1.0) / 2.0) - gammaln(nu / 2.0) - 0.5 * np.log(nu * math.pi)
         z2 = (x - mean) ** 2 / (nu * scale2)
-        if tail:
-            d = X.shape[1]
-            statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
-            log_tail = stats.f.logsf(statistic, d, dof)
-            far = ~np.isfinite(log_tail)  # underflow: the tail's power law, x ** (-dof / 2)
-            log_tail[far] = (-0.5 * dof[far] * np.log(d * statistic[far] / dof[far])
-                             - betaln(0.5 * d, 0.5 * dof[far]) - np.log(0.5 * dof[far]))
-            out[ok] = log_tail
-            return out
         out[ok] = (const - 0.5 * np.log(scale2) - 0.5 * (nu + 1.0) * np.log1p(z2)).sum(axis=1)
-        return out
+        if not return_tail:
+            return out
+        d = X.shape[1]
+        statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
+        log_tail = stats.f.logsf(statistic, d, dof)
+        far = ~np.isfinite(log_tail)  # underflow: the tail's power law, x ** (-dof / 2)
+        log_tail[far] = (-0.5 * dof[far] * np.log(d * statistic[far] / dof[far])
+                         - betaln(0.5 * d, 0.5 * dof[far]) - np.log(0.5 * dof[far]))
+        tail[ok] = log_tail
+        return out, tail
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
         """The weighted log-probabilities of ``X`` if ``score_samples`` just computed them under
@@ -1031,11 +1032,8 @@ class OnlineGaussianMixture:
                 log_prob = cv.log_gaussian_prob(kind, X[rows][:, observed], mo, prec_chol)
                 wlp = log_prob + self._log_weights
                 if return_tail:
-                    m = int(observed.sum())
-                    log_det = np.broadcast_to(
-                        cv.log_det_precision_cholesky(kind, prec_chol, m), self._log_weights.shape
-                    )
-                    tail[rows] = cv.log_tail_mass(log_prob, self._log_weights, log_det, m)
+                    tail[rows] = cv.log_tail_mass(log_prob, self._log_weights, kind, prec_chol,
+                                                  int(observed.sum()))
             ll[rows], resp[rows] = cv.posterior(wlp)
         return (ll, resp, tail) if return_tail else (ll, resp)
 
