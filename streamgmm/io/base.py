@@ -52,7 +52,10 @@ __all__ = [
     "check_delivery",
     "KafkaUnavailable",
     "CallTimedOut",
+    "PartitionsLost",
     "RecordRejected",
+    "RebalanceListener",
+    "StateReader",
     "bounded_call",
     "Deadline",
     "abandoned_clients",
@@ -115,6 +118,13 @@ class KafkaUnavailable(ConnectionError):
 
 class CallTimedOut(KafkaUnavailable):
     """A client call did not return by its deadline; the client is abandoned, not reused."""
+
+
+class PartitionsLost(KafkaUnavailable):
+    """The group moved on without this member: its group metadata is stale (fenced by the broker:
+    ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID, REBALANCE_IN_PROGRESS on a
+    TxnOffsetCommit/OffsetCommit, or librdkafka's equivalent), or the daemon's lease on its
+    partitions ran out (a frozen process). Nothing of the transaction was committed."""
 
 
 class RecordRejected(Exception):
@@ -227,6 +237,59 @@ class OutgoingRecord:
 
 
 
+class RebalanceListener(Protocol):
+    """What a :class:`Source` tells its owner about partitions that come and go.
+
+    The source calls it on the caller's thread, inside :meth:`Source.poll` and
+    :meth:`Source.wait_for_assignment`.
+
+    Notes
+    -----
+    ``partitions_assigned(new) -> Mapping[TopicPartition, int]``
+        ``new`` are this member's now. Returns the offset to start reading from for each (the
+        listener may call :meth:`Source.committed` for them); the source applies them before any
+        record of those partitions is fetched. A partition left out starts from the group's
+        committed offset (or ``auto_offset_reset``).
+    ``partitions_revoked(gone)``
+        Called *before* ``gone`` is released, while this member's generation is still valid: the
+        listener may publish a transaction or commit offsets for them inside it.
+    ``partitions_lost(gone)``
+        Already gone (the session expired, the member was fenced): the listener must not publish
+        for them.
+
+    With the eager protocol every rebalance revokes all partitions and assigns all new ones;
+    with the cooperative one only the partitions that move.
+    """
+
+    def partitions_assigned(self, partitions: set[TopicPartition]
+                            ) -> Mapping[TopicPartition, int]: ...
+    def partitions_revoked(self, partitions: set[TopicPartition]) -> None: ...
+    def partitions_lost(self, partitions: set[TopicPartition]) -> None: ...
+
+
+@runtime_checkable
+class StateReader(Protocol):
+    """Reads a (compacted) state topic: every partition of it, from its beginning, committed
+    records only (``read_committed``), without a consumer group.
+
+    Notes
+    -----
+    ``poll(timeout_ms) -> list[ConsumedRecord]``
+        The records that arrived since the last call, in offset order per partition; waits at
+        most ``timeout_ms`` when there are none.
+    ``catch_up(timeout) -> list[ConsumedRecord]``
+        Every record written before this call that :meth:`poll` has not returned yet (correct
+        on brokers whose end offsets are too low, and while others keep writing); raises
+        :class:`KafkaUnavailable` after ``timeout`` seconds.
+    ``close()``
+        Release the client; never raises.
+    """
+
+    def poll(self, timeout_ms: int) -> list[ConsumedRecord]: ...
+    def catch_up(self, timeout: float) -> list[ConsumedRecord]: ...
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class Source(Protocol):
     """A consumer-group member of one input topic that hands out micro-batches of raw records.
@@ -248,9 +311,9 @@ class Source(Protocol):
         :class:`KafkaUnavailable` after ``timeout`` seconds without any.
     ``assignment() -> set[TopicPartition]``
         The partitions assigned now (no I/O).
-    ``committed() -> dict[TopicPartition, int | None]``
-        The group's committed offset (next offset to read) of each assigned partition, ``None``
-        where there is none.
+    ``committed(partitions=None) -> dict[TopicPartition, int | None]``
+        The group's committed offset (next offset to read) of each of ``partitions`` (default:
+        the assigned ones), ``None`` where there is none.
     ``beginning_offsets() -> dict[TopicPartition, int]``
         The first available offset of each assigned partition.
     ``position(tp) -> int``
@@ -277,14 +340,20 @@ class Source(Protocol):
         transaction.
     ``close()``
         Leave the group without committing; never raises.
+    ``session_timeout``, ``max_poll_interval``
+        The consumer's effective session timeout and poll interval, in seconds: a member that
+        was frozen for longer may have lost its partitions (the daemon's lease).
     """
 
     topic: str
     group_id: str
+    session_timeout: float
+    max_poll_interval: float
 
     def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]: ...
     def assignment(self) -> set[TopicPartition]: ...
-    def committed(self) -> dict[TopicPartition, int | None]: ...
+    def committed(self, partitions: Iterable[TopicPartition] | None = None
+                  ) -> dict[TopicPartition, int | None]: ...
     def beginning_offsets(self) -> dict[TopicPartition, int]: ...
     def position(self, tp: TopicPartition) -> int: ...
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
@@ -349,9 +418,15 @@ class Backend(Protocol):
         ``"kafka-python"``, ``"confluent-kafka"`` or ``"memory"``.
     ``ensure_topics(topics)``
         Create the topics that do not exist yet.
-    ``open_sink(cancel) -> Sink`` and ``open_source() -> Source``
+    ``open_sink(cancel) -> Sink`` and ``open_source(listener=None) -> Source``
         New clients, connected (raise :class:`KafkaUnavailable` when the cluster cannot be
-        reached).
+        reached); the source tells ``listener`` (a :class:`RebalanceListener`) about its
+        partitions.
+    ``ensure_state_topic(topic)``
+        Create the compacted state topic if it does not exist (one partition,
+        ``cleanup.policy=compact``, records up to 8 MB).
+    ``open_state_reader(topic) -> StateReader``
+        A :class:`StateReader` of ``topic``.
     ``read_published_sources(output_topic, dead_letter_topic, start_positions, until_silence)``
         ``(sources, reached)``: the ``(topic, partition, offset)`` of every input event that
         already has an anomaly message or a dead letter, read with ``read_committed`` from
@@ -369,7 +444,9 @@ class Backend(Protocol):
 
     def ensure_topics(self, topics: Iterable[str]) -> None: ...
     def open_sink(self, cancel: threading.Event | None = None) -> Sink: ...
-    def open_source(self) -> Source: ...
+    def open_source(self, listener: RebalanceListener | None = None) -> Source: ...
+    def ensure_state_topic(self, topic: str) -> None: ...
+    def open_state_reader(self, topic: str) -> StateReader: ...
     def read_published_sources(
         self, output_topic: str, dead_letter_topic: str,
         start_positions: Mapping[TopicPartition, int] | None = None, until_silence: bool = True,
