@@ -374,13 +374,18 @@ class Detector:
             )
         return X
 
-    def process(self, X: Any) -> DetectionResult:
+    def process(self, X: Any, reference: OnlineGaussianMixture | None = None) -> DetectionResult:
         """Score, decide, update and learn one micro-batch; returns per-event results.
 
         Parameters
         ----------
         X
             ``(n, d)`` array of events in arrival order; ``NaN`` marks a missing feature.
+        reference
+            A fitted mixture that scores the complete events instead of this detector's own
+            model (the daemon's merged model of every partition, :mod:`streamgmm.fleet`); the
+            threshold then calibrates on its scores, and the own model still learns, protected
+            by the decisions. Explanations and components stay those of the own model.
         """
         X = self._validate(X)
         # A batch that crosses the end of a warm-up is cut there, so that the events after it
@@ -389,9 +394,9 @@ class Detector:
         while True:
             left = self._events_until_warm()
             if left is None or left >= len(X):
-                parts.append(self._process_batch(X))
+                parts.append(self._process_batch(X, reference))
                 break
-            parts.append(self._process_batch(X[:left]))
+            parts.append(self._process_batch(X[:left], reference))
             X = X[left:]
         return parts[0] if len(parts) == 1 else DetectionResult.concatenate(parts)
 
@@ -403,7 +408,8 @@ class Detector:
             return max(1, self.threshold.warmup_events - self.threshold.n_events_seen)
         return None
 
-    def _process_batch(self, X: np.ndarray) -> DetectionResult:
+    def _process_batch(self, X: np.ndarray,
+                       reference: OnlineGaussianMixture | None = None) -> DetectionResult:
         n, d = X.shape
         names = self.feature_names or [f"x{j}" for j in range(d)]
         complete = ~np.isnan(X.sum(axis=1))  # NaN marks a missing feature; X has no inf
@@ -440,9 +446,13 @@ class Detector:
                 decided: dict[str, np.ndarray] = {}
 
                 tail = self.score == "tail"
+                ref_score = None
+                if reference is not None:
+                    ref_ll = reference.score_samples(X[rows])
+                    ref_score = -(reference.score_tail_samples(X[rows]) if tail else ref_ll)
 
                 def weights_for(log_score: np.ndarray) -> np.ndarray:
-                    flags = self.threshold.decide(-log_score)
+                    flags = self.threshold.decide(-log_score if ref_score is None else ref_score)
                     decided["flags"] = flags
                     if not self.protect:
                         return np.ones(log_score.size)
@@ -454,6 +464,8 @@ class Detector:
                 ll_c, resp_c = scored[0], scored[1]
                 ll[rows] = ll_c
                 score[rows] = -(scored[2] if tail else ll_c)
+                if ref_score is not None:
+                    ll[rows], score[rows] = ref_ll, ref_score
                 component[rows] = resp_c.argmax(axis=1)
             scored = component >= 0
             typical[scored] = typical_scores(params, component[scored], self.score)

@@ -144,13 +144,38 @@ class Metrics:
         self.components = gauge("streamgmm_components", "Number of mixture components.")
         self.consumer_lag = gauge("streamgmm_consumer_lag_events",
                                   "Events in the input topic not yet consumed (end - position).")
-        self.checkpoint_age = gauge("streamgmm_checkpoint_age_seconds",
-                                    "Seconds since the last checkpoint was written.")
+        self.checkpoint_age = gauge(
+            "streamgmm_checkpoint_age_seconds",
+            "Seconds since this replica last wrote its partitions' states to the state topic.")
         self.checkpoint_age.set_function(self._checkpoint_age)
         self.checkpoint_failures = counter(
             "streamgmm_checkpoint_failures",
-            "Checkpoints that could not be written (full or read-only disk, ...); detection goes "
-            "on and the last good checkpoint stays.")
+            "State records that could not be written (the broker refused them); detection goes "
+            "on and the last good state stays.")
+        self.partitions_owned = gauge("streamgmm_partitions_owned",
+                                      "Input partitions this replica owns now.")
+        self.rebalances = counter(
+            "streamgmm_rebalances",
+            "Partitions assigned to, revoked from or lost by this replica.", ["change"])
+        for change in ("assigned", "revoked", "lost"):
+            self.rebalances.labels(change=change)
+        self.state_restore_duration = Histogram(
+            "streamgmm_state_restore_duration_seconds",
+            "Time from an assignment to its partitions' states being restored (state topic "
+            "read, outputs read back).", buckets=BATCH_DURATION_BUCKETS, registry=registry)
+        self.state_restore_bytes = counter(
+            "streamgmm_state_restore_bytes", "Bytes of partition state restored.")
+        self.state_bytes = gauge("streamgmm_state_bytes",
+                                 "Size of the last state record written, bytes.")
+        self.state_bytes.set(math.nan)
+        self.merged_model_age = gauge(
+            "streamgmm_merged_model_age_seconds",
+            "Age of the oldest partition state in the merged model this replica scores with "
+            "(NaN while it owns every partition with a model).")
+        self.merged_model_age.set(math.nan)
+        self.merged_model_partitions = gauge(
+            "streamgmm_merged_model_partitions",
+            "Partitions whose models make the merged model this replica scores with.")
         self.model_events_learned = gauge("streamgmm_model_events_learned",
                                           "Events the model has learned from.")
         self.warming_up = gauge("streamgmm_warming_up",
@@ -254,6 +279,21 @@ class Metrics:
     def _checkpoint_age(self) -> float:
         with self._lock:
             return max(0.0, self._clock() - self._last_checkpoint)
+
+    def partitions_changed(self, change: str, n: int, owned: int) -> None:
+        """``n`` partitions were ``"assigned"``, ``"revoked"`` or ``"lost"``; ``owned`` now."""
+        self.rebalances.labels(change=change).inc(n)
+        self.partitions_owned.set(owned)
+
+    def state_restored(self, duration_s: float, n_bytes: int) -> None:
+        """Partitions' states were restored in ``duration_s`` from ``n_bytes`` of records."""
+        self.state_restore_duration.observe(duration_s)
+        self.state_restore_bytes.inc(n_bytes)
+
+    def set_merged_model(self, partitions: int, age_s: float | None) -> None:
+        """The merged model is made of ``partitions`` models, the oldest written ``age_s`` ago."""
+        self.merged_model_partitions.set(partitions)
+        self.merged_model_age.set(math.nan if age_s is None else age_s)
 
     def progressed(self, timestamp: float | None = None) -> None:
         """Note that the daemon loop made progress at ``timestamp`` (default: now)."""

@@ -102,12 +102,14 @@ class BatchPipeline:
                                      max_event_bytes=features.max_event_bytes)
         return cls(extractor, detector)
 
-    def process(self, values: Sequence[bytes | str | None]) -> BatchOutcome:
-        """Decode, score, decide and learn one batch of raw values."""
+    def process(self, values: Sequence[bytes | str | None], reference: Any = None) -> BatchOutcome:
+        """Decode, score, decide and learn one batch of raw values (``reference``: a mixture that
+        scores instead of the detector's own model, see :meth:`Detector.process
+        <streamgmm.detector.Detector.process>`)."""
         extraction = self.extractor.extract(values)
         result = None
         rows = np.empty(0, dtype=np.intp)
         if len(extraction.indices):
-            result = self.detector.process(extraction.features)
+            result = self.detector.process(extraction.features, reference=reference)
             rows = np.flatnonzero(result.is_anomaly)
         return BatchOutcome(extraction, result, rows, int(self.detector.n_events_learned))

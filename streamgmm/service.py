@@ -1,54 +1,73 @@
-"""The daemon loop: Kafka in, anomalies and dead letters out, exactly once, with checkpoints.
+"""The daemon loop: Kafka in, anomalies and dead letters out, exactly once, state in Kafka.
 
+A replica is a member of the consumer group of the input topic. Every input partition it owns
+has a *task*: the partition's :class:`~streamgmm.partition_state.PartitionState` (its own
+detector and the offset it has learned up to) and the bookkeeping of what is already published.
 One iteration of :meth:`Daemon.run`:
 
-1. poll a micro-batch of raw records (``[batch] max_records``, ``max_wait_ms``);
-2. decode, validate, score and learn (:class:`streamgmm.pipeline.BatchPipeline`, the same path
-   as ``streamgmm replay``): bad records become dead letters, every event is scored by the model
-   *before* it learns from it;
-4. publish the anomalies, the dead letters and the batch's input offsets together
-   (:func:`streamgmm.io.base.publish_batch`: one transaction in exactly-once mode);
-5. update the metrics, and now and then write a checkpoint.
+1. poll a micro-batch of raw records (``[batch] max_records``, ``max_wait_ms``); rebalances
+   happen inside the poll (:meth:`Daemon.partitions_assigned` and the others, below);
+2. per partition of the batch: decode, validate, score and learn
+   (:class:`streamgmm.pipeline.BatchPipeline`, the same path as ``streamgmm replay``), every
+   event scored *before* it is learned, by the **merged model** of every partition of the
+   stream (:mod:`streamgmm.fleet`), decided by the partition's own threshold and learned by its
+   own detector;
+3. publish the anomalies, the dead letters, the states that are due (every
+   ``[checkpoint] interval_seconds`` per partition) and the batch's input offsets together
+   (:func:`streamgmm.io.base.publish_batch`: one transaction in exactly-once mode, carrying the
+   consumer's current group metadata) — only while the replica's :class:`~streamgmm.lease.Lease`
+   holds: a process that was frozen past half the session timeout drops the batch and rejoins;
+4. update the metrics.
 
-Recovery
---------
-The checkpoint holds the detector, the input offsets it has learned up to, and the positions of the
-output and dead-letter topics when it was written; it is written atomically and only when every
-event the detector has learned has also been published and committed. After a crash the daemon:
+State in Kafka
+--------------
+A partition's state is one record of the compacted state topic (``[checkpoint] topic``, key
+``"topic:partition"``). In exactly-once mode it shares its transaction with the outputs of the
+events it has learned, so on every broker a visible state comes with its visible outputs (Apache
+Kafka shows neither of an aborted transaction, Tansu both); at-least-once, it is sent once those
+outputs are acknowledged. Either way, a state says: every event before ``learned`` has been
+learned *and* has its outputs out. No local disk is involved: a new container with an empty
+filesystem takes over any partition.
 
-* restores the checkpoint (or starts fresh when there is none);
-* joins the group and reads the committed offsets; events between the checkpoint's offsets and the
-  committed ones are re-learned *without* being published (their output is already out);
-* reads back the output and dead-letter topics from the saved positions and collects the
-  ``source`` (topic, partition, offset) of everything already there, so that an event whose output
-  became visible without its offsets being committed — a transaction cut by ``kill -9`` on a broker
-  that does not abort it (Tansu), or an at-least-once crash between send and commit — is not
-  published twice.
+Rebalances
+----------
+* **Assigned** partitions are restored before their first event is scored: the replica reads
+  the state topic up to its end, takes each partition's newest state (or, for a partition that
+  has none, a copy of the most experienced partition's, never a cold model), starts reading at
+  the state's ``learned`` offset, re-learns the events up to the group's committed offset
+  without publishing them (their outputs are out), and reads the output topics back from the
+  positions saved in the state to skip events whose outputs became visible without their offsets
+  being committed (a transaction cut by ``kill -9`` on a broker that does not abort it; an
+  at-least-once crash between send and commit).
+* **Revoked** partitions are finished before they are released: their states are written with
+  their offsets, in one transaction.
+* **Lost** partitions (the session expired) are dropped: the new owner restores them.
 
-So every valid event is learned exactly once and every anomaly and dead letter appears once.
+So every valid event is learned exactly once by the state of its partition and every anomaly
+and dead letter appears once, however partitions move.
 
 The cluster is a :class:`streamgmm.io.base.Backend` (the configured one,
 :func:`streamgmm.io.backend.open_backend`, or any given to :class:`Daemon`: the unit tests use
 :class:`streamgmm.io.memory.MemoryBackend`), and the broker's quirks are named in
 :class:`streamgmm.io.quirks.BrokerQuirks` (``[kafka] broker_quirks``).
 
-Broker loss: any Kafka failure closes the clients, keeps the unpublished batch in memory, and
-reconnects with an exponential back-off (capped at :attr:`Daemon.max_backoff` seconds); the daemon
-never exits because the broker is away. A client call that blocks past its deadline
-(:func:`streamgmm.io.base.bounded_call`) abandons that client and reconnects the same way; should
-the loop still make no progress for ``[watchdog] stall_seconds``, the watchdog
-(:mod:`streamgmm.watchdog`) ends the process with exit code 4. ``streamgmm_broker_up`` comes from a
-probe on a thread of its own (:mod:`streamgmm.io.probe`), so it is true while the loop blocks.
-``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish the current batch, publish, commit,
-checkpoint and return.
+Broker loss: any Kafka failure drops the tasks (whatever they learned since their last state is
+learned again), closes the clients, and reconnects with an exponential back-off (capped at
+:attr:`Daemon.max_backoff` seconds); the daemon never exits because the broker is away. A client
+call that blocks past its deadline (:func:`streamgmm.io.base.bounded_call`) abandons that client
+and reconnects the same way; should the loop still make no progress for ``[watchdog]
+stall_seconds``, the watchdog (:mod:`streamgmm.watchdog`) ends the process with exit code 4.
+``streamgmm_broker_up`` comes from a probe on a thread of its own (:mod:`streamgmm.io.probe`).
+``SIGTERM``/``SIGINT`` (:meth:`Daemon.request_stop`) finish the current batch, publish, write
+every state with its offsets and return.
 
 Message faults: an event or a message that cannot be handled is that message's problem. It goes to
 the dead-letter topic with its reason (truncated to fit the producer's limit, with its original
 size and SHA-256 in headers), an anomaly message too large for the limit leaves out its event, and
 every message is strict JSON (:func:`streamgmm.messages.encode`); the rest of the batch goes on.
-
-Disk faults: a checkpoint that cannot be written is logged and counted
-(``streamgmm_checkpoint_failures_total``); detection goes on and the last good checkpoint stays.
+A state record that cannot be read is skipped and logged (:class:`streamgmm.fleet.FleetView`); a
+state the broker refuses is counted (``streamgmm_checkpoint_failures_total``) and the last good
+one stays.
 
 Examples
 --------
@@ -64,7 +83,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import math
 import signal
 import threading
 import time
@@ -72,46 +91,49 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from streamgmm.checkpoint import CheckpointError, read_state, write_state
+from streamgmm.checkpoint import CheckpointError
 from streamgmm.config import Config
+from streamgmm.fleet import FleetView
 from streamgmm.io.base import (
     Backend,
     KafkaUnavailable,
     OutgoingRecord,
+    PartitionsLost,
     RecordRejected,
     Sink,
     Source,
+    StateReader,
     TopicPartition,
     fit_record,
     publish_batch,
 )
 from streamgmm.io.quirks import BrokerQuirks
+from streamgmm.lease import Lease
 from streamgmm.messages import anomaly_message, dead_letter_headers
+from streamgmm.partition_state import PartitionState, encode_state, state_key
 from streamgmm.pipeline import BatchPipeline
 
-__all__ = ["Daemon", "DaemonStats", "CHECKPOINT_KIND", "CHECKPOINT_VERSION"]
+__all__ = ["Daemon", "DaemonStats"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_KIND = "streamgmm-daemon"
-#: 2: ``written_at`` (when the checkpoint was written) is always there; version 1 files, which
-#: may lack it, are still read.
-CHECKPOINT_VERSION = 2
+#: Seconds a restore may take to read the state topic to its end.
+STATE_CATCH_UP_SECONDS = 30.0
+#: Seconds between two reads of the state topic for the merged model.
+FLEET_REFRESH_SECONDS = 1.0
 
 
-def _next_offsets(records) -> dict[TopicPartition, int]:
-    """The next offset to read per partition after ``records`` (grouped per partition, in order).
+def _partition_runs(records) -> list[tuple[TopicPartition, int, int]]:
+    """``(partition, start, end)`` of each run of one partition's records in ``records``
+    (grouped per partition, in offset order, as :meth:`Source.poll` hands them out).
 
-    Looks at the last record of each partition's run only: no per-record Python work.
+    Looks at the ends of the runs only (by bisection): no per-record Python work.
     """
-    offsets: dict[TopicPartition, int] = {}
+    runs: list[tuple[TopicPartition, int, int]] = []
     start, n = 0, len(records)
     while start < n:
         first = records[start]
         topic, partition = first.topic, first.partition
-        # Records of one partition are contiguous and ascending; find where the run ends.
         end = n
         last = records[-1]
         if last.partition != partition or last.topic != topic:
@@ -124,9 +146,16 @@ def _next_offsets(records) -> dict[TopicPartition, int]:
                 else:
                     hi = mid - 1
             end = lo + 1
-        tp = TopicPartition(topic, partition)
-        offsets[tp] = max(offsets.get(tp, 0), records[end - 1].offset + 1)
+        runs.append((TopicPartition(topic, partition), start, end))
         start = end
+    return runs
+
+
+def _next_offsets(records) -> dict[TopicPartition, int]:
+    """The next offset to read per partition after ``records`` (grouped per partition)."""
+    offsets: dict[TopicPartition, int] = {}
+    for tp, _, end in _partition_runs(records):
+        offsets[tp] = max(offsets.get(tp, 0), records[end - 1].offset + 1)
     return offsets
 
 
@@ -144,11 +173,38 @@ class DaemonStats:
     reconnects: int = 0
     checkpoints: int = 0
     checkpoint_failures: int = 0
+    assigned: int = 0
+    revoked: int = 0
+    lost: int = 0
+    dropped_batches: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Task:
+    """An owned input partition: its state and what of it is already published."""
+
+    state: PartitionState
+    pipeline: BatchPipeline
+    #: Below this offset events are re-learned, not published (their outputs are out).
+    publish_from: int
+    #: Offsets (at or past ``publish_from``) whose anomaly or dead letter is already out.
+    published: set[int] = field(default_factory=set)
+    #: ``time.monotonic()`` of the last state write (-inf: never written by this replica).
+    written: float = -math.inf
+    #: The state learned something since it was last written.
+    unwritten: bool = True
+
+    @property
+    def detector(self):
+        return self.pipeline.detector
+
+    def should_publish(self, offset: int) -> bool:
+        return offset >= self.publish_from and offset not in self.published
+
+
 class Daemon:
-    """The streamgmm service: consume, detect, publish, commit, checkpoint.
+    """The streamgmm service: consume, detect, publish, commit, keep each partition's state.
 
     Parameters
     ----------
@@ -157,13 +213,14 @@ class Daemon:
     metrics : streamgmm.metrics.Metrics, optional
         Where to export the Prometheus metrics; ``None`` exports nothing.
     detector_factory : callable, optional
-        ``() -> Detector`` for a fresh start; defaults to
+        ``() -> Detector`` for a partition that starts from nothing; defaults to
         ``Detector(**config.detector_kwargs())``.
     on_batch : callable, optional
-        ``on_batch(daemon, records, extraction, result)`` after each published batch (the demo's
-        live console uses it); must be quick.
+        ``on_batch(daemon, records, extraction, result)`` after each published batch, once per
+        partition of it (the demo's live console uses it); must be quick.
     create_topics : bool
         Create missing input/output/dead-letter topics on connect (handy with the embedded broker).
+        The state topic is always created when missing.
     watchdog : streamgmm.watchdog.Watchdog, optional
         Told (:meth:`~streamgmm.watchdog.Watchdog.beat`) whenever the loop makes progress.
     backend : streamgmm.io.base.Backend, optional
@@ -172,10 +229,12 @@ class Daemon:
 
     Attributes
     ----------
-    detector : Detector
-        The live detector.
     stats : DaemonStats
         What happened so far.
+    replica_id : str
+        This replica's name (``[kafka] replica_id``, by default the host name).
+    state_topic : str
+        Where the partitions' states live.
     """
 
     #: Longest wait between two reconnection attempts, seconds.
@@ -204,6 +263,11 @@ class Daemon:
             backend = open_backend(kafka)
         self.backend = backend
         self.quirks = BrokerQuirks.named(kafka.broker_quirks)
+        self.replica_id = kafka.effective_replica_id
+        self.state_topic = config.checkpoint.state_topic(kafka.group_id)
+        if config.checkpoint.path:
+            logger.warning("checkpoint.path (%s) is no longer used: each partition's state lives "
+                           "in the state topic %r", config.checkpoint.path, self.state_topic)
         # The largest record to publish: what the producer takes, less room for the framing.
         limit, _ = kafka.max_message_bytes
         self._max_record_bytes = limit - 1024
@@ -211,28 +275,38 @@ class Daemon:
         self._stop = threading.Event()
         self._source: Source | None = None
         self._sink: Sink | None = None
-        # What the detector has learned up to (next offset per partition).
-        self._learned: dict[TopicPartition, int] = {}
-        # Below these offsets events are re-learned but not published (their output is out).
-        self._publish_from: dict[TopicPartition, int] = {}
-        # Input events whose anomaly / dead letter is already on the output topics.
-        self._already_published: set[tuple[str, int, int]] = set()
-        # Where the next read-back of the output topics starts (saved in the checkpoint).
-        self._output_positions: dict[TopicPartition, int] = {}
-        # A batch learned but not yet published (the broker failed while publishing it).
-        self._pending: tuple[list[OutgoingRecord], dict[TopicPartition, int]] | None = None
-        # What the detector had learned before the pending batch (None: nothing of that
-        # partition), the part of _learned the group should have committed.
-        self._before_pending: dict[TopicPartition, int | None] = {}
-        self._last_checkpoint = time.monotonic()
-        self._last_checkpoint_wall: float | None = None
+        self._reader: StateReader | None = None
+        self._lease: Lease | None = None
+        self._fleet = FleetView(config.features.fields)
+        self._fleet_read = -math.inf
+        self._tasks: dict[TopicPartition, _Task] = {}
+        # An error raised inside a rebalance callback (client libraries may swallow them).
+        self._callback_error: BaseException | None = None
         self._broker_up = False
-        self._pipeline = BatchPipeline.from_config(config, self._restore_or_create())
+
+    # -- what the replica holds ------------------------------------------------------------
+
+    @property
+    def partitions(self) -> set[TopicPartition]:
+        """The input partitions this replica owns now."""
+        return set(self._tasks)
+
+    @property
+    def states(self) -> dict[TopicPartition, PartitionState]:
+        """The state of each owned partition."""
+        return {tp: task.state for tp, task in self._tasks.items()}
 
     @property
     def detector(self):
-        """The live detector."""
-        return self._pipeline.detector
+        """The detector of the owned partition that has learned the most (``None`` without one)."""
+        if not self._tasks:
+            return None
+        return max(self._tasks.values(), key=lambda t: t.detector.n_events_learned).detector
+
+    @property
+    def events_learned(self) -> int:
+        """Valid events of the owned partitions their states have learned."""
+        return sum(task.state.events_learned for task in self._tasks.values())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -242,7 +316,7 @@ class Daemon:
         return Detector(**self.config.detector_kwargs())
 
     def request_stop(self, *_: Any) -> None:
-        """Ask the loop to finish the current batch, commit, checkpoint and return."""
+        """Ask the loop to finish the current batch, write the states and return."""
         if not self._stop.is_set():
             logger.info("stop requested; finishing the current batch")
         self._stop.set()
@@ -265,6 +339,11 @@ class Daemon:
             Stop after this many input records (valid or not) were processed; for tests and demos.
         idle_exit_seconds
             Stop when no record arrived for this long; for demos and replays of a finite topic.
+
+        Raises
+        ------
+        streamgmm.checkpoint.CheckpointError
+            If the state topic holds states made for other features.
         """
         backoff = 0.5
         last_record = time.monotonic()
@@ -274,7 +353,7 @@ class Daemon:
                 try:
                     self._connect()
                     self._progress()
-                    self._recover()
+                    self._joined(self._source.wait_for_assignment())
                     backoff = 0.5
                     while not self._stop.is_set():
                         n = self._step()
@@ -288,14 +367,20 @@ class Daemon:
                               and now - last_record > idle_exit_seconds):
                             logger.info("no event for %.1f s; stopping", idle_exit_seconds)
                             self._stop.set()
+                    self._finish()
                 except KafkaUnavailable as exc:
-                    logger.warning("Kafka unavailable (%s); reconnecting in %.1f s", exc, backoff)
+                    if isinstance(exc, PartitionsLost):
+                        logger.warning("%s; dropping what was learned since the last states and "
+                                       "rejoining the group", exc)
+                    else:
+                        logger.warning("Kafka unavailable (%s); reconnecting in %.1f s", exc,
+                                       backoff)
+                    self._drop_tasks()
                     self._close_clients()
                     self.stats.reconnects += 1
                     self._progress()  # retrying is the loop at work, not a stuck loop
-                    self._stop.wait(backoff)
+                    self._stop.wait(0.1 if isinstance(exc, PartitionsLost) else backoff)
                     backoff = min(backoff * 2, self.max_backoff)
-            self._finish()
         finally:
             self._close_clients()
             if probe is not None:
@@ -303,15 +388,14 @@ class Daemon:
         return 0
 
     def _finish(self) -> None:
-        """Clean stop: the last batch is published already; write the final checkpoint."""
-        if self._pending is not None:
-            logger.warning("stopping with an unpublished batch (the broker is away); the last "
-                           "checkpoint stays, the batch is re-processed on the next start")
-            return
-        if self._source is not None:
-            self._write_checkpoint()
+        """Clean stop: every batch is published already; write every state with its offsets."""
+        try:
+            self._write_states(list(self._tasks), offsets=True)
+        except KafkaUnavailable as exc:
+            logger.warning("could not write the final states (%s); the next owner re-learns the "
+                           "events since the last ones", exc)
 
-    # -- connection and recovery -----------------------------------------------------------
+    # -- connection --------------------------------------------------------------------------
 
     def _connect(self) -> None:
         kafka = self.config.kafka
@@ -321,116 +405,334 @@ class Daemon:
                     [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
             except Exception as exc:
                 raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
+        try:
+            self.backend.ensure_state_topic(self.state_topic)
+        except KafkaUnavailable:
+            raise
+        except Exception as exc:
+            raise KafkaUnavailable(f"cannot create the state topic {self.state_topic!r}: "
+                                   f"{exc}") from exc
         # The sink first: an exactly-once sink settles a previous instance's open transaction
         # before the output topics are read back.
         self._sink = self.backend.open_sink(cancel=self._stop)
-        self._source = self.backend.open_source()
+        self._reader = self.backend.open_state_reader(self.state_topic)
+        self._read_fleet(catch_up=True)
+        if self._fleet.foreign is not None:
+            raise CheckpointError(str(self._fleet.foreign))
+        self._source = self.backend.open_source(listener=self)
+        self._lease = Lease(self._source.session_timeout, self._source.max_poll_interval)
 
     def _close_clients(self) -> None:
         if self._source is not None:
             self._source.close()
             self._source = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._sink is not None:
             self._sink.close(timeout=1.0)
             self._sink = None
+        if self._lease is not None:
+            self._lease.stop()
+            self._lease = None
 
-    def _recover(self) -> None:
-        """Align the consumer with what the detector learned and what is already published."""
-        source, kafka = self._source, self.config.kafka
-        assigned = source.wait_for_assignment()
-        self._progress()
-        committed = source.committed()
-        beginnings = source.beginning_offsets()
-        self._progress()
-        for tp in sorted(assigned):
-            c, learned = committed.get(tp), self._learned.get(tp)
-            begin = beginnings.get(tp, 0)
-            # The pending batch is learned but not committed: only what came before it counts.
-            confirmed = (self._before_pending.get(tp) if self._pending is not None
-                         and tp in self._before_pending else learned)
-            if confirmed is not None and c is None and confirmed > begin:
-                # A checkpoint is only written once what it learned is committed, so a group
-                # without commits means the broker lost its state (or the group was deleted).
-                logger.warning("%s: the group has no committed offset although the model learned "
-                               "up to %d; the broker lost its data or the group was deleted. "
-                               "Continuing from auto_offset_reset", tp.key(), learned)
-                learned = None
-            if learned is None:
-                if c is not None and c >= begin:
-                    start = c
+    def _drop_tasks(self) -> None:
+        """Forget the owned partitions (their states in the state topic stay)."""
+        self._tasks.clear()
+        if self.metrics is not None:
+            self.metrics.partitions_owned.set(0)
+
+    def _read_fleet(self, catch_up: bool = False) -> None:
+        """Take the state topic's new records into the fleet view (all of them: ``catch_up``)."""
+        records = (self._reader.catch_up(STATE_CATCH_UP_SECONDS) if catch_up
+                   else self._reader.poll(0))
+        self._fleet.ingest(records)
+        self._fleet_read = time.monotonic()
+
+    def _joined(self, assigned: set[TopicPartition]) -> None:
+        self._raise_callback_error()
+        logger.info("replica %s joined group %r with partitions %s", self.replica_id,
+                    self.config.kafka.group_id, ", ".join(tp.key() for tp in sorted(assigned)))
+
+    def _raise_callback_error(self) -> None:
+        error, self._callback_error = self._callback_error, None
+        if error is not None:
+            raise error
+
+    # -- rebalances (streamgmm.io.base.RebalanceListener) -------------------------------------
+
+    def partitions_assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Restore the states of ``partitions``; returns where each starts reading."""
+        try:
+            return self._restore(set(partitions))
+        except Exception as exc:  # raised again after the poll: the loop reconnects
+            logger.warning("restoring %s failed: %s",
+                           ", ".join(tp.key() for tp in sorted(partitions)), exc)
+            self._callback_error = exc if isinstance(exc, KafkaUnavailable | CheckpointError) \
+                else KafkaUnavailable(f"restoring partitions failed: {exc}")
+            return {}
+
+    def partitions_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Write the states of ``partitions`` with their offsets, then let them go."""
+        owned = [tp for tp in sorted(partitions) if tp in self._tasks]
+        if self._lease is not None and not self._lease.valid():
+            logger.warning("partitions %s revoked after this replica stood still for %.1f s: "
+                           "treating them as lost", ", ".join(tp.key() for tp in owned),
+                           self._lease.frozen_for())
+            self.partitions_lost(partitions)
+            return
+        try:
+            self._write_states(owned, offsets=True)
+        except KafkaUnavailable as exc:
+            logger.warning("could not write the states of the revoked partitions (%s); their "
+                           "next owner re-learns the events since their last states", exc)
+        for tp in owned:
+            del self._tasks[tp]
+        self.stats.revoked += len(owned)
+        self._changed("revoked", owned)
+
+    def partitions_lost(self, partitions: set[TopicPartition]) -> None:
+        """Drop ``partitions`` without publishing anything for them."""
+        owned = [tp for tp in sorted(partitions) if tp in self._tasks]
+        for tp in owned:
+            del self._tasks[tp]
+        self.stats.lost += len(owned)
+        self._changed("lost", owned)
+
+    def _changed(self, change: str, partitions: Sequence[TopicPartition]) -> None:
+        if not partitions:
+            return
+        logger.info("replica %s: %s %s; owns %s", self.replica_id, change,
+                    ", ".join(tp.key() for tp in partitions),
+                    ", ".join(tp.key() for tp in sorted(self._tasks)) or "nothing")
+        if self.metrics is not None:
+            self.metrics.partitions_changed(change, len(partitions), len(self._tasks))
+
+    def _restore(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        started = time.perf_counter()
+        self._read_fleet(catch_up=True)
+        committed = self._source.committed(partitions)
+        starts: dict[TopicPartition, int] = {}
+        restored_bytes = 0
+        read_back: dict[TopicPartition, int] | None = {}
+        new: dict[TopicPartition, _Task] = {}
+        for tp in sorted(partitions):
+            c = committed.get(tp)
+            candidates = self._fleet.candidates(tp)
+            if candidates:
+                state = candidates[0]
+                restored_bytes += self._fleet.size(tp)
+                how = (f"restored the state of {state.events_learned} events learned up to "
+                       f"offset {state.learned} (written by {state.replica or '?'})")
+                if read_back is not None:
+                    for out_tp, position in state.output_positions.items():
+                        read_back[out_tp] = min(position, read_back.get(out_tp, position))
+            else:
+                seed = self._fleet.most_experienced(exclude=[tp])
+                fresh = PartitionState(tp, None, c if c is not None else -1)
+                if seed is not None:
+                    state = fresh.started_from(seed)
+                    how = f"no state: starting from the model of {seed.partition.key()}"
                 else:
-                    start = begin if kafka.auto_offset_reset == "earliest" else source.position(tp)
-                learned = start
-            if c is not None and c > learned:
-                logger.info("%s: re-learning offsets %d..%d (after the checkpoint, already "
-                            "published) without publishing", tp.key(), learned, c - 1)
-                self._publish_from[tp] = c
-            self._learned[tp] = learned
-            source.seek(tp, learned)
-        published, ends_out = self.backend.read_published_sources(
-            kafka.output_topic, kafka.dead_letter_topic, start_positions=self._output_positions,
-            until_silence=self.quirks.readback_until_silence)
-        self._already_published |= published
+                    fresh.detector = self._detector_factory()
+                    state = fresh
+                    how = "no state: starting with a fresh model"
+                if c is not None:  # outputs of an earlier run may be anywhere
+                    read_back = None
+            state.replica = self.replica_id
+            publish_from = max(state.learned, c if c is not None else -1)
+            if state.learned >= 0:
+                starts[tp] = state.learned
+            if c is not None and c > state.learned >= 0:
+                how += f"; re-learning offsets {state.learned}..{c - 1} without publishing"
+            logger.info("%s: %s", tp.key(), how)
+            task = _Task(state, BatchPipeline.from_config(self.config, state.detector),
+                         publish_from)
+            if candidates:  # its state is in the topic: due again an interval from now
+                task.written, task.unwritten = time.monotonic(), False
+            new[tp] = task
+        if any(c is not None for c in committed.values()):
+            sources = self._read_back(read_back)
+            for tp, task in new.items():
+                task.published = {o for t, p, o in sources
+                                  if t == tp.topic and p == tp.partition and o >= task.publish_from}
+        self._tasks.update(new)
+        self.stats.assigned += len(new)
+        self._changed("assigned", sorted(new))
+        if self.metrics is not None:
+            self.metrics.state_restored(time.perf_counter() - started, restored_bytes)
         self._progress()
-        if not self._output_positions:
-            self._output_positions = {tp: 0 for tp in ends_out}
-        if self._pending is not None:
-            records, offsets = self._pending
-            fresh = [r for r in records if r.source not in self._already_published]
-            self.stats.skipped_duplicates += len(records) - len(fresh)
-            self._deliver(fresh, offsets)
-            self.stats.published += len(fresh)
-            self._pending = None
-            logger.info("published the batch that was pending when the broker failed")
-        # A checkpoint right away: from now on recovery starts from here.
-        self._write_checkpoint()
+        return starts
+
+    def _read_back(self, positions: dict[TopicPartition, int] | None) -> set[tuple[str, int, int]]:
+        """Sources of the outputs already published, read from ``positions`` (``None``: from the
+        beginning of the output topics)."""
+        kafka = self.config.kafka
+        sources, _ = self.backend.read_published_sources(
+            kafka.output_topic, kafka.dead_letter_topic, start_positions=positions or {},
+            until_silence=self.quirks.readback_until_silence)
+        self._progress()
+        return sources
 
     # -- one batch --------------------------------------------------------------------------
 
     def _step(self) -> int:
         batch = self.config.batch
+        if time.monotonic() - self._fleet_read >= FLEET_REFRESH_SECONDS:
+            self._read_fleet()
         records = self._source.poll(batch.max_records, batch.max_wait_ms)
+        self._raise_callback_error()
+        self._lease.renew()
         if not records:
             self._probe_broker()
-            self._maybe_checkpoint()
+            self._write_due_states()
             self._report_lag()
             return 0
         started = time.perf_counter()
-        outgoing, extraction, result = self.process_batch(records)
-        n_anomalies = len(outgoing) - len(extraction.dead_letters)
-        offsets = _next_offsets(records)
-        self._before_pending = {tp: self._learned.get(tp) for tp in offsets}
-        self._learned.update(offsets)
-        to_publish = [r for r in outgoing if self._should_publish(r.source)]
-        self.stats.skipped_duplicates += len(outgoing) - len(to_publish)
-        commit = {tp: o for tp, o in offsets.items() if o > self._publish_from.get(tp, -1)}
-        if self._publish_from:
-            self.stats.relearned += sum(
-                1 for r in records
-                if r.offset < self._publish_from.get(TopicPartition(r.topic, r.partition), -1))
-        # Processed (and learned) now, whether or not the broker takes the output yet.
+        outgoing: list[OutgoingRecord] = []
+        offsets: dict[TopicPartition, int] = {}
+        done = []
+        for tp, begin, end in _partition_runs(records):
+            task = self._tasks.get(tp)
+            if task is None:
+                raise PartitionsLost(f"the consumer handed out records of {tp.key()}, which this "
+                                     "replica does not own")
+            run = records[begin:end]
+            published, extraction, result = self._process_run(task, run)
+            outgoing += published
+            next_offset = run[-1].offset + 1
+            if next_offset > task.publish_from:
+                offsets[tp] = next_offset
+            done.append((tp, run, extraction, result, len(published)))
+        states = self._due_states()
+        if not self._lease.valid():
+            self.stats.dropped_batches += 1
+            raise PartitionsLost(f"this replica stood still for {self._lease.frozen_for():.1f} s "
+                                 "since its last poll (more than half the session timeout of "
+                                 f"{self._lease.session_timeout:g} s): its partitions may have "
+                                 "moved")
+        self._publish(outgoing, states, offsets)
+        for tp, run, extraction, result, n_out in done:
+            task = self._tasks[tp]
+            task.published = {o for o in task.published if o >= task.state.learned}
+            self._report_batch(task, extraction, result,
+                               n_out - len(extraction.dead_letters), time.perf_counter() - started)
+            if self.on_batch is not None:
+                self.on_batch(self, run, extraction, result)
+        self._report_lag()
+        return len(records)
+
+    def _process_run(self, task: _Task, run: Sequence[Any]):
+        """Score, decide and learn one partition's records of a batch; returns what to publish."""
+        outcome = task.pipeline.process([r.value for r in run], reference=self._reference())
+        extraction, result = outcome.extraction, outcome.result
+        outgoing = [self._dead_letter(run[letter.index], letter)
+                    for letter in outcome.dead_letters]
+        for index, row in outcome.anomalies:
+            outgoing.append(self._anomaly(run[index], extraction.events[row], result, row,
+                                          outcome.model_events))
+        to_publish = [r for r in outgoing if task.should_publish(r.source[2])]
+        self.stats.skipped_duplicates += sum(
+            1 for r in outgoing if r.source[2] >= task.publish_from and r.source[2] in
+            task.published)
+        self.stats.relearned += sum(1 for r in run if r.offset < task.publish_from)
+        task.state.learned = run[-1].offset + 1
+        task.state.events_learned += outcome.n_scored
+        task.unwritten = True
         self.stats.batches += 1
-        self.stats.events += len(records)
-        self.stats.anomalies += n_anomalies
+        self.stats.events += len(run)
+        self.stats.anomalies += outcome.n_anomalies
         self.stats.dead_letters += len(extraction.dead_letters)
         for reason, count in extraction.reason_counts().items():
             self.stats.dead_letter_reasons[reason] = (
                 self.stats.dead_letter_reasons.get(reason, 0) + count)
-        self._pending = (to_publish, commit)
-        to_publish = self._publish(to_publish, commit)
-        self._pending = None
-        for tp in commit:
-            self._publish_from.pop(tp, None)
-        self.stats.published += len(to_publish)
-        duration = time.perf_counter() - started
-        self._report_batch(records, extraction, result, n_anomalies, duration)
-        if self.on_batch is not None:
-            self.on_batch(self, records, extraction, result)
-        self._maybe_checkpoint()
-        return len(records)
+        return to_publish, extraction, result
 
-    def _publish(self, records: list[OutgoingRecord], commit) -> list[OutgoingRecord]:
-        """Publish a batch; a record the broker refuses becomes a reason-only dead letter.
+    def _reference(self):
+        """The merged model of every partition, or ``None`` while there is one model."""
+        reference = self._fleet.reference({tp: t.detector for tp, t in self._tasks.items()})
+        if self.metrics is not None:
+            parts = self._fleet.partitions() | {tp for tp, t in self._tasks.items()
+                                               if t.detector.model.is_fitted}
+            self.metrics.set_merged_model(len(parts) if reference is not None else 1,
+                                          self._fleet.age(exclude=self._tasks))
+        return reference
+
+    # -- states --------------------------------------------------------------------------------
+
+    def _due_states(self, partitions: Sequence[TopicPartition] | None = None
+                    ) -> list[OutgoingRecord]:
+        """State records of the owned partitions whose state is due (or of ``partitions``)."""
+        now = time.monotonic()
+        interval = self.config.checkpoint.interval_seconds
+        if partitions is None:
+            partitions = [tp for tp, t in self._tasks.items()
+                          if t.unwritten and now - t.written >= interval and t.state.learned >= 0]
+        if not partitions:
+            return []
+        kafka = self.config.kafka
+        try:
+            positions = self._source.high_watermarks((kafka.output_topic, kafka.dead_letter_topic))
+        except KafkaUnavailable:
+            raise
+        except Exception as exc:
+            raise KafkaUnavailable(f"cannot read output positions: {exc}") from exc
+        fields = list(self.config.features.fields)
+        records = []
+        for tp in partitions:
+            task = self._tasks[tp]
+            if task.state.learned < 0:
+                continue
+            task.state.output_positions = dict(positions)
+            task.state.written_at = time.time()
+            records.append(OutgoingRecord(self.state_topic, encode_state(task.state, fields),
+                                          state_key(tp)))
+            task.written, task.unwritten = now, False
+        return records
+
+    def _write_due_states(self) -> None:
+        states = self._due_states()
+        if states:
+            self._publish([], states, {})
+
+    def _write_states(self, partitions: Sequence[TopicPartition], offsets: bool) -> None:
+        """Write the states of ``partitions`` now (with their offsets: ``offsets``)."""
+        if self._source is None or self._sink is None:
+            return
+        states = self._due_states(list(partitions))
+        commit = {}
+        if offsets:
+            commit = {tp: self._tasks[tp].state.learned for tp in partitions
+                      if self._tasks[tp].state.learned >= max(self._tasks[tp].publish_from, 0)}
+        if states or commit:
+            self._publish([], states, commit)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _publish(self, outputs: list[OutgoingRecord], states: list[OutgoingRecord],
+                 offsets: Mapping[TopicPartition, int]) -> None:
+        """Publish a batch's outputs, the states that are due and the batch's offsets.
+
+        Exactly-once: one transaction. At-least-once: the outputs, once acknowledged the states
+        (a state never runs ahead of its outputs), then the offsets.
+        """
+        if self._sink.delivery == "exactly-once":
+            sent = self._deliver(outputs + states, offsets)
+        else:
+            sent = self._deliver(outputs, {}) + self._deliver(states, offsets)
+        n_states = sum(1 for r in sent if r.topic == self.state_topic)
+        self.stats.published += len(sent) - n_states
+        if n_states:
+            self.stats.checkpoints += n_states
+            if self.metrics is not None:
+                self.metrics.checkpoint_written()
+                self.metrics.state_bytes.set(max(len(r.value) for r in sent
+                                                 if r.topic == self.state_topic))
+
+    def _deliver(self, records: list[OutgoingRecord],
+                 offsets: Mapping[TopicPartition, int]) -> list[OutgoingRecord]:
+        """Publish ``records`` (and commit ``offsets``); a record the broker refuses becomes a
+        reason-only dead letter (a state: is left out, and the last good one stays).
 
         Returns what was published. A refusal that remains after the replacement (a broker that
         refuses even a reason-only record) is a fault of the environment: KafkaUnavailable.
@@ -439,29 +741,41 @@ class Daemon:
         produce request with a still-oversized record is refused with it; it is kept as it is
         (replacing it again would describe an empty value) and the request is tried again.
         """
-        replaced: set[int] = set()
+        replaced: set[int] = set()  # id() of the reason-only dead letters put in
         while True:
             try:
-                self._deliver(records, commit)
+                publish_batch(self._source, self._sink, records, offsets,
+                              plain_commit_when_empty=self.quirks.plain_commit_when_nothing_to_publish)
                 return records
             except RecordRejected as exc:
-                new = {i: why for i, why in exc.rejected.items() if i not in replaced}
+                new = {i: why for i, why in exc.rejected.items() if id(records[i]) not in replaced}
                 if not new:
                     raise KafkaUnavailable("the broker refuses even reason-only dead letters; "
                                            "check the dead-letter topic's configuration") from exc
-                logger.warning("the broker refused %d records of the batch (%s); sending "
-                               "reason-only dead letters in their place", len(new), exc)
-                records = [self._reason_only(r, new[i]) if i in new else r
-                           for i, r in enumerate(records)]
-                replaced |= set(new)
-                self._pending = (records, commit)
-                if self.metrics is not None:
-                    self.metrics.dead_letters({"oversize": len(new)})
-
-    def _deliver(self, records: Sequence[OutgoingRecord],
-                 offsets: Mapping[TopicPartition, int]) -> None:
-        publish_batch(self._source, self._sink, records, offsets,
-                      plain_commit_when_empty=self.quirks.plain_commit_when_nothing_to_publish)
+                states = {i for i in new if records[i].topic == self.state_topic}
+                outputs = {i: why for i, why in new.items() if i not in states}
+                if states:
+                    self.stats.checkpoint_failures += len(states)
+                    if self.metrics is not None:
+                        for _ in states:
+                            self.metrics.checkpoint_failed()
+                    logger.error("the broker refused %d records of the state topic %r (%s); "
+                                 "detection goes on and the last good states stay. Raise the "
+                                 "topic's max.message.bytes", len(states), self.state_topic,
+                                 new[min(states)])
+                if outputs:
+                    logger.warning("the broker refused %d records of the batch (%s); sending "
+                                   "reason-only dead letters in their place", len(outputs), exc)
+                    if self.metrics is not None:
+                        self.metrics.dead_letters({"oversize": len(outputs)})
+                kept = []
+                for i, record in enumerate(records):
+                    if i in outputs:
+                        record = self._reason_only(record, outputs[i])
+                        replaced.add(id(record))
+                    if i not in states:
+                        kept.append(record)
+                records = kept
 
     def _reason_only(self, record: OutgoingRecord, why: str) -> OutgoingRecord:
         """A dead letter without the value the broker refused: the reason, the source and the
@@ -479,44 +793,10 @@ class Daemon:
         return OutgoingRecord(self.config.kafka.dead_letter_topic, b"", record.key, headers,
                               record.source)
 
-    def process_batch(self, records: Sequence[Any]):
-        """Decode, score, decide and learn one batch of consumed records; no I/O.
-
-        Parameters
-        ----------
-        records : sequence
-            Consumed records: ``value``, ``key``, ``headers``, ``topic``, ``partition``,
-            ``offset``.
-
-        Returns
-        -------
-        outgoing : list of OutgoingRecord
-            The batch's dead letters, then its anomaly messages, each within the producer's
-            message limit.
-        extraction : streamgmm.features.Extraction
-        result : detector batch result, or None when no record could be scored
-        """
-        outcome = self._pipeline.process([r.value for r in records])
-        extraction, result = outcome.extraction, outcome.result
-        outgoing = [self._dead_letter(records[letter.index], letter)
-                    for letter in outcome.dead_letters]
-        for index, row in outcome.anomalies:
-            outgoing.append(self._anomaly(records[index], extraction.events[row], result, row,
-                                          outcome.model_events))
-        return outgoing, extraction, result
-
     @property
     def max_record_bytes(self) -> int:
         """The largest record the daemon publishes (the producer's limit less framing room)."""
         return self._max_record_bytes
-
-    def _should_publish(self, source: tuple[str, int, int] | None) -> bool:
-        if source is None:
-            return True
-        topic, partition, offset = source
-        if offset < self._publish_from.get(TopicPartition(topic, partition), -1):
-            return False
-        return source not in self._already_published
 
     def _dead_letter(self, rec, letter) -> OutgoingRecord:
         """The dead letter of ``rec``: its value (truncated to fit) with the reason in headers."""
@@ -532,89 +812,6 @@ class Daemon:
                                 model_events=model_events, max_bytes=room)
         return OutgoingRecord(self.config.kafka.output_topic, value, rec.key,
                               source=(rec.topic, rec.partition, rec.offset))
-
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def _maybe_checkpoint(self) -> None:
-        interval = self.config.checkpoint.interval_seconds
-        if time.monotonic() - self._last_checkpoint >= interval:
-            self._write_checkpoint()
-
-    def _write_checkpoint(self) -> None:
-        """Write the checkpoint (only when everything learned is published and committed)."""
-        if self._pending is not None:
-            return
-        # Forget duplicates we have passed; while some are ahead, keep the old read-back start.
-        self._already_published = {
-            s for s in self._already_published
-            if s[2] >= self._learned.get(TopicPartition(s[0], s[1]), 0)
-        }
-        if not self._already_published and not self._publish_from:
-            try:
-                self._output_positions = self._source.high_watermarks(
-                    (self.config.kafka.output_topic, self.config.kafka.dead_letter_topic))
-            except KafkaUnavailable:
-                raise
-            except Exception as exc:
-                raise KafkaUnavailable(f"cannot read output positions: {exc}") from exc
-        arrays, meta = self.detector.get_state()
-        state_arrays = {f"detector/{k}": v for k, v in arrays.items()}
-        state_meta = {
-            "detector": meta,
-            "learned_offsets": {tp.key(): o for tp, o in self._learned.items()},
-            "output_positions": {tp.key(): o for tp, o in self._output_positions.items()},
-            "input_topic": self.config.kafka.input_topic,
-            "fields": list(self.config.features.fields),
-            "events_learned": int(self.detector.n_events_learned),
-            "written_at": time.time(),
-        }
-        self._last_checkpoint = time.monotonic()  # after a failure too: retry at the interval
-        try:
-            write_state(self.config.checkpoint.path, CHECKPOINT_KIND, CHECKPOINT_VERSION,
-                        state_arrays, state_meta)
-        except OSError as exc:  # the disk, not the stream: keep detecting
-            self.stats.checkpoint_failures += 1
-            if self.metrics is not None:
-                self.metrics.checkpoint_failed()
-            logger.error("cannot write the checkpoint %s (%s); detection goes on and the last "
-                         "good checkpoint stays. Free space or fix the permissions of its "
-                         "directory (docs/operations.md, StreamgmmCheckpointFailing)",
-                         self.config.checkpoint.path, exc)
-            return
-        self._last_checkpoint_wall = time.time()
-        self.stats.checkpoints += 1
-        if self.metrics is not None:
-            self.metrics.checkpoint_written(self._last_checkpoint_wall)
-        logger.debug("checkpoint written to %s", self.config.checkpoint.path)
-
-    def _restore_or_create(self):
-        path = self.config.checkpoint.path
-        if not os.path.exists(path):
-            logger.info("no checkpoint at %s; starting with a fresh model", path)
-            return self._detector_factory()
-        arrays, meta = read_state(path, CHECKPOINT_KIND, CHECKPOINT_VERSION)
-        fields = list(self.config.features.fields)
-        if meta.get("fields") != fields:
-            raise CheckpointError(
-                f"{path}: made for features {meta.get('fields')} but the configuration has "
-                f"{fields}; delete the checkpoint (or set checkpoint.path elsewhere) to start "
-                "fresh")
-        if meta.get("input_topic") != self.config.kafka.input_topic:
-            raise CheckpointError(
-                f"{path}: made for input topic {meta.get('input_topic')!r}, not "
-                f"{self.config.kafka.input_topic!r}; delete it or set checkpoint.path elsewhere")
-        detector = _restore_detector(path, arrays, meta, len(fields))
-        self._learned = _offsets_of(path, meta, "learned_offsets")
-        self._output_positions = _offsets_of(path, meta, "output_positions")
-        written_at = meta["written_at"] if meta["version"] >= 2 else meta.get("written_at")
-        if meta["version"] >= 2 and not isinstance(written_at, int | float):
-            raise CheckpointError(f"{path}: 'written_at' is {written_at!r}, not a time")
-        # Version 1 files may lack it: they count as written now.
-        self._last_checkpoint_wall = (float(written_at) if isinstance(written_at, int | float)
-                                      else time.time())
-        logger.info("restored checkpoint %s: %d events learned, offsets %s", path,
-                    detector.n_events_learned, meta["learned_offsets"])
-        return detector
 
     # -- metrics ----------------------------------------------------------------------------
 
@@ -648,69 +845,13 @@ class Daemon:
 
     def _report_lag(self) -> None:
         if self.metrics is not None and self._source is not None:
-            self.metrics.set_consumer_lag(self._source.lag(self._learned))
+            self.metrics.set_consumer_lag(self._source.lag(
+                {tp: t.state.learned for tp, t in self._tasks.items() if t.state.learned >= 0}))
 
-    def _report_batch(self, records, extraction, result, n_anomalies, duration) -> None:
+    def _report_batch(self, task: _Task, extraction, result, n_anomalies, duration) -> None:
         if self.metrics is None:
             return
         if result is not None:
             self.metrics.observe_batch(result, duration)
         self.metrics.dead_letters(extraction.reason_counts())
-        self.metrics.set_model(self.detector)
-        self._report_lag()
-
-
-def _offsets_of(path, meta: Mapping[str, Any], key: str) -> dict[TopicPartition, int]:
-    """The ``{"topic:partition": offset}`` table ``key`` of a checkpoint, checked.
-
-    Raises
-    ------
-    CheckpointError
-        If it is missing, or holds anything but ``"topic:partition"`` names with offsets that
-        are integers of at least 0.
-    """
-    table = meta.get(key)
-    if not isinstance(table, Mapping):
-        raise CheckpointError(f"{path}: {key!r} is {'missing' if table is None else 'not a table'}"
-                              "; the file was not written by this daemon or was edited")
-    offsets = {}
-    for name, offset in table.items():
-        topic, _, partition = str(name).rpartition(":")
-        if not topic or not partition.isdigit():
-            raise CheckpointError(f"{path}: {key} names {name!r}, not a \"topic:partition\"")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise CheckpointError(f"{path}: {key}[{name!r}] is {offset!r}, not an offset (an "
-                                  "integer of at least 0)")
-        offsets[TopicPartition(topic, int(partition))] = offset
-    return offsets
-
-
-def _restore_detector(path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-                      n_features: int):
-    """The detector of a checkpoint, checked: finite model arrays that it can score with.
-
-    Raises
-    ------
-    CheckpointError
-        If the detector's state is missing, inconsistent (wrong array shapes) or not finite.
-    """
-    from streamgmm.detector import Detector
-
-    det_arrays = {k[len("detector/"):]: v for k, v in arrays.items()
-                  if k.startswith("detector/")}
-    for name, array in det_arrays.items():
-        # The model and the drift reference are numbers; NaN there poisons every score. (The
-        # threshold's window holds NaN where it has no score yet.)
-        if name.startswith(("model/", "drift/")) and array.dtype.kind == "f" \
-                and not np.isfinite(array).all():
-            raise CheckpointError(f"{path}: the array detector/{name} holds NaN or infinity")
-    if not isinstance(meta.get("detector"), Mapping):
-        raise CheckpointError(f"{path}: holds no detector state")
-    try:
-        detector = Detector.from_state(det_arrays, meta["detector"])
-        detector.score_samples(np.zeros((1, n_features)))
-    except Exception as exc:  # whatever a malformed state breaks in the detector's code
-        raise CheckpointError(f"{path}: the detector state is inconsistent ({type(exc).__name__}: "
-                              f"{exc})") from exc
-    return detector
-
+        self.metrics.set_model(task.detector)

@@ -32,7 +32,7 @@ ISSUE_KEYS = {
     "model": ["n_components", "covariance_type", "reg_covar", "forgetting"],
     "threshold": ["false_alarm_rate", "warmup_events", "fixed"],
     "metrics": ["host", "port"],
-    "checkpoint": ["path", "interval_seconds"],
+    "checkpoint": ["topic", "interval_seconds", "path"],
 }
 
 
@@ -66,7 +66,8 @@ def test_defaults_and_types(tmp_path):
     assert config.batch.max_records == 5000 and isinstance(config.batch.max_records, int)
     assert config.model.n_components == "auto"
     assert config.threshold.fixed is None
-    assert config.checkpoint.interval_seconds == 30.0
+    assert config.checkpoint.interval_seconds == 10.0
+    assert config.checkpoint.state_topic(config.kafka.group_id) == "streamgmm-state"
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.batch.max_records = 5
 
@@ -189,8 +190,7 @@ def test_the_issue_example_message(tmp_path):
         ("[model]\nreg_covar = nan", {}, "model.reg_covar", "expected a finite number"),
         ("[threshold]\nfalse_alarm_rate = 0", {}, "threshold.false_alarm_rate", "between 0 and"),
         ("[metrics]\nport = 70000", {}, "metrics.port", "TCP port between 0 and 65535"),
-        ("[checkpoint]\ninterval_seconds = 0", {}, "checkpoint.interval_seconds", "between 0.1"),
-        ('[checkpoint]\npath = ""', {}, "checkpoint.path", "must not be empty"),
+        ("[checkpoint]\ninterval_seconds = 0", {}, "checkpoint.interval_seconds", "between 0.01"),
         ("batch = 3", {}, "batch", "expected a [batch] table"),
     ],
 )
@@ -250,7 +250,7 @@ linger_ms = 5
     assert producer["linger_ms"] == 5 and producer["compression_type"] == "gzip"
     assert consumer["client_id"] == producer["client_id"] == "gmm"
     assert backend.bootstrap == "localhost:9092"
-    assert kafka.effective_transactional_id == "streamgmm-events"
+    assert kafka.effective_transactional_id == f"streamgmm-events-{kafka.effective_replica_id}"
 
 
 def test_effective_config_round_trips_through_toml(tmp_path):

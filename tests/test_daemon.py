@@ -1,10 +1,11 @@
 """The daemon's bookkeeping on the in-memory backend: fast, exact, no broker.
 
-Re-learning after a checkpoint that lags the committed offsets, skipping what is already
-published, a batch left pending by a broker failure, refused records, and the broker quirks:
-each run of :class:`streamgmm.service.Daemon` here takes well under a second
-(:mod:`streamgmm.io.memory`). The integration tests (``test_recovery.py``, ``test_faults.py``)
-check the same promises against real brokers and real ``kill -9``.
+Re-learning after a state that lags the committed offsets, skipping what is already published,
+a batch lost with the broker, refused records, the broker quirks, and replicas that share a
+group: partitions that move, a zombie that wakes up, a broker that fences stale group metadata
+or does not. Each run of :class:`streamgmm.service.Daemon` here takes about a second
+(:mod:`streamgmm.io.memory`). The integration tests (``test_recovery.py``, ``test_faults.py``,
+``test_scale_out.py``) check the same promises against real brokers, ``kill -9`` and ``SIGSTOP``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from collections import Counter
 import orjson
 import pytest
 
-from streamgmm.checkpoint import read_state
+import threading
+
 from streamgmm.config import load_config
-from streamgmm.io.base import Backend, Sink, Source, TopicPartition
+from streamgmm.io.base import Backend, Sink, Source, StateReader, TopicPartition
 from streamgmm.io.memory import Killed, MemoryBackend, MemoryBroker
 from streamgmm.messages import source_of_dead_letter, source_of_output
-from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION, Daemon
+from streamgmm.partition_state import decode_state
+from streamgmm.service import Daemon
 
 N_EVENTS = 1500
 
@@ -57,15 +60,14 @@ def broker():
     return broker
 
 
-def config_for(tmp_path, quirks="tansu", delivery="exactly-once", interval=3600.0):
+def config_for(tmp_path, quirks="tansu", delivery="exactly-once", interval=3600.0, replica="a"):
     return load_config(env={
         "STREAMGMM_KAFKA__INPUT_TOPIC": "in", "STREAMGMM_KAFKA__OUTPUT_TOPIC": "out",
         "STREAMGMM_KAFKA__DEAD_LETTER_TOPIC": "dlq", "STREAMGMM_KAFKA__DELIVERY": delivery,
-        "STREAMGMM_KAFKA__BROKER_QUIRKS": quirks,
+        "STREAMGMM_KAFKA__BROKER_QUIRKS": quirks, "STREAMGMM_KAFKA__REPLICA_ID": replica,
         "STREAMGMM_FEATURES__FIELDS": "x,y", "STREAMGMM_BATCH__MAX_RECORDS": "50",
         "STREAMGMM_BATCH__MAX_WAIT_MS": "0", "STREAMGMM_MODEL__N_COMPONENTS": "1",
         "STREAMGMM_MODEL__RANDOM_STATE": "0", "STREAMGMM_THRESHOLD__WARMUP_EVENTS": "300",
-        "STREAMGMM_CHECKPOINT__PATH": str(tmp_path / "ck.npz"),
         "STREAMGMM_CHECKPOINT__INTERVAL_SECONDS": str(interval),
     })
 
@@ -112,14 +114,32 @@ def assert_each_once(broker, values):
         assert broker.committed("streamgmm", tp) == broker.end(tp)
 
 
-def learned(tmp_path) -> dict:
-    _, meta = read_state(tmp_path / "ck.npz", CHECKPOINT_KIND, CHECKPOINT_VERSION)
-    return meta
+def states(broker, fields=("x", "y")) -> dict:
+    """The newest state of each input partition in the state topic."""
+    newest = {}
+    for r in broker.records("streamgmm-state"):
+        newest[r.key] = decode_state(r.value, r.key, list(fields))
+    return {state.partition: state for state in newest.values()}
+
+
+def events_learned(broker) -> int:
+    return sum(state.events_learned for state in states(broker).values())
+
+
+def assert_learned_once(broker, values):
+    """The state of each partition has learned each of its valid events once, up to its end."""
+    found = states(broker)
+    assert set(found) == set(broker.partitions("in"))
+    for tp, state in found.items():
+        mine = [r.value for r in broker.records("in") if r.partition == tp.partition]
+        assert state.events_learned == n_valid(mine), tp
+        assert state.learned == broker.end(tp)
 
 
 def test_the_memory_backend_keeps_the_contract(broker, tmp_path):
     backend = MemoryBackend(broker, config_for(tmp_path).kafka)
     assert isinstance(backend.open_source(), Source) and isinstance(backend.open_sink(), Sink)
+    assert isinstance(backend.open_state_reader("s"), StateReader)
     assert isinstance(backend, Backend)
 
 
@@ -129,49 +149,54 @@ def test_a_run_learns_every_event_once_and_publishes_every_dead_letter_once(brok
     daemon = daemon_on(broker, config_for(tmp_path))
     assert daemon.run(max_events=len(values)) == 0
     assert_each_once(broker, values)
-    assert learned(tmp_path)["events_learned"] == n_valid(values)
+    assert_learned_once(broker, values)
     assert daemon.stats.events == len(values) and daemon.stats.relearned == 0
     assert len(broker.records("out")) == daemon.stats.anomalies > 0
+    assert {s.replica for s in states(broker).values()} == {"a"}
 
 
-def test_after_a_crash_the_events_past_the_checkpoint_are_relearned_not_republished(
+def test_after_a_crash_the_events_past_the_state_are_relearned_not_republished(
         broker, tmp_path):
     values = make_events()
     fill(broker, values)
-    config = config_for(tmp_path)  # the checkpoint of the first run: only the one at start
+    config = config_for(tmp_path)  # states of the first run: those of its first batches only
     with pytest.raises(Crash):
         daemon_on(broker, config, on_batch=crash_after(12)).run()
-    assert learned(tmp_path)["events_learned"] == 0
+    written = sum(s.learned for s in states(broker).values())
     committed = sum(broker.committed("streamgmm", tp) or 0 for tp in broker.partitions("in"))
-    assert committed == 12 * 50
+    assert committed == 12 * 50 > written > 0
     out_before = len(broker.records("out")) + len(broker.records("dlq"))
 
     daemon = daemon_on(broker, config)
-    daemon.run(max_events=len(values))
-    assert daemon.stats.relearned == committed  # learned again, for the model
+    daemon.run(max_events=len(values) - written)
+    assert daemon.stats.relearned == committed - written  # learned again, for the model
     outputs = published_sources(broker)
     assert sum(outputs.values()) == out_before + daemon.stats.published
     assert_each_once(broker, values)
-    assert learned(tmp_path)["events_learned"] == n_valid(values)
+    assert_learned_once(broker, values)
 
 
-def test_a_transaction_visible_without_its_offsets_is_not_published_twice(broker, tmp_path):
+@pytest.mark.parametrize("interval", [3600.0, 0.05], ids=["without-state", "with-state"])
+def test_a_transaction_visible_without_its_offsets_is_not_published_twice(broker, tmp_path,
+                                                                         interval):
     """Tansu's dead producer: the records are out, the offsets not committed, the process dies.
-    The next instance re-reads those events, learns them, and skips what is already out."""
+    The next instance re-reads those events, learns them, and skips what is already out; when
+    the transaction carried the partition's state, the state says so and nothing is re-read."""
     values = make_events()
     fill(broker, values)
-    config = config_for(tmp_path)
+    config = config_for(tmp_path, interval=interval)
     first = daemon_on(broker, config, on_batch=crash_after(14))
     with pytest.raises(Crash):
         first.run()
     for _ in range(3):  # the next transactions that carry records die half done
         broker.inject("visible-transact")
     daemon = daemon_on(broker, config)
-    daemon.run(max_events=len(values))
-    assert daemon.stats.skipped_duplicates > 0
+    daemon.run(idle_exit_seconds=0.3)
+    if interval > 1:
+        assert daemon.stats.skipped_duplicates > 0
     assert daemon.stats.reconnects >= 1
     assert_each_once(broker, values)
-    assert learned(tmp_path)["events_learned"] == n_valid(values)
+    assert_learned_once(broker, values)
 
 
 def test_a_process_killed_inside_a_visible_transaction_publishes_nothing_twice(broker,
@@ -185,40 +210,42 @@ def test_a_process_killed_inside_a_visible_transaction_publishes_nothing_twice(b
             daemon_on(broker, config).run()
     assert len(broker.records("dlq")) > 0
     daemon = daemon_on(broker, config)
-    daemon.run(max_events=len(values))
+    daemon.run(idle_exit_seconds=0.3)
     assert daemon.stats.skipped_duplicates > 0
     assert_each_once(broker, values)
-    assert learned(tmp_path)["events_learned"] == n_valid(values)
+    assert_learned_once(broker, values)
 
 
-def test_a_batch_pending_while_the_broker_is_away_is_published_once_on_return(broker, tmp_path):
+def test_a_batch_lost_with_the_broker_is_learned_again_and_published_once(broker, tmp_path):
     values = make_events()
     fill(broker, values)
     broker.inject("transact", times=3)  # three publishing attempts fail
     broker.inject("commit", times=2)
     daemon = daemon_on(broker, config_for(tmp_path))
-    daemon.run(max_events=len(values))
+    daemon.run(idle_exit_seconds=0.3)
     assert daemon.stats.reconnects >= 5
     assert_each_once(broker, values)
-    assert learned(tmp_path)["events_learned"] == n_valid(values)
+    assert_learned_once(broker, values)
 
 
-def test_a_checkpoint_is_written_only_when_everything_learned_is_committed(broker, tmp_path):
+def test_every_state_is_consistent_with_the_committed_offsets(broker, tmp_path):
     values = make_events()
     fill(broker, values)
-    config = config_for(tmp_path, interval=0.1)
+    config = config_for(tmp_path, interval=0.05)
     broker.inject("transact", times=2)
-    daemon = daemon_on(broker, config)
-    daemon.run(max_events=len(values))
-    meta = learned(tmp_path)
-    assert meta["version"] == CHECKPOINT_VERSION and isinstance(meta["written_at"], float)
-    offsets = {TopicPartition.from_key(k): o for k, o in meta["learned_offsets"].items()}
-    assert offsets == {tp: broker.committed("streamgmm", tp) for tp in offsets}
+    daemon_on(broker, config, on_batch=lambda *_: __import__("time").sleep(0.01)).run(
+        idle_exit_seconds=0.3)
+    history = [decode_state(r.value, r.key, ["x", "y"]) for r in broker.records("streamgmm-state")]
+    assert len(history) > 6
+    # a state is written with the offsets of its events: never ahead of the group
+    for state in history:
+        assert state.learned <= broker.committed("streamgmm", state.partition)
+        assert state.written_at > 0 and state.output_positions
 
 
 def test_a_record_the_broker_refuses_becomes_a_reason_only_dead_letter(broker, tmp_path):
-    broker.max_record_bytes = 3000
-    values = make_events(400) + [b'{"x": "' + b"p" * 2500 + b'"}']
+    broker.max_record_bytes = 600_000  # the states pass, the event does not
+    values = make_events(400) + [b'{"x": "' + b"p" * 700_000 + b'"}']
     fill(broker, values)
     daemon = daemon_on(broker, config_for(tmp_path))
     daemon.run(max_events=len(values))
@@ -228,33 +255,132 @@ def test_a_record_the_broker_refuses_becomes_a_reason_only_dead_letter(broker, t
     assert_each_once(broker, values)
 
 
+def test_a_state_the_broker_refuses_is_counted_and_detection_goes_on(broker, tmp_path):
+    broker.max_record_bytes = 4_000  # far below a state record
+    values = make_events(600)
+    fill(broker, values)
+    daemon = daemon_on(broker, config_for(tmp_path))
+    daemon.run(max_events=len(values))
+    assert broker.records("streamgmm-state") == []
+    assert daemon.stats.checkpoint_failures >= 1 and daemon.stats.events == len(values)
+    assert_each_once(broker, values)
+
+
 @pytest.mark.parametrize(("quirks", "delivery", "path"), [
     ("tansu", "exactly-once", "commit"), ("none", "exactly-once", "transact"),
     ("none", "at-least-once", "commit")])
 def test_batches_with_nothing_to_publish_commit_by_the_quirks(broker, tmp_path, quirks,
                                                               delivery, path):
-    values = [orjson.dumps({"i": i, "x": 0.1 * (i % 7), "y": 1.0}) for i in range(200)]
+    values = [orjson.dumps({"i": i, "x": 0.1 * (i % 7), "y": 1.0}) for i in range(400)]
     fill(broker, values)
     daemon = daemon_on(broker, config_for(tmp_path, quirks=quirks, delivery=delivery))
     daemon.run(max_events=len(values))
     assert broker.records("out") == [] and broker.records("dlq") == []
     assert broker.calls.get(path, 0) >= 4
-    assert sum(broker.calls.values()) == broker.calls[path]
+    # the states of the first batches and of the stop travel otherwise
+    states_path = "transact" if delivery == "exactly-once" else "send"
+    assert sum(broker.calls.values()) == broker.calls[path] + (
+        0 if states_path == path else broker.calls[states_path])
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+
+
+# -- replicas ----------------------------------------------------------------------------------
+
+def run_in_thread(daemon, **kwargs) -> threading.Thread:
+    thread = threading.Thread(target=daemon.run, kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_partitions_that_move_to_a_joining_replica_keep_their_state(tmp_path):
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=4)
+    values = make_events(4000)
+    for i, value in enumerate(values):
+        broker.produce("in", value, key=b"%d" % i, partition=i % 4)
+    slow = lambda *_: __import__("time").sleep(0.005)  # noqa: E731
+    a = daemon_on(broker, config_for(tmp_path, replica="a", interval=0.2), on_batch=slow)
+    b = daemon_on(broker, config_for(tmp_path, replica="b", interval=0.2), on_batch=slow)
+    ta = run_in_thread(a, idle_exit_seconds=1.0)
+    while a.stats.events < 1200:
+        __import__("time").sleep(0.01)
+    tb = run_in_thread(b, idle_exit_seconds=1.0)
+    ta.join(30)
+    tb.join(30)
+    assert a.stats.revoked >= 4 and b.stats.assigned >= 2
+    assert b.stats.relearned == 0 and a.stats.events + b.stats.events == len(values)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+    # the moved partitions were restored, not started again
+    moved = [s for s in states(broker).values() if s.replica == "b"]
+    assert moved and all(s.detector.n_events_learned > 300 for s in moved)
+
+
+def test_a_new_partition_starts_from_the_most_experienced_model(tmp_path):
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=2)
+    values = make_events(1500)
+    for i, value in enumerate(values):
+        broker.produce("in", value, partition=0)
+    daemon_on(broker, config_for(tmp_path)).run(max_events=len(values))
+    for i, value in enumerate(make_events(40, seed=3)):
+        broker.produce("in", value, partition=1)
+    daemon = daemon_on(broker, config_for(tmp_path))
+    daemon.run(max_events=40)
+    new = states(broker)[TopicPartition("in", 1)]
+    assert new.events_learned == n_valid(make_events(40, seed=3))  # its own events only
+    assert not new.detector.warming_up  # but a model and threshold that are warm
+
+
+def test_the_merged_model_scores_every_partition_once_there_are_two(tmp_path):
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=2)
+    values = make_events(3000)
+    fill(broker, values)
+    daemon = daemon_on(broker, config_for(tmp_path))
+    merged = []
+    original = daemon._reference
+    daemon._reference = lambda: merged.append(original()) or merged[-1]
+    daemon.run(max_events=len(values))
+    assert merged[0] is None  # nothing fitted yet
+    last = merged[-1]
+    assert last is not None and last.n_components_ == sum(
+        s.detector.model.n_components_ for s in states(broker).values())
     assert_each_once(broker, values)
 
 
-def test_an_old_version_1_checkpoint_without_written_at_is_read(broker, tmp_path):
-    from streamgmm.checkpoint import write_state
-
-    values = make_events(500)
+@pytest.mark.parametrize("fences", [True, False], ids=["fencing-broker", "tansu-like"])
+def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tmp_path, fences):
+    """A replica stands still past its session timeout right after a poll; the group gives its
+    partitions to another replica, which goes on; the zombie wakes up with its stale batch."""
+    broker = MemoryBroker(fences_stale_group_metadata=fences)
+    broker.create_topic("in", partitions=2)
+    values = make_events(3000)
     fill(broker, values)
-    config = config_for(tmp_path)
-    daemon_on(broker, config).run(max_events=len(values))
-    arrays, meta = read_state(tmp_path / "ck.npz", CHECKPOINT_KIND, CHECKPOINT_VERSION)
-    meta = {k: v for k, v in meta.items() if k not in ("version", "written_at")}
-    write_state(tmp_path / "ck.npz", CHECKPOINT_KIND, 1, arrays, meta)
-    restored = daemon_on(broker, config)
-    assert restored.detector.n_events_learned == n_valid(values)
-    write_state(tmp_path / "ck.npz", CHECKPOINT_KIND, 2, arrays, meta)
-    with pytest.raises(Exception, match="written_at"):
-        daemon_on(broker, config)
+    zombie = daemon_on(broker, config_for(tmp_path, replica="z", interval=0.1))
+    other = daemon_on(broker, config_for(tmp_path, replica="o", interval=0.1))
+    woke = threading.Event()
+    froze = [False]
+    original = zombie._process_run
+
+    def freeze_once(task, run):
+        if not froze[0] and zombie.stats.events > 900:
+            froze[0] = True
+            broker.expire(zombie._source)  # the session times out ...
+            run_in_thread(other, idle_exit_seconds=1.5)
+            while other.stats.events < 600:  # ... the other replica takes over and goes on
+                __import__("time").sleep(0.01)
+            if not fences:  # a frozen process: its lease runs out
+                zombie._lease._longest_gap = 60.0
+            woke.set()
+        return original(task, run)
+
+    zombie._process_run = freeze_once
+    zombie.run(idle_exit_seconds=1.5)
+    assert woke.is_set() and zombie.stats.reconnects >= 1
+    deadline = __import__("time").monotonic() + 20
+    while other._source is not None and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)

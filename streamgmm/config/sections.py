@@ -108,7 +108,13 @@ class KafkaConfig(_Section):
         hint='use "at-least-once" only for brokers without transactions')
     transactional_id: str | None = _key(
         None, _Optional(_Str()),
-        hint="give every daemon instance its own stable id (defaults to <group_id>-<input_topic>)")
+        hint="the prefix of the replicas' transactional ids (defaults to <group_id>-<input_topic>; "
+             "each replica appends its replica_id)")
+    replica_id: str | None = _key(
+        None, _Optional(_Str()),
+        hint="this replica's stable name, unique in the group (e.g. the pod name); defaults to "
+             "the host name. Its transactional id is <transactional_id>-<replica_id>: a "
+             "restarted replica fences its previous self, replicas never fence each other")
     security_protocol: str = _key(
         "PLAINTEXT", _Choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
     sasl_mechanism: str | None = _key(
@@ -204,9 +210,18 @@ class KafkaConfig(_Section):
         return KAFKA_PYTHON_MAX_REQUEST_SIZE, "kafka.producer.max_request_size"
 
     @property
+    def effective_replica_id(self) -> str:
+        """``replica_id``, or the host name when it is not set."""
+        import socket
+
+        return self.replica_id or socket.gethostname() or "streamgmm"
+
+    @property
     def effective_transactional_id(self) -> str:
-        """``transactional_id``, or ``"<group_id>-<input_topic>"`` when it is not set."""
-        return self.transactional_id or f"{self.group_id}-{self.input_topic}"
+        """``"<transactional_id>-<replica_id>"``; the prefix defaults to
+        ``"<group_id>-<input_topic>"``."""
+        prefix = self.transactional_id or f"{self.group_id}-{self.input_topic}"
+        return f"{prefix}-{self.effective_replica_id}"
 
     def security_kwargs(self) -> dict[str, Any]:
         """The security settings (only those set), for any kafka-python client."""
@@ -331,14 +346,24 @@ class MetricsConfig(_Section):
 
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    """``[checkpoint]``: where and how often the model state (with its offsets) is saved."""
+    """``[checkpoint]``: the state topic, where each input partition's model state (with the
+    offsets it has learned up to) is written, and how often."""
 
     _name = "checkpoint"
 
-    path: str = _key("streamgmm-checkpoint.npz", _Str(), _non_empty,
-                     "a file path on persistent storage (relative to the working directory)")
-    interval_seconds: float = _key(30.0, _Float(), _between(0.1, 86_400),
-                                   "seconds between checkpoints, e.g. 30")
+    topic: str | None = _key(
+        None, _Optional(_Str()),
+        hint="the compacted state topic, one record per input partition (defaults to "
+             "<group_id>-state); replicas of a group share it")
+    interval_seconds: float = _key(10.0, _Float(), _between(0.01, 86_400),
+                                   "seconds between two writes of a partition's state, e.g. 10")
+    path: str | None = _key(
+        None, _Optional(_Str()),
+        hint="no longer used: the state lives in the state topic, a replica needs no disk")
+
+    def state_topic(self, group_id: str) -> str:
+        """``topic``, or ``"<group_id>-state"``."""
+        return self.topic or f"{group_id}-state"
 
 
 @dataclass(frozen=True)

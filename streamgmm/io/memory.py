@@ -32,6 +32,8 @@ from typing import Any
 from streamgmm.io.base import (
     KafkaUnavailable,
     OutgoingRecord,
+    PartitionsLost,
+    RebalanceListener,
     RecordRejected,
     TopicPartition,
     check_delivery,
@@ -40,7 +42,7 @@ from streamgmm.io.base import (
 )
 
 __all__ = ["MemoryBroker", "MemoryBackend", "MemorySource", "MemorySink", "MemoryRecord",
-           "Killed"]
+           "MemoryStateReader", "Killed"]
 
 #: The fault names :meth:`MemoryBroker.inject` takes.
 FAULTS = ("transact", "send", "commit", "poll", "connect", "visible-transact")
@@ -76,15 +78,27 @@ class MemoryBroker:
         Records larger than this (:func:`~streamgmm.io.base.record_size`) are refused.
     calls : dict of str to int
         How often each publishing path ran: ``"transact"``, ``"send"``, ``"commit"``.
+    fences_stale_group_metadata : bool
+        Refuse (:class:`~streamgmm.io.base.PartitionsLost`) a transaction whose group metadata
+        is of a member that left the group or an older generation, as Apache Kafka does
+        (KIP-447); Tansu does not.
+
+    Consumer groups: each :class:`MemorySource` of a group is a member. Partitions are spread
+    over the members round-robin (in joining order); a rebalance revokes a member's partitions
+    at its next poll (eager), and a partition goes to its new owner only once the old one has
+    revoked it or left. :meth:`expire` removes a member as a session timeout would: it learns
+    at its next poll that its partitions are lost.
     """
 
     up: bool = True
     max_record_bytes: int = 1_000_000
     calls: dict[str, int] = field(default_factory=dict)
+    fences_stale_group_metadata: bool = True
     _topics: dict[str, list[list[MemoryRecord]]] = field(default_factory=dict)
     _committed: dict[tuple[str, TopicPartition], int] = field(default_factory=dict)
     _faults: list[tuple[str, bool]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _groups: dict[str, _Group] = field(default_factory=dict)
 
     def create_topic(self, topic: str, partitions: int = 1) -> None:
         """Create ``topic`` with ``partitions`` partitions (nothing if it exists)."""
@@ -153,36 +167,150 @@ class MemoryBroker:
             for tp, offset in offsets.items():
                 self._committed[(group, TopicPartition(*tp))] = int(offset)
 
+    # -- consumer groups -----------------------------------------------------------------
+
+    def _group(self, group: str) -> _Group:
+        return self._groups.setdefault(group, _Group())
+
+    def _join(self, source: MemorySource) -> None:
+        with self._lock:
+            group = self._group(source.group_id)
+            group.members.append(source)
+            group.generation += 1
+            group.joins += 1
+            source.member_id = f"{source.group_id}-{group.joins}"
+
+    def _leave(self, source: MemorySource, release: bool = True) -> None:
+        with self._lock:
+            group = self._group(source.group_id)
+            if source in group.members:
+                group.members.remove(source)
+                group.generation += 1
+            if release:
+                for tp, owner in list(group.owners.items()):
+                    if owner is source:
+                        del group.owners[tp]
+
+    def expire(self, source: MemorySource) -> None:
+        """Remove ``source`` from its group as a session timeout would (its partitions go to
+        the others; it finds out at its next poll)."""
+        self._leave(source)
+
+    def members(self, group: str) -> list[MemorySource]:
+        """The members of ``group``, in joining order."""
+        with self._lock:
+            return list(self._group(group).members)
+
+    def _target(self, source: MemorySource) -> set[TopicPartition]:
+        """The partitions the current generation gives ``source`` (round-robin)."""
+        group = self._group(source.group_id)
+        if source not in group.members:
+            return set()
+        parts = self.partitions(source.topic)
+        i, n = group.members.index(source), len(group.members)
+        return {tp for j, tp in enumerate(parts) if j % n == i}
+
+    def _stale(self, metadata: Any) -> bool:
+        """Whether a transaction's group metadata is of a member that left the group (expired,
+        closed, or joined again since). A member that is being rebalanced still commits, as in
+        Kafka: its generation ends when the rebalance completes."""
+        _, group_id, member_id = metadata
+        with self._lock:
+            return member_id not in {m.member_id for m in self._group(group_id).members}
+
+
+@dataclass
+class _Group:
+    """A consumer group: its members, its generation, who holds which partition now."""
+
+    members: list[MemorySource] = field(default_factory=list)
+    generation: int = 0
+    joins: int = 0
+    owners: dict[TopicPartition, MemorySource] = field(default_factory=dict)
+
 
 class MemorySource:
-    """The only member of its group: every partition of ``topic`` is assigned to it.
+    """A member of a consumer group on a :class:`MemoryBroker` (a
+    :class:`~streamgmm.io.base.Source`); the group's protocol runs inside :meth:`poll`."""
 
-    A :class:`~streamgmm.io.base.Source` on a :class:`MemoryBroker`.
-    """
+    session_timeout = 6.0
+    max_poll_interval = 300.0
 
     def __init__(self, broker: MemoryBroker, topic: str, group_id: str,
-                 auto_offset_reset: str = "earliest") -> None:
+                 auto_offset_reset: str = "earliest",
+                 listener: RebalanceListener | None = None) -> None:
         broker._check("connect")
         self.broker, self.topic, self.group_id = broker, topic, group_id
         self._reset = auto_offset_reset
+        self._listener = listener
         self._positions: dict[TopicPartition, int] = {}
+        self._held: set[TopicPartition] = set()
+        self._generation = -1
+        self.member_id = ""
         self._closed = False
+        broker._join(self)
 
     def _assigned(self) -> list[TopicPartition]:
-        return self.broker.partitions(self.topic)
+        return sorted(self._held)
+
+    def _serve_group(self) -> None:
+        """One round of the group protocol: revoke, find out about a loss, take up partitions."""
+        broker = self.broker
+        with broker._lock:
+            group = broker._group(self.group_id)
+            if self not in group.members:  # expired: the partitions are already someone's
+                lost, self._held = set(self._held), set()
+                broker._join(self)
+            else:
+                lost = set()
+            generation = group.generation
+        if lost and self._listener is not None:
+            self._listener.partitions_lost(lost)
+        if generation != self._generation and self._held:  # eager: give everything back
+            if self._listener is not None:
+                self._listener.partitions_revoked(set(self._held))
+            with broker._lock:
+                for tp in self._held:
+                    if group.owners.get(tp) is self:
+                        del group.owners[tp]
+            self._held = set()
+        self._generation = generation
+        with broker._lock:
+            free = {tp for tp in broker._target(self)
+                    if tp not in self._held and group.owners.get(tp) is None}
+            for tp in free:
+                group.owners[tp] = self
+        if not free:
+            return
+        self._held |= free
+        for tp in free:
+            self._positions.pop(tp, None)
+        if self._listener is not None:
+            for tp, offset in dict(self._listener.partitions_assigned(set(free))).items():
+                self._positions[TopicPartition(*tp)] = int(offset)
 
     def wait_for_assignment(self, timeout: float = 30.0) -> set[TopicPartition]:
         self.broker._check("poll")
-        if not self._assigned():
+        if not self.broker.partitions(self.topic):
             raise KafkaUnavailable(f"no partition of {self.topic!r}: the topic does not exist")
+        deadline = time.monotonic() + timeout
+        self._serve_group()
+        while not self._held:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"no partition of {self.topic!r} assigned within "
+                                       f"{timeout:g} s")
+            time.sleep(0.01)
+            self._serve_group()
         return self.assignment()
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._assigned())
+        return set(self._held)
 
-    def committed(self) -> dict[TopicPartition, int | None]:
+    def committed(self, partitions=None) -> dict[TopicPartition, int | None]:
         self.broker._check("poll")
-        return {tp: self.broker.committed(self.group_id, tp) for tp in self._assigned()}
+        parts = self._assigned() if partitions is None else [TopicPartition(*p)
+                                                             for p in partitions]
+        return {tp: self.broker.committed(self.group_id, tp) for tp in parts}
 
     def beginning_offsets(self) -> dict[TopicPartition, int]:
         self.broker._check("poll")
@@ -201,6 +329,7 @@ class MemorySource:
 
     def poll(self, max_records: int, timeout_ms: int) -> list[MemoryRecord]:
         self.broker._check("poll")
+        self._serve_group()
         out: list[MemoryRecord] = []
         with self.broker._lock:
             for tp in self._assigned():
@@ -224,15 +353,45 @@ class MemorySource:
                    for tp in self._assigned() if tp in next_offsets)
 
     def group_metadata(self) -> Any:
-        return ("memory-group", self.group_id)
+        return ("memory-group", self.group_id, self.member_id)
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self.broker._check("commit")
+        if self.broker.fences_stale_group_metadata and self.broker._stale(self.group_metadata()):
+            raise PartitionsLost("the commit's member left the group (it rebalanced without it)")
         self.broker._count("commit")
         self.broker._commit(self.group_id, offsets)
 
     def close(self) -> None:
+        if not self._closed:
+            self.broker._leave(self)
         self._closed = True
+
+
+class MemoryStateReader:
+    """A :class:`~streamgmm.io.base.StateReader` on a :class:`MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker, topic: str) -> None:
+        broker._check("connect")
+        self.broker, self.topic = broker, topic
+        self._positions: dict[TopicPartition, int] = {}
+
+    def poll(self, timeout_ms: int = 0) -> list[MemoryRecord]:
+        self.broker._check("poll")
+        out: list[MemoryRecord] = []
+        with self.broker._lock:
+            for tp in self.broker.partitions(self.topic):
+                start = self._positions.get(tp, 0)
+                taken = self.broker._topics[tp.topic][tp.partition][start:]
+                out += taken
+                self._positions[tp] = start + len(taken)
+        return out
+
+    def catch_up(self, timeout: float = 10.0) -> list[MemoryRecord]:
+        return self.poll(0)
+
+    def close(self) -> None:
+        pass
 
 
 class MemorySink:
@@ -266,6 +425,9 @@ class MemorySink:
                 broker._fail_if("visible-transact")
             broker._check("transact")
             self._refused(records)
+            if offsets and broker.fences_stale_group_metadata and broker._stale(group_metadata):
+                raise PartitionsLost("the transaction's group metadata is stale: the group "
+                                     "rebalanced without this member")
             broker._count("transact")
             self._append(records)
             broker._commit(group_metadata[1], offsets)
@@ -300,9 +462,16 @@ class MemoryBackend:
         sink.cancel = cancel
         return sink
 
-    def open_source(self) -> MemorySource:
+    def open_source(self, listener: RebalanceListener | None = None) -> MemorySource:
         return MemorySource(self.broker, self.kafka.input_topic, self.kafka.group_id,
-                            self.kafka.auto_offset_reset)
+                            self.kafka.auto_offset_reset, listener)
+
+    def ensure_state_topic(self, topic: str) -> None:
+        self.broker._check("connect")
+        self.broker.create_topic(topic)
+
+    def open_state_reader(self, topic: str) -> MemoryStateReader:
+        return MemoryStateReader(self.broker, topic)
 
     def read_published_sources(self, output_topic: str, dead_letter_topic: str,
                                start_positions: Mapping[TopicPartition, int] | None = None,
