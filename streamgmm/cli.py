@@ -1,9 +1,10 @@
 """The ``streamgmm`` command: run the daemon, the demo, a file replay or the embedded broker.
 
 Exit codes: 0 success (also after ``SIGTERM``/``SIGINT``), 1 runtime failure, 2 invalid
-configuration or arguments (nothing was connected), 3 unusable checkpoint, 4 the daemon was stuck
-(its loop made no progress for ``[watchdog] stall_seconds``, or it did not stop within
-``[watchdog] stop_seconds`` of a ``SIGTERM``): restart it, nothing is lost.
+configuration or arguments (nothing was connected), 3 unusable state (a state topic made for
+other features), 4 the daemon was stuck (its loop made no progress for ``[watchdog]
+stall_seconds``, or it did not stop within ``[watchdog] stop_seconds`` of a ``SIGTERM``): restart
+it, nothing is lost.
 
 Examples
 --------
@@ -20,7 +21,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 from streamgmm import __version__
@@ -46,8 +46,8 @@ Start here:
 """
 
 _RUN_HELP = """\
-Run the daemon until SIGTERM/SIGINT (which finish the current batch, publish, commit, write a
-checkpoint and exit 0).
+Run the daemon until SIGTERM/SIGINT (which finish the current batch, publish, commit, write the
+partitions' states and exit 0).
 
 Configuration: a TOML file (see config/streamgmm.toml, every key commented); every key can be
 overridden by an environment variable STREAMGMM_<SECTION>__<KEY>, e.g.
@@ -58,11 +58,14 @@ Delivery: exactly-once by default (one Kafka transaction per batch: anomalies, d
 input offsets); read the output topics with isolation.level=read_committed. For brokers without
 transactions set kafka.delivery = "at-least-once".
 
-Checkpoints: the model and the offsets it has learned are written atomically to checkpoint.path
-every checkpoint.interval_seconds. On restart the daemon resumes from it and publishes nothing
-twice. A checkpoint that is corrupt or made for other features is refused (exit 3); start fresh by
-deleting it or with --fresh (which renames it aside, keeping it for inspection). Starting fresh
-re-reads the input from the group's committed offsets with a new model.
+State: each input partition's model, thresholds and drift reference, with the offset they have
+learned up to, is a record of the compacted state topic (checkpoint.topic, default
+<group_id>-state), written every checkpoint.interval_seconds in the transaction of its events'
+outputs, when the partition is revoked, and on shutdown. Whichever replica is assigned a partition
+restores its state before scoring it, so replicas come and go freely (scale out by starting more,
+up to the input topic's partition count; give each its own kafka.replica_id) and need no disk.
+A state topic made for other features is refused (exit 3); to start fresh use a new group_id or
+delete the state topic and the group.
 """
 
 _DEMO_HELP = """\
@@ -94,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TOML configuration file (omit to use defaults + environment)")
     run.add_argument("--print-config", action="store_true",
                      help="print the effective configuration (secrets redacted) and exit")
-    run.add_argument("--fresh", action="store_true",
-                     help="rename an existing checkpoint aside and start with a new model")
     run.add_argument("--create-topics", action="store_true",
                      help="create missing input, output and dead-letter topics")
     _add_logging(run)
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--metrics-port", type=int, default=0,
                       help="port of the metrics endpoint (default: a free one)")
     demo.add_argument("--workdir", metavar="DIR", default=None,
-                      help="directory for the checkpoint and broker log (default: a temp dir)")
+                      help="directory for the broker log (default: a temp dir)")
     demo.add_argument("--quiet", action="store_true", help="no live console, summary only")
     _add_logging(demo)
 
@@ -187,24 +188,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from streamgmm.metrics import Metrics
     from streamgmm.service import Daemon
 
-    path = config.checkpoint.path
-    if args.fresh and os.path.exists(path):
-        aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.old"
-        try:
-            os.replace(path, aside)
-        except OSError as exc:
-            _error(f"cannot move the checkpoint {path} aside ({exc.strerror}); delete it or fix "
-                   "the permissions of its directory")
-            return EXIT_CHECKPOINT
-        print(f"streamgmm: moved the old checkpoint to {aside}; starting fresh", file=sys.stderr)
     metrics = Metrics() if config.metrics.enabled else None
-    try:
-        daemon = Daemon(config, metrics=metrics, create_topics=args.create_topics,
-                        watchdog=watchdog)
-    except CheckpointError as exc:
-        _error(f"unusable checkpoint: {exc}\n(to start fresh: streamgmm run --fresh, or delete "
-               f"{path})")
-        return EXIT_CHECKPOINT
+    daemon = Daemon(config, metrics=metrics, create_topics=args.create_topics,
+                    watchdog=watchdog)
     try:
         if metrics is not None:
             metrics.serve(config.metrics.host, config.metrics.port)
@@ -217,6 +203,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     watchdog.start()
     try:
         code = daemon.run()
+    except CheckpointError as exc:
+        _error(f"unusable state topic: {exc}")
+        code = EXIT_CHECKPOINT
     finally:
         if metrics is not None:
             metrics.close()

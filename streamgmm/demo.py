@@ -4,9 +4,9 @@ The demo starts the embedded Kafka-protocol broker (:mod:`streamgmm.embedded`), 
 synthetic stream (:func:`synthetic_stream`: a 3-component Gaussian mixture in three features with
 injected far-out anomalies, a few unscorable messages and a level shift two thirds of the way in)
 and runs the real :class:`streamgmm.service.Daemon` on it — exactly-once transactions, dead
-letters, checkpoints, Prometheus metrics on localhost. A console line per second shows events/s,
-the threshold, anomalies and drift; at the end it prints precision and recall against the injected
-anomalies and writes a PNG plot of the scores.
+letters, partition states in a state topic, Prometheus metrics on localhost. A console line per
+second shows events/s, the threshold, anomalies and drift; at the end it prints precision and
+recall against the injected anomalies and writes a PNG plot of the scores.
 
 Examples
 --------
@@ -227,12 +227,11 @@ def run_demo(
             "STREAMGMM_KAFKA__INPUT_TOPIC": "events",
             "STREAMGMM_FEATURES__FIELDS": ",".join(FIELDS),
             "STREAMGMM_THRESHOLD__WARMUP_EVENTS": "1000",
-            "STREAMGMM_CHECKPOINT__PATH": os.path.join(workdir, "checkpoint.npz"),
             "STREAMGMM_CHECKPOINT__INTERVAL_SECONDS": "5",
             "STREAMGMM_BATCH__MAX_WAIT_MS": "100",
             "STREAMGMM_MODEL__RANDOM_STATE": str(seed),
         })
-        say(f"  checkpoint       {config.checkpoint.path}")
+        say(f"  state topic      {config.checkpoint.state_topic(config.kafka.group_id)}")
         say(f"  topics           {config.kafka.input_topic} -> {config.kafka.output_topic} "
             f"(anomalies), {config.kafka.dead_letter_topic} (dead letters)")
         from streamgmm.io.kafka import ensure_topics

@@ -11,12 +11,12 @@ or does not. Each run of :class:`streamgmm.service.Daemon` here takes about a se
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import Counter
 
 import orjson
 import pytest
-
-import threading
 
 from streamgmm.config import load_config
 from streamgmm.io.base import Backend, Sink, Source, StateReader, TopicPartition
@@ -233,7 +233,7 @@ def test_every_state_is_consistent_with_the_committed_offsets(broker, tmp_path):
     fill(broker, values)
     config = config_for(tmp_path, interval=0.05)
     broker.inject("transact", times=2)
-    daemon_on(broker, config, on_batch=lambda *_: __import__("time").sleep(0.01)).run(
+    daemon_on(broker, config, on_batch=lambda *_: time.sleep(0.01)).run(
         idle_exit_seconds=0.3)
     history = [decode_state(r.value, r.key, ["x", "y"]) for r in broker.records("streamgmm-state")]
     assert len(history) > 6
@@ -299,12 +299,12 @@ def test_partitions_that_move_to_a_joining_replica_keep_their_state(tmp_path):
     values = make_events(4000)
     for i, value in enumerate(values):
         broker.produce("in", value, key=b"%d" % i, partition=i % 4)
-    slow = lambda *_: __import__("time").sleep(0.005)  # noqa: E731
+    slow = lambda *_: time.sleep(0.005)  # noqa: E731
     a = daemon_on(broker, config_for(tmp_path, replica="a", interval=0.2), on_batch=slow)
     b = daemon_on(broker, config_for(tmp_path, replica="b", interval=0.2), on_batch=slow)
     ta = run_in_thread(a, idle_exit_seconds=1.0)
     while a.stats.events < 1200:
-        __import__("time").sleep(0.01)
+        time.sleep(0.01)
     tb = run_in_thread(b, idle_exit_seconds=1.0)
     ta.join(30)
     tb.join(30)
@@ -321,10 +321,10 @@ def test_a_new_partition_starts_from_the_most_experienced_model(tmp_path):
     broker = MemoryBroker()
     broker.create_topic("in", partitions=2)
     values = make_events(1500)
-    for i, value in enumerate(values):
+    for value in values:
         broker.produce("in", value, partition=0)
     daemon_on(broker, config_for(tmp_path)).run(max_events=len(values))
-    for i, value in enumerate(make_events(40, seed=3)):
+    for value in make_events(40, seed=3):
         broker.produce("in", value, partition=1)
     daemon = daemon_on(broker, config_for(tmp_path))
     daemon.run(max_events=40)
@@ -370,7 +370,7 @@ def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tm
             broker.expire(zombie._source)  # the session times out ...
             run_in_thread(other, idle_exit_seconds=1.5)
             while other.stats.events < 600:  # ... the other replica takes over and goes on
-                __import__("time").sleep(0.01)
+                time.sleep(0.01)
             if not fences:  # a frozen process: its lease runs out
                 zombie._lease._longest_gap = 60.0
             woke.set()
@@ -379,8 +379,8 @@ def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tm
     zombie._process_run = freeze_once
     zombie.run(idle_exit_seconds=1.5)
     assert woke.is_set() and zombie.stats.reconnects >= 1
-    deadline = __import__("time").monotonic() + 20
-    while other._source is not None and __import__("time").monotonic() < deadline:
-        __import__("time").sleep(0.05)
+    deadline = time.monotonic() + 20
+    while other._source is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert_each_once(broker, values)
     assert_learned_once(broker, values)
