@@ -171,3 +171,15 @@ def read_topic(bootstrap: str, topic: str, *, expect: int | None = None, timeout
         return messages
     finally:
         consumer.close()
+
+
+def newest_states(bootstrap: str, state_topic: str, fields) -> dict:
+    """The newest state of each input partition in ``state_topic`` (read ``read_committed`` by
+    the reference client), as :class:`streamgmm.partition_state.PartitionState` by partition."""
+    from streamgmm.partition_state import decode_state
+
+    newest = {}
+    for message in read_topic(bootstrap, state_topic, idle=0.5):
+        newest[message.key()] = message.value()
+    states = (decode_state(value, key, list(fields)) for key, value in newest.items() if value)
+    return {state.partition: state for state in states}

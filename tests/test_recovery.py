@@ -1,13 +1,14 @@
 """``kill -9`` at random points, inside transactions too: nothing lost, nothing published twice.
 
-The daemon runs as a real ``streamgmm run`` process against the embedded broker; the input is
-produced and the outputs are read by an independent client (confluent-kafka, ``read_committed``).
-After every kill a new daemon restores the checkpoint, re-learns what it had learned after it
-without publishing, reads back the output topics, and carries on. At the end:
+The daemon runs as a real ``streamgmm run`` process against each broker; the input is produced
+and the outputs are read by an independent client (confluent-kafka, ``read_committed``). After
+every kill a new daemon, in an empty working directory, restores the partitions' states from the
+state topic, re-learns what its predecessor had learned after them without publishing, reads back
+the output topics, and carries on. At the end:
 
 * every unscorable event has exactly one dead letter, and nothing else has one;
 * every injected (obvious) anomaly has exactly one anomaly message; no source appears twice;
-* the model has learned each valid event exactly once (its count equals the number of them).
+* each partition's state has learned each of its valid events exactly once.
 """
 
 from __future__ import annotations
@@ -17,18 +18,14 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
-from conftest import produce, read_topic, unique_name
-from kafka import TopicPartition
+from conftest import newest_states, produce, read_topic, unique_name
 from waiting import wait_for
 
-from streamgmm.checkpoint import read_state
 from streamgmm.io.kafka import ensure_topics
 from streamgmm.messages import source_of_dead_letter, source_of_output
-from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
 
 N_EVENTS = 6000
 N_KILLS = 3
@@ -52,7 +49,7 @@ def make_events(n: int, seed: int = 3) -> tuple[list[bytes], list[str]]:
     return values, kinds
 
 
-def write_config(path, bootstrap, topics, group, checkpoint, delivery="exactly-once",
+def write_config(path, bootstrap, topics, group, delivery="exactly-once",
                  backend="kafka-python", quirks="tansu") -> None:
     inp, out, dlq = topics
     path.write_text(f"""
@@ -78,21 +75,25 @@ warmup_events = 300
 [metrics]
 enabled = false
 [checkpoint]
-path = "{checkpoint}"
 interval_seconds = 0.7
 """)
 
 
-def start_daemon(config, log) -> subprocess.Popen:
+def start_daemon(config, log, workdir) -> subprocess.Popen:
+    """``streamgmm run`` in ``workdir``, made empty first: a replica needs no disk."""
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
     return subprocess.Popen(
         [sys.executable, "-m", "streamgmm.cli", "run", "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
 
 
-def wait_until_recovered(checkpoint, proc) -> None:
-    """The daemon writes a checkpoint as soon as it has recovered: then it is processing."""
-    since = time.time()
-    wait_for(lambda: checkpoint.exists() and checkpoint.stat().st_mtime >= since,
+def wait_until_recovered(log_path, proc) -> None:
+    """The daemon says when it has joined the group and restored its partitions."""
+    seen = log_path.read_bytes().count(b"joined group")
+    wait_for(lambda: log_path.read_bytes().count(b"joined group") > seen,
              "the daemon to recover", 120, [("the daemon", proc)])
 
 
@@ -110,12 +111,6 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 2)
     return sum(tp.offset for tp in committed if tp.offset >= 0)
 
 
-def learned_total(checkpoint) -> int:
-    """Sum of the input offsets the daemon's last checkpoint has learned up to."""
-    _, meta = read_state(checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
-    return sum(meta["learned_offsets"].values())
-
-
 def run_with_kills(tmp_path, bootstrap, delivery: str, seed: int, backend: str, quirks: str):
     rng = random.Random(seed)
     topics = tuple(unique_name(p) for p in ("in", "out", "dlq"))
@@ -123,35 +118,31 @@ def run_with_kills(tmp_path, bootstrap, delivery: str, seed: int, backend: str, 
     ensure_topics(bootstrap, topics, partitions=2)
     values, kinds = make_events(N_EVENTS, seed)
     produce(bootstrap, topics[0], values, keys=[str(i % 11).encode() for i in range(N_EVENTS)])
-    checkpoint = tmp_path / "checkpoint.npz"
     config = tmp_path / "streamgmm.toml"
-    write_config(config, bootstrap, topics, group, checkpoint, delivery, backend, quirks)
+    write_config(config, bootstrap, topics, group, delivery, backend, quirks)
     log_path = tmp_path / "daemon.log"
+    workdir = tmp_path / "replica"
     with open(log_path, "ab") as log:
         for _ in range(N_KILLS):
-            proc = start_daemon(config, log)
-            wait_until_recovered(checkpoint, proc)
+            proc = start_daemon(config, log, workdir)
+            wait_until_recovered(log_path, proc)
             try:
                 proc.wait(timeout=rng.uniform(0.2, 1.5))
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
-        proc = start_daemon(config, log)
+        proc = start_daemon(config, log, workdir)
         try:
-            wait_until_recovered(checkpoint, proc)
+            wait_until_recovered(log_path, proc)
             wait_for(lambda: committed_total(bootstrap, group, topics[0]) >= N_EVENTS,
                      "every event committed", 120, [("the daemon", proc)])
-            # Committed is not learned: after a kill the new daemon re-learns what its
-            # predecessor published after the last checkpoint.
-            wait_for(lambda: learned_total(checkpoint) >= N_EVENTS,
-                     "every event learned", 60, [("the daemon", proc)])
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # which writes every partition's state
             assert proc.wait(timeout=15) == 0, "SIGTERM must exit 0 within seconds"
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return topics, values, kinds, checkpoint, log_path
+    return topics, group, values, kinds, log_path
 
 
 def partition_offsets(bootstrap, topic, n):
@@ -174,7 +165,7 @@ def test_kill_minus_9_loses_nothing_and_duplicates_nothing(tmp_path, kafka_broke
     bootstrap = kafka_broker.bootstrap_servers
     quirks = "none" if kafka_broker.kind == "apache" else "tansu"
     seed = (11 if delivery == "exactly-once" else 12) + (backend == "confluent-kafka")
-    topics, values, kinds, checkpoint, log_path = run_with_kills(
+    topics, group, values, kinds, log_path = run_with_kills(
         tmp_path, bootstrap, delivery, seed, backend, quirks)
     inputs = read_topic(bootstrap, topics[0], expect=N_EVENTS)
     assert len(inputs) == N_EVENTS
@@ -198,8 +189,9 @@ def test_kill_minus_9_loses_nothing_and_duplicates_nothing(tmp_path, kafka_broke
     assert set(dlq_sources) == invalid, log
     assert anomalies <= set(out_sources), f"lost anomalies {sorted(anomalies - set(out_sources))}"
     assert len(out_sources) < len(anomalies) + 0.01 * N_EVENTS  # false alarms stay rare
-    _, meta = read_state(checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
-    n_valid = sum(1 for k in kind_of.values() if k != "invalid")
-    assert meta["events_learned"] == n_valid, log
-    assert sum(meta["learned_offsets"].values()) == N_EVENTS
-    assert {TopicPartition(*k.rsplit(":", 1)) for k in meta["learned_offsets"]}
+    states = newest_states(bootstrap, f"{group}-state", ["x", "y"])
+    assert set(states) == {(topics[0], 0), (topics[0], 1)}
+    for tp, state in states.items():
+        mine = [k for (_, p, _), k in kind_of.items() if p == tp.partition]
+        assert state.events_learned == sum(1 for k in mine if k != "invalid"), log
+        assert state.learned == len(mine)
