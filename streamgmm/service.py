@@ -194,6 +194,8 @@ class _Task:
     written: float = -math.inf
     #: The state learned something since it was last written.
     unwritten: bool = True
+    #: ``time.monotonic()`` of the assignment, until the first event is scored.
+    assigned_at: float | None = None
 
     @property
     def detector(self):
@@ -509,7 +511,7 @@ class Daemon:
             self.metrics.partitions_changed(change, len(partitions), len(self._tasks))
 
     def _restore(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-        started = time.perf_counter()
+        started, assigned_at = time.perf_counter(), time.monotonic()
         self._read_fleet(catch_up=True)
         committed = self._source.committed(partitions)
         starts: dict[TopicPartition, int] = {}
@@ -547,7 +549,7 @@ class Daemon:
                 how += f"; re-learning offsets {state.learned}..{c - 1} without publishing"
             logger.info("%s: %s", tp.key(), how)
             task = _Task(state, BatchPipeline.from_config(self.config, state.detector),
-                         publish_from)
+                         publish_from, assigned_at=assigned_at)
             if candidates:  # its state is in the topic: due again an interval from now
                 task.written, task.unwritten = time.monotonic(), False
             new[tp] = task
@@ -625,6 +627,10 @@ class Daemon:
     def _process_run(self, task: _Task, run: Sequence[Any]):
         """Score, decide and learn one partition's records of a batch; returns what to publish."""
         outcome = task.pipeline.process([r.value for r in run], reference=self._reference())
+        if task.assigned_at is not None:
+            logger.info("%s: first event scored %.3f s after its assignment",
+                        task.state.partition.key(), time.monotonic() - task.assigned_at)
+            task.assigned_at = None
         extraction, result = outcome.extraction, outcome.result
         outgoing = [self._dead_letter(run[letter.index], letter)
                     for letter in outcome.dead_letters]
