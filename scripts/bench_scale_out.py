@@ -91,8 +91,32 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
     return sum(tp.offset for tp in found if tp.offset >= 0)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def merged_model_age(port: int) -> float | None:
+    """``streamgmm_merged_model_age_seconds`` of the replica serving metrics on ``port``."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            for line in answer.read().decode().splitlines():
+                if line.startswith("streamgmm_merged_model_age_seconds "):
+                    value = float(line.split()[1])
+                    return None if value != value else value
+    except OSError:
+        return None
+    return None
+
+
 def start_replica(bootstrap: str, topic: str, group: str, name: str, workdir: str,
-                  interval: float = 10.0) -> tuple[subprocess.Popen, str]:
+                  interval: float = 10.0, metrics_port: int | None = None
+                  ) -> tuple[subprocess.Popen, str]:
     disk = os.path.join(workdir, f"{group}-{name}")
     os.makedirs(disk)
     env = {**os.environ,
@@ -101,7 +125,9 @@ def start_replica(bootstrap: str, topic: str, group: str, name: str, workdir: st
            "STREAMGMM_KAFKA__DEAD_LETTER_TOPIC": f"{group}-dlt",
            "STREAMGMM_KAFKA__GROUP_ID": group, "STREAMGMM_KAFKA__REPLICA_ID": name,
            "STREAMGMM_FEATURES__FIELDS": FIELDS, "STREAMGMM_MODEL__N_COMPONENTS": "2",
-           "STREAMGMM_METRICS__ENABLED": "false",
+           "STREAMGMM_METRICS__ENABLED": "false" if metrics_port is None else "true",
+           "STREAMGMM_METRICS__HOST": "127.0.0.1",
+           "STREAMGMM_METRICS__PORT": str(metrics_port or 0),
            "STREAMGMM_CHECKPOINT__INTERVAL_SECONDS": str(interval)}
     log_path = os.path.join(disk, "log")
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process by the caller's exit
@@ -163,17 +189,25 @@ def moves(bootstrap: str, workdir: str, partitions: int, rate: float, seconds: f
                                 daemon=True)
     producer.start()
     group = f"moves-{time.time_ns()}"
-    r0 = start_replica(bootstrap, topic, group, "r0", workdir, interval=2.0)
-    r1 = start_replica(bootstrap, topic, group, "r1", workdir, interval=2.0)
+    ports = [free_port() for _ in range(3)]
+    r0 = start_replica(bootstrap, topic, group, "r0", workdir, 2.0, ports[0])
+    r1 = start_replica(bootstrap, topic, group, "r1", workdir, 2.0, ports[1])
     procs = [r0[0], r1[0]]
+    ages: list[float] = []
+
+    def sample(until: float, live: list[int]) -> None:
+        while time.monotonic() < until:
+            ages.extend(a for a in map(merged_model_age, live) if a is not None)
+            time.sleep(1.0)
+
     try:
-        time.sleep(seconds)
-        r2 = start_replica(bootstrap, topic, group, "r2", workdir, interval=2.0)
+        sample(time.monotonic() + seconds, ports[:2])
+        r2 = start_replica(bootstrap, topic, group, "r2", workdir, 2.0, ports[2])
         procs.append(r2[0])
-        time.sleep(seconds)
+        sample(time.monotonic() + seconds, ports)
         r0[0].send_signal(signal.SIGTERM)
         r0[0].wait(timeout=30)
-        time.sleep(seconds)
+        sample(time.monotonic() + seconds, ports[1:])
     finally:
         stop.set()
         stop_all(procs)
@@ -185,7 +219,8 @@ def moves(bootstrap: str, workdir: str, partitions: int, rate: float, seconds: f
                 found = pattern.search(line)
                 if found:
                     waits.append(float(found.group(2)))
-    return {"moved": len(waits), "first_event_after_assignment_s": waits}
+    return {"moved": len(waits), "first_event_after_assignment_s": waits,
+            "merged_model_age_s": ages}
 
 
 def state_sizes(bootstrap: str, group_prefix: str) -> list[int]:
@@ -259,6 +294,10 @@ def main() -> int:
                   f"{max(sizes):,.0f} ({len(sizes)} states)", flush=True)
             print(f"  moves: {len(waits)} partitions moved; first event after assignment "
                   f"{', '.join(f'{w:.2f}' for w in waits)} s", flush=True)
+            ages = moved["merged_model_age_s"]
+            if ages:
+                print(f"  merged model age (state interval 2 s), {len(ages)} samples: median "
+                      f"{statistics.median(ages):.2f} s, max {max(ages):.2f} s", flush=True)
     print()
     print("| broker | " + " | ".join(f"{k} replica{'s' if k > 1 else ''} (ev/s)" for k in counts)
           + " | moved partition: assignment -> first scored event (median / max) "

@@ -702,10 +702,12 @@ class Daemon:
             self._publish([], states, {})
 
     def _write_states(self, partitions: Sequence[TopicPartition], offsets: bool) -> None:
-        """Write the states of ``partitions`` now (with their offsets: ``offsets``)."""
+        """Write the states of ``partitions`` that learned something since their last write,
+        now (with their offsets: ``offsets``)."""
         if self._source is None or self._sink is None:
             return
-        states = self._due_states(list(partitions))
+        partitions = [tp for tp in partitions if self._tasks[tp].unwritten]
+        states = self._due_states(partitions)
         commit = {}
         if offsets:
             commit = {tp: self._tasks[tp].state.learned for tp in partitions
