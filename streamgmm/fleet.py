@@ -158,17 +158,27 @@ class FleetView:
                 return states[0]
         return None
 
-    def reference(self, live: Mapping[TopicPartition, Any]) -> OnlineGaussianMixture | None:
-        """The merged model of every partition (``live``: this replica's detectors, by partition,
-        which count instead of their written states); ``None`` while it would be one model."""
-        parts: dict[TopicPartition, tuple[OnlineGaussianMixture, float]] = {
-            tp: (m, n) for tp, (m, n, _) in self._models.items()}
+    def _parts(self, live: Mapping[TopicPartition, Any]
+               ) -> dict[TopicPartition, tuple[OnlineGaussianMixture, float]]:
+        """The fitted model of every partition and what it weighs (``live`` ones count instead
+        of their written states)."""
+        parts = {tp: (m, n) for tp, (m, n, _) in self._models.items()}
         for tp, detector in live.items():
             model = detector.model
             if model.is_fitted:
                 parts[tp] = (model, remembered_events(model))
             else:
                 parts.pop(tp, None)
+        return parts
+
+    def merged_partitions(self, live: Mapping[TopicPartition, Any]) -> set[TopicPartition]:
+        """The partitions whose models :meth:`reference` merges."""
+        return set(self._parts(live))
+
+    def reference(self, live: Mapping[TopicPartition, Any]) -> OnlineGaussianMixture | None:
+        """The merged model of every partition (``live``: this replica's detectors, by partition,
+        which count instead of their written states); ``None`` while it would be one model."""
+        parts = self._parts(live)
         if len(parts) < 2:
             return None
         key = tuple(sorted((tp, id(m), m.n_events_learned_) for tp, (m, _) in parts.items()))

@@ -656,13 +656,7 @@ class Daemon:
 
     def _reference(self):
         """The merged model of every partition, or ``None`` while there is one model."""
-        reference = self._fleet.reference({tp: t.detector for tp, t in self._tasks.items()})
-        if self.metrics is not None:
-            parts = self._fleet.partitions() | {tp for tp, t in self._tasks.items()
-                                               if t.detector.model.is_fitted}
-            self.metrics.set_merged_model(len(parts) if reference is not None else 1,
-                                          self._fleet.age(exclude=self._tasks))
-        return reference
+        return self._fleet.reference({tp: t.detector for tp, t in self._tasks.items()})
 
     # -- states --------------------------------------------------------------------------------
 
@@ -852,9 +846,14 @@ class Daemon:
                                    f"{','.join(self.config.kafka.bootstrap_servers)}")
 
     def _report_lag(self) -> None:
-        if self.metrics is not None and self._source is not None:
-            self.metrics.set_consumer_lag(self._source.lag(
-                {tp: t.state.learned for tp, t in self._tasks.items() if t.state.learned >= 0}))
+        """The consumer lag and the merged model's make-up (after every poll)."""
+        if self.metrics is None or self._source is None:
+            return
+        self.metrics.set_consumer_lag(self._source.lag(
+            {tp: t.state.learned for tp, t in self._tasks.items() if t.state.learned >= 0}))
+        live = {tp: t.detector for tp, t in self._tasks.items()}
+        self.metrics.set_merged_model(len(self._fleet.merged_partitions(live)),
+                                      self._fleet.age(exclude=self._tasks))
 
     def _report_batch(self, task: _Task, extraction, result, n_anomalies, duration) -> None:
         if self.metrics is None:
