@@ -14,12 +14,17 @@ the workaround can go:
 * end offsets count record *batches*, not records, on Tansu (ListOffsets, for either client;
   the high watermark in fetch responses is right) → the read-back reads until a second of
   silence rather than to the end offsets (``BrokerQuirks.readback_until_silence``);
-* Tansu does not fence a stale group generation (KIP-447) → nothing works around it: a zombie
-  replica could commit for partitions it lost (harmless for one daemon; see the README).
+* Tansu does not fence a stale group generation (KIP-447), not even a zombie's (a member frozen
+  past its session timeout, resumed after another took its partitions): its transaction's
+  offsets rewind the group → ``BrokerQuirks.fences_stale_group_metadata`` is False there, and
+  the daemon checks its ownership itself (a lease) instead of relying on the broker; on Apache
+  Kafka the sinks raise ``PartitionsLost``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +37,7 @@ from kafka.structs import OffsetAndMetadata
 from waiting import wait_for
 
 from streamgmm.io.kafka import OffsetsReader, ensure_topics
+from streamgmm.io.quirks import QUIRK_SETS
 
 pytestmark = pytest.mark.integration
 
@@ -241,6 +247,77 @@ def test_a_stale_group_generation_cannot_commit_in_a_transaction(kafka_broker):
         successor.close()
     assert fenced == (kafka_broker.kind == "apache")
     assert _committed(bootstrap, group, topic) == (None if fenced else 4)
+
+
+_ZOMBIE = """
+import sys
+from streamgmm.config import KafkaConfig
+from streamgmm.io.backend import open_backend
+from streamgmm.io.base import OutgoingRecord, PartitionsLost, TopicPartition
+
+bootstrap, backend, topic, group, out = sys.argv[1:6]
+cluster = open_backend(KafkaConfig(bootstrap_servers=bootstrap, backend=backend, input_topic=topic,
+                                   group_id=group, transactional_id=group + "-zombie"))
+sink = cluster.open_sink()
+source = cluster.open_source()
+source.wait_for_assignment()
+records = []
+while len(records) < 5:
+    records += source.poll(5, 200)
+stale = source.group_metadata()  # the metadata of the poll that returned the batch
+print("polled", flush=True)
+sys.stdin.readline()  # frozen here; the line comes once it runs again
+try:
+    sink.transact([OutgoingRecord(out, b"zombie output")], {TopicPartition(topic, 0): 3}, stale)
+    print("accepted", flush=True)
+except PartitionsLost as exc:
+    print("PartitionsLost", exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["confluent-kafka", "kafka-python"])
+def test_a_zombie_cannot_commit_with_its_stale_group_metadata(kafka_broker, backend):
+    """A member polls a batch, is frozen (``SIGSTOP``) past its 6 s session timeout, B takes the
+    partition and commits offset 10; A resumes and publishes its batch with offsets 3 and the
+    group metadata of its poll. Apache Kafka refuses the offsets (the sink raises
+    ``PartitionsLost``, nothing is published, 10 stays committed); Tansu accepts them and the
+    group's committed offset goes back to 3 (``BrokerQuirks.fences_stale_group_metadata``)."""
+    bootstrap, topic, group = (kafka_broker.bootstrap_servers, unique_name("zombie"),
+                               unique_name("g"))
+    out = unique_name("out")
+    ensure_topics(bootstrap, [topic, out], partitions=1)
+    produce(bootstrap, topic, [b"%d" % i for i in range(20)], partition=0)
+    zombie = subprocess.Popen([sys.executable, "-c", _ZOMBIE, bootstrap, backend, topic, group,
+                               out], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    successor = None
+    try:
+        assert zombie.stdout.readline().strip() == "polled"
+        os.kill(zombie.pid, signal.SIGSTOP)
+        successor = _joined_consumer(bootstrap, topic, group)  # once A's session expired
+        successor.commit(offsets=[ck.TopicPartition(topic, 0, 10)], asynchronous=False)
+        os.kill(zombie.pid, signal.SIGCONT)
+        zombie.stdin.write("go\n")
+        zombie.stdin.flush()
+        outcome = zombie.stdout.readline().strip()
+        assert zombie.wait(30) == 0
+    finally:
+        if zombie.poll() is None:
+            os.kill(zombie.pid, signal.SIGCONT)
+            zombie.kill()
+            zombie.wait()
+        if successor is not None:
+            successor.close()
+    fences = QUIRK_SETS[{"apache": "none", "tansu": "tansu"}[kafka_broker.kind]
+                        ].fences_stale_group_metadata
+    assert fences == (kafka_broker.kind == "apache")
+    if fences:
+        assert outcome.startswith("PartitionsLost"), outcome
+        assert _committed(bootstrap, group, topic) == 10
+        assert read_topic(bootstrap, out, idle=0.5) == []
+    else:
+        assert outcome == "accepted"
+        assert _committed(bootstrap, group, topic) == 3  # the group went back by 7 events
+        assert [m.value() for m in read_topic(bootstrap, out, expect=1)] == [b"zombie output"]
 
 
 def test_data_survives_a_broker_restart_only_on_apache_kafka(tmp_path):

@@ -60,10 +60,19 @@ def test_kafka_python_internals_are_what_its_public_api_does():
     for source in public.values():
         assert "self._sender.wakeup()" in source and "result.wait()" in source
     assert "timeout_ms" in inspect.signature(TransactionalRequestResult.wait).parameters
+    # The rebalance bridge waits on kafka-python's I/O loop with the loop's own sleep.
+    from kafka.net.selector import KernelEvent, NetworkSelector
+
+    assert isinstance(NetworkSelector.sleep(None, 0.01), KernelEvent)
+    assert "self._net = self._manager._net" in inspect.getsource(kafka.KafkaConsumer.__init__)
     module = inspect.getsource(kafka)
-    internals = inspect.getsource(kafka._Transactions)
-    outside = module.replace(internals, "")
-    for private in ("._transaction_manager", "._sender", "._client", "._coordinator"):
+    internals = (inspect.getsource(kafka._Transactions)
+                 + inspect.getsource(kafka._RebalanceBridge))
+    outside = module
+    for part in (inspect.getsource(kafka._Transactions), inspect.getsource(kafka._RebalanceBridge)):
+        outside = outside.replace(part, "")
+    assert "consumer._net.sleep" in internals
+    for private in ("._transaction_manager", "._sender", "._client", "._coordinator", "._net"):
         assert private not in outside, private
 
 

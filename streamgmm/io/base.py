@@ -34,7 +34,7 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -56,6 +56,8 @@ __all__ = [
     "RecordRejected",
     "RebalanceListener",
     "StateReader",
+    "EndOffsetWatch",
+    "read_to_end",
     "bounded_call",
     "Deadline",
     "abandoned_clients",
@@ -121,10 +123,44 @@ class CallTimedOut(KafkaUnavailable):
 
 
 class PartitionsLost(KafkaUnavailable):
-    """The group moved on without this member: its group metadata is stale (fenced by the broker:
-    ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID, REBALANCE_IN_PROGRESS on a
-    TxnOffsetCommit/OffsetCommit, or librdkafka's equivalent), or the daemon's lease on its
-    partitions ran out (a frozen process). Nothing of the transaction was committed."""
+    """The group moved on without this member: its group metadata is stale (fenced by the
+    broker: ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID, REBALANCE_IN_PROGRESS on a
+    TxnOffsetCommit/OffsetCommit, or librdkafka's equivalent). Nothing of the transaction was
+    committed."""
+
+
+class RebalanceListener(Protocol):
+    """What a :class:`Source` tells its owner when partitions come and go.
+
+    The source calls it on the caller's side of :meth:`Source.poll` and
+    :meth:`Source.wait_for_assignment`: never while the caller runs code of its own (kafka-python
+    runs it on a helper thread while the caller's thread waits inside ``poll``; librdkafka on the
+    caller's thread). An exception it raises is raised again by the ``poll`` (or
+    ``wait_for_assignment``) that called it, once the client has finished the rebalance step.
+
+    Notes
+    -----
+    ``partitions_assigned(partitions) -> Mapping[TopicPartition, int]``
+        ``partitions`` are this member's now. Returns the offset to start reading each from
+        (it may ask :meth:`Source.committed` for them); the source applies them before any
+        record of those partitions is fetched. A partition missing from the mapping starts from
+        the group's committed offset (or ``auto_offset_reset``).
+    ``partitions_revoked(partitions)``
+        ``partitions`` are about to be released; this member's generation is still valid, so
+        the listener may still publish for them (:meth:`Sink.transact` with a fresh
+        :meth:`Source.group_metadata`, or :meth:`Source.commit`).
+    ``partitions_lost(partitions)``
+        ``partitions`` are already gone (the session expired, the member was fenced): nothing
+        may be published for them.
+
+    With the eager protocol every rebalance revokes all the old partitions, then assigns all
+    the new ones; with the cooperative one only the partitions that move are revoked or assigned.
+    """
+
+    def partitions_assigned(self, partitions: set[TopicPartition]
+                            ) -> Mapping[TopicPartition, int]: ...
+    def partitions_revoked(self, partitions: set[TopicPartition]) -> None: ...
+    def partitions_lost(self, partitions: set[TopicPartition]) -> None: ...
 
 
 class RecordRejected(Exception):
@@ -237,59 +273,6 @@ class OutgoingRecord:
 
 
 
-class RebalanceListener(Protocol):
-    """What a :class:`Source` tells its owner about partitions that come and go.
-
-    The source calls it on the caller's thread, inside :meth:`Source.poll` and
-    :meth:`Source.wait_for_assignment`.
-
-    Notes
-    -----
-    ``partitions_assigned(new) -> Mapping[TopicPartition, int]``
-        ``new`` are this member's now. Returns the offset to start reading from for each (the
-        listener may call :meth:`Source.committed` for them); the source applies them before any
-        record of those partitions is fetched. A partition left out starts from the group's
-        committed offset (or ``auto_offset_reset``).
-    ``partitions_revoked(gone)``
-        Called *before* ``gone`` is released, while this member's generation is still valid: the
-        listener may publish a transaction or commit offsets for them inside it.
-    ``partitions_lost(gone)``
-        Already gone (the session expired, the member was fenced): the listener must not publish
-        for them.
-
-    With the eager protocol every rebalance revokes all partitions and assigns all new ones;
-    with the cooperative one only the partitions that move.
-    """
-
-    def partitions_assigned(self, partitions: set[TopicPartition]
-                            ) -> Mapping[TopicPartition, int]: ...
-    def partitions_revoked(self, partitions: set[TopicPartition]) -> None: ...
-    def partitions_lost(self, partitions: set[TopicPartition]) -> None: ...
-
-
-@runtime_checkable
-class StateReader(Protocol):
-    """Reads a (compacted) state topic: every partition of it, from its beginning, committed
-    records only (``read_committed``), without a consumer group.
-
-    Notes
-    -----
-    ``poll(timeout_ms) -> list[ConsumedRecord]``
-        The records that arrived since the last call, in offset order per partition; waits at
-        most ``timeout_ms`` when there are none.
-    ``catch_up(timeout) -> list[ConsumedRecord]``
-        Every record written before this call that :meth:`poll` has not returned yet (correct
-        on brokers whose end offsets are too low, and while others keep writing); raises
-        :class:`KafkaUnavailable` after ``timeout`` seconds.
-    ``close()``
-        Release the client; never raises.
-    """
-
-    def poll(self, timeout_ms: int) -> list[ConsumedRecord]: ...
-    def catch_up(self, timeout: float) -> list[ConsumedRecord]: ...
-    def close(self) -> None: ...
-
-
 @runtime_checkable
 class Source(Protocol):
     """A consumer-group member of one input topic that hands out micro-batches of raw records.
@@ -301,6 +284,13 @@ class Source(Protocol):
     ----------
     topic, group_id : str
         The input topic and the consumer group whose committed offsets record progress.
+    session_timeout : float
+        Seconds the group waits for this member's heartbeat before it hands the member's
+        partitions to another (the consumer's effective session timeout). A process frozen
+        longer than that may have lost its partitions: the daemon does not publish a batch
+        polled longer ago than half of it.
+    max_poll_interval : float
+        Seconds between two polls after which the client leaves the group by itself.
 
     Notes
     -----
@@ -313,7 +303,8 @@ class Source(Protocol):
         The partitions assigned now (no I/O).
     ``committed(partitions=None) -> dict[TopicPartition, int | None]``
         The group's committed offset (next offset to read) of each of ``partitions`` (default:
-        the assigned ones), ``None`` where there is none.
+        the assigned ones), ``None`` where there is none. Callable from inside a
+        :class:`RebalanceListener` callback, for the partitions being assigned.
     ``beginning_offsets() -> dict[TopicPartition, int]``
         The first available offset of each assigned partition.
     ``position(tp) -> int``
@@ -393,6 +384,9 @@ class Sink(Protocol):
     are (too large for their topic; in a transaction nothing was published: replace them and
     publish again) and :class:`KafkaUnavailable` for anything else (nothing should be assumed
     published, or not: rebuild the sink and retry).
+    ``transact`` raises :class:`PartitionsLost` (a :class:`KafkaUnavailable`) when the broker
+    refused the offsets because ``group_metadata`` is stale: the member lost its partitions and
+    nothing of the transaction was committed.
     """
 
     delivery: str
@@ -402,6 +396,34 @@ class Sink(Protocol):
                  group_metadata: Any) -> None: ...
     def send(self, records: Sequence[OutgoingRecord]) -> None: ...
     def close(self, timeout: float = 2.0) -> None: ...
+
+
+#: ``max.message.bytes`` of the state topic (:meth:`Backend.ensure_state_topic`).
+STATE_TOPIC_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@runtime_checkable
+class StateReader(Protocol):
+    """Reads every partition of a (state) topic from its beginning, ``read_committed``, no group.
+
+    Notes
+    -----
+    ``poll(timeout_ms) -> list[ConsumedRecord]``
+        The committed records not returned yet, in offset order per partition (from the
+        topic's beginning on the first call), waiting at most ``timeout_ms`` for the first;
+        ``[]`` when there are none.
+    ``catch_up(timeout) -> list[ConsumedRecord]``
+        Every record written before this call that :meth:`poll` has not returned yet (on a
+        broker whose end offsets are too low as well, by the rule of :class:`EndOffsetWatch`,
+        so it ends while others keep writing); raises :class:`KafkaUnavailable` after
+        ``timeout`` seconds.
+    ``close()``
+        Release the client; never raises.
+    """
+
+    def poll(self, timeout_ms: int) -> list[ConsumedRecord]: ...
+    def catch_up(self, timeout: float) -> list[ConsumedRecord]: ...
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -420,19 +442,20 @@ class Backend(Protocol):
         Create the topics that do not exist yet.
     ``open_sink(cancel) -> Sink`` and ``open_source(listener=None) -> Source``
         New clients, connected (raise :class:`KafkaUnavailable` when the cluster cannot be
-        reached); the source tells ``listener`` (a :class:`RebalanceListener`) about its
-        partitions.
+        reached). The source tells ``listener`` (a :class:`RebalanceListener`) of every
+        assignment, revocation and loss of partitions; without one it behaves as before.
     ``ensure_state_topic(topic)``
-        Create the compacted state topic if it does not exist (one partition,
-        ``cleanup.policy=compact``, records up to 8 MB).
+        Create ``topic`` if it does not exist: compacted (``cleanup.policy=compact``), one
+        partition, ``max.message.bytes`` :data:`STATE_TOPIC_MAX_MESSAGE_BYTES`.
     ``open_state_reader(topic) -> StateReader``
-        A :class:`StateReader` of ``topic``.
+        A :class:`StateReader` of ``topic`` (no consumer group).
     ``read_published_sources(output_topic, dead_letter_topic, start_positions, until_silence)``
         ``(sources, reached)``: the ``(topic, partition, offset)`` of every input event that
         already has an anomaly message or a dead letter, read with ``read_committed`` from
         ``start_positions`` (partitions not listed: from their beginning), and where reading
         stopped per partition. Reads to the end offsets, or — ``until_silence``, for brokers
-        whose end offsets are wrong — until nothing new arrives for a second.
+        whose end offsets may be too low — by the rule of :class:`EndOffsetWatch`, which ends
+        even while another producer keeps writing.
     ``reachable(timeout) -> bool``
         Whether a broker accepts connections now (a cheap check for idle polls).
     ``probe(report)``
@@ -615,3 +638,143 @@ def collect_published(sources: set[tuple[str, int, int]], output_topic: str, top
 
 #: How long a read-back waits for more once nothing arrives, with ``until_silence``.
 READBACK_SILENCE_SECONDS = 1.0
+
+
+#: Seconds between two end-offset queries of a read that watches for a fresh end
+#: (:class:`EndOffsetWatch`).
+FRESH_END_INTERVAL_SECONDS = 0.2
+
+
+class EndOffsetWatch:
+    """When a read that must return everything written before it began may stop, per partition.
+
+    The read starts at some position and reads on; ``ends`` are the end offsets reported when
+    it began. A partition is done once its position reached its end. If the broker may report
+    ends too low (``may_under_report``: Tansu answers the last record *batch*'s base offset + 1,
+    :attr:`streamgmm.io.quirks.BrokerQuirks.readback_until_silence`), reaching it is not enough:
+    the read goes on until either nothing new arrived on the partition for ``silence`` seconds,
+    or a fresh end query reported an end ``r2`` above the first one and the position passed
+    ``r2 - 1``. That fresh end is the base offset (+ 1) of a batch that began after the read
+    did, so everything written before the read has been read; the first such ``r2`` is kept,
+    so the read ends while another producer keeps writing (it only has to read faster than
+    the producer writes).
+
+    The clock is the caller's (``now`` arguments, e.g. ``time.monotonic()``): no I/O here.
+
+    Parameters
+    ----------
+    ends : mapping of TopicPartition to int
+        End offsets reported when the read began (on a ``read_committed`` client, the last
+        stable offsets).
+    may_under_report : bool
+        Whether those ends may be too low.
+    now : float
+        When the read began.
+    silence : float
+        Seconds without a new record after which an under-reporting broker's partition is
+        taken as read to its end.
+
+    Examples
+    --------
+    A broker that reports ends right: done at the end.
+
+    >>> tp = TopicPartition("state", 0)
+    >>> watch = EndOffsetWatch({tp: 10}, may_under_report=False, now=0.0)
+    >>> watch.pending({tp: 9}, now=0.1), watch.pending({tp: 10}, now=0.2)
+    ({TopicPartition(topic='state', partition=0)}, set())
+
+    A broker that under-reports, with a producer writing all along: the first fresh end above
+    the reported one is where the read may stop, silence or not.
+
+    >>> watch = EndOffsetWatch({tp: 10}, may_under_report=True, now=0.0)
+    >>> watch.wants_fresh_ends()
+    {TopicPartition(topic='state', partition=0)}
+    >>> watch.fresh_ends({tp: 10}); watch.fresh_ends({tp: 25}); watch.fresh_ends({tp: 40})
+    >>> watch.progressed(tp, now=0.5)
+    >>> watch.pending({tp: 24}, now=0.6), watch.pending({tp: 25}, now=0.7)
+    ({TopicPartition(topic='state', partition=0)}, set())
+
+    Without writers: a second of silence after the reported end.
+
+    >>> watch = EndOffsetWatch({tp: 10}, may_under_report=True, now=0.0)
+    >>> watch.pending({tp: 12}, now=0.9), watch.pending({tp: 12}, now=1.0)
+    ({TopicPartition(topic='state', partition=0)}, set())
+    """
+
+    def __init__(self, ends: Mapping[TopicPartition, int], may_under_report: bool, now: float,
+                 silence: float = READBACK_SILENCE_SECONDS) -> None:
+        self.ends = dict(ends)
+        self.may_under_report = may_under_report
+        self.silence = silence
+        self._last_progress = dict.fromkeys(self.ends, now)
+        self._targets: dict[TopicPartition, int] = {}
+
+    def progressed(self, tp: TopicPartition, now: float) -> None:
+        """New records of ``tp`` arrived at ``now``."""
+        self._last_progress[tp] = now
+
+    def wants_fresh_ends(self) -> set[TopicPartition]:
+        """The partitions whose fresh end offsets the reader should query (and pass to
+        :meth:`fresh_ends`); empty when the broker's ends are right."""
+        if not self.may_under_report:
+            return set()
+        return {tp for tp in self.ends if tp not in self._targets}
+
+    def fresh_ends(self, ends: Mapping[TopicPartition, int]) -> None:
+        """End offsets queried after the read began."""
+        for tp, end in ends.items():
+            if tp in self.ends and tp not in self._targets and end > self.ends[tp]:
+                self._targets[tp] = end
+
+    def done(self, tp: TopicPartition, position: int, now: float) -> bool:
+        """Whether ``tp``, read up to ``position`` (the next offset to read), is read far enough."""
+        if position < self.ends[tp]:
+            return False
+        if not self.may_under_report:
+            return True
+        if tp in self._targets and position >= self._targets[tp]:
+            return True
+        return now - self._last_progress[tp] >= self.silence
+
+    def pending(self, positions: Mapping[TopicPartition, int], now: float
+                ) -> set[TopicPartition]:
+        """The partitions not read far enough yet, given each one's position."""
+        return {tp for tp in self.ends if not self.done(tp, positions[tp], now)}
+
+
+def read_to_end(ends: Mapping[TopicPartition, int], may_under_report: bool,
+                fetch: Callable[[], Iterable[TopicPartition]],
+                positions: Callable[[], Mapping[TopicPartition, int]],
+                query_ends: Callable[[set[TopicPartition]], Mapping[TopicPartition, int]],
+                timeout: float, what: str) -> None:
+    """Read until everything written before the call has been read (:class:`EndOffsetWatch`).
+
+    The read loop both backends share: ``fetch()`` reads what has arrived (waiting briefly) and
+    returns the partition of each record it handed on; ``positions()`` is the next offset to
+    read of every partition of ``ends``; ``query_ends(partitions)`` asks the broker for fresh end
+    offsets (at most every :data:`FRESH_END_INTERVAL_SECONDS`, only on a broker that may
+    under-report).
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the read is not done within ``timeout`` seconds (``what`` names it in the message).
+    """
+    started = time.monotonic()
+    watch = EndOffsetWatch(ends, may_under_report, started)
+    last_query = started
+    while True:
+        now = time.monotonic()
+        pending = watch.pending(positions(), now)
+        if not pending:
+            return
+        if now - started > timeout:
+            raise KafkaUnavailable(f"{what} took over {timeout:g} s")
+        fresh = watch.wants_fresh_ends() & pending
+        if fresh and now - last_query >= FRESH_END_INTERVAL_SECONDS:
+            watch.fresh_ends(query_ends(fresh))
+            last_query = now
+        arrived = set(fetch())
+        now = time.monotonic()
+        for tp in arrived:
+            watch.progressed(tp, now)

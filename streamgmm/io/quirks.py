@@ -23,8 +23,9 @@ every broker, so the daemon always does it.
 
 Examples
 --------
->>> BrokerQuirks.named("none")
-BrokerQuirks(readback_until_silence=False, plain_commit_when_nothing_to_publish=False)
+>>> BrokerQuirks.named("none")  # doctest: +NORMALIZE_WHITESPACE
+BrokerQuirks(readback_until_silence=False, plain_commit_when_nothing_to_publish=False,
+             fences_stale_group_metadata=True)
 >>> BrokerQuirks.named("tansu").readback_until_silence
 True
 """
@@ -56,10 +57,20 @@ class BrokerQuirks:
         so the group would re-read those batches after a restart. A plain commit is atomic by
         itself, but it is not fenced by the producer's epoch: on Apache Kafka every batch goes
         through the transaction.
+    fences_stale_group_metadata : bool
+        Whether the broker refuses the offsets of a transaction (and a plain commit) sent with a
+        consumer's stale group metadata (KIP-447): a zombie replica (frozen past its session
+        timeout while its partitions moved, then resumed) cannot commit for the partitions it
+        lost; the sink raises :class:`~streamgmm.io.base.PartitionsLost`. **Tansu** accepts
+        them, so the zombie's offsets rewind the group's committed offsets
+        (``test_a_zombie_cannot_commit_with_its_stale_group_metadata``): the daemon must not
+        rely on the broker there and check itself that it still owns a partition (a lease
+        shorter than the session timeout) before it publishes. Apache Kafka fences.
     """
 
     readback_until_silence: bool = False
     plain_commit_when_nothing_to_publish: bool = False
+    fences_stale_group_metadata: bool = True
 
     @classmethod
     def named(cls, name: str) -> BrokerQuirks:
@@ -73,6 +84,7 @@ class BrokerQuirks:
 
 #: The quirk sets ``[kafka] broker_quirks`` names.
 QUIRK_SETS: dict[str, BrokerQuirks] = {
-    "tansu": BrokerQuirks(readback_until_silence=True, plain_commit_when_nothing_to_publish=True),
+    "tansu": BrokerQuirks(readback_until_silence=True, plain_commit_when_nothing_to_publish=True,
+                          fences_stale_group_metadata=False),
     "none": BrokerQuirks(),
 }
