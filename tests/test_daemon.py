@@ -84,6 +84,7 @@ def daemon_on(broker, config, **kwargs) -> Daemon:
 
 
 def crash_after(batches: int):
+    """An ``on_batch`` that crashes after ``batches`` calls (one per partition of a batch)."""
     seen = [0]
 
     def on_batch(*_):
@@ -160,11 +161,12 @@ def test_after_a_crash_the_events_past_the_state_are_relearned_not_republished(
     values = make_events()
     fill(broker, values)
     config = config_for(tmp_path)  # states of the first run: those of its first batches only
+    crashed = daemon_on(broker, config, on_batch=crash_after(12))
     with pytest.raises(Crash):
-        daemon_on(broker, config, on_batch=crash_after(12)).run()
+        crashed.run()
     written = sum(s.learned for s in states(broker).values())
     committed = sum(broker.committed("streamgmm", tp) or 0 for tp in broker.partitions("in"))
-    assert committed == 12 * 50 > written > 0
+    assert committed == crashed.stats.events == 6 * 50 > written > 0
     out_before = len(broker.records("out")) + len(broker.records("dlq"))
 
     daemon = daemon_on(broker, config)
@@ -384,3 +386,38 @@ def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tm
         time.sleep(0.05)
     assert_each_once(broker, values)
     assert_learned_once(broker, values)
+
+
+def test_each_replica_reports_its_partitions_rebalances_restores_and_merged_model(tmp_path):
+    from streamgmm.metrics import Metrics
+
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=4)
+    values = make_events(4000)
+    for i, value in enumerate(values):
+        broker.produce("in", value, key=b"%d" % i, partition=i % 4)
+    slow = lambda *_: time.sleep(0.005)  # noqa: E731
+    ma, mb = Metrics(), Metrics()
+    a = daemon_on(broker, config_for(tmp_path, replica="a", interval=0.2), metrics=ma,
+                  on_batch=slow)
+    b = daemon_on(broker, config_for(tmp_path, replica="b", interval=0.2), metrics=mb,
+                  on_batch=slow)
+    ta = run_in_thread(a, idle_exit_seconds=1.0)
+    while a.stats.events < 1500:
+        time.sleep(0.01)
+    assert ma.value("streamgmm_partitions_owned") == 4
+    tb = run_in_thread(b, idle_exit_seconds=30)
+    while b.stats.events < 800:
+        time.sleep(0.01)
+    assert ma.value("streamgmm_partitions_owned") + mb.value("streamgmm_partitions_owned") == 4
+    assert ma.value("streamgmm_rebalances_total", change="revoked") == 4
+    assert mb.value("streamgmm_rebalances_total", change="assigned") >= 1
+    assert mb.value("streamgmm_state_restore_duration_seconds_count") >= 1
+    assert mb.value("streamgmm_state_restore_bytes_total") > 10_000  # restored, not started anew
+    # b scores with the merged model of all four partitions: its own two and a's, as written
+    assert mb.value("streamgmm_merged_model_partitions") == 4
+    assert 0 <= mb.value("streamgmm_merged_model_age_seconds") < 5
+    assert mb.value("streamgmm_state_bytes") > 10_000
+    ta.join(30)
+    b.request_stop()
+    tb.join(30)

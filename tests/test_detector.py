@@ -304,3 +304,26 @@ def test_a_tight_light_cluster_of_anomalies_stays_ranked_as_anomalous(seed):
         auc[score] = roc_auc_score(y[decided], scores[decided])
     assert auc["tail"] > 0.9 > 0.5 > auc["density"], auc
 
+
+
+def test_a_reference_model_scores_and_decides_while_the_own_model_learns():
+    """The daemon's merged model (streamgmm.fleet) scores a partition's events; the partition's
+    own detector decides with its threshold and learns, protected by those decisions."""
+    from streamgmm.mixture import OnlineGaussianMixture
+
+    rng = np.random.default_rng(3)
+    det = Detector(n_components=1, warmup_events=400, random_state=0)
+    for batch in np.array_split(rng.normal(size=(2000, 2)), 10):
+        det.process(batch)
+    learned = det.n_events_learned
+    # a reference that knows a second mode at (8, 8) that this partition has not seen
+    reference = OnlineGaussianMixture.from_parameters(
+        [0.5, 0.5], [[0.0, 0.0], [8.0, 8.0]], [np.eye(2), np.eye(2)])
+    X = np.array([[0.1, -0.2], [8.0, 8.1]])
+    own = det.score_samples(X)
+    res = det.process(X, reference=reference)
+    assert np.allclose(res.score, -reference.score_tail_samples(X))
+    assert np.allclose(res.log_likelihood, reference.score_samples(X))
+    assert res.is_anomaly.tolist() == [False, False]  # by its own model, (8, 8) is far out
+    assert own[1] > det.threshold.threshold
+    assert det.n_events_learned == learned + 2

@@ -246,6 +246,7 @@ class MemorySource:
         self._positions: dict[TopicPartition, int] = {}
         self._held: set[TopicPartition] = set()
         self._generation = -1
+        self._turn = -1
         self.member_id = ""
         self._closed = False
         broker._join(self)
@@ -332,10 +333,14 @@ class MemorySource:
         self._serve_group()
         out: list[MemoryRecord] = []
         with self.broker._lock:
-            for tp in self._assigned():
+            assigned = self._assigned()
+            # a fair share of each partition per poll, starting at the next one each time
+            share = max(1, max_records // max(1, len(assigned)))
+            self._turn = (self._turn + 1) % max(1, len(assigned))
+            for tp in assigned[self._turn:] + assigned[:self._turn]:
                 start = self.position(tp)
                 taken = self.broker._topics[tp.topic][tp.partition][
-                    start:start + max_records - len(out)]
+                    start:start + min(share, max_records - len(out))]
                 out += taken
                 self._positions[tp] = start + len(taken)
                 if len(out) >= max_records:
