@@ -285,6 +285,9 @@ def test_alerts_cover_the_operational_situations():
         "StreamgmmConsumerLagGrowing": "streamgmm_consumer_lag_events",
         "StreamgmmDeadLetters": "streamgmm_dead_letters_total",
         "StreamgmmCheckpointTooOld": "streamgmm_checkpoint_age_seconds",
+        "StreamgmmCheckpointFailing": "streamgmm_checkpoint_failures_total",
+        "StreamgmmPartitionsLost": "streamgmm_rebalances_total",
+        "StreamgmmReplicaIdle": "streamgmm_partitions_owned",
     }
     for alert, metric in wanted.items():
         assert alert in alerts
@@ -295,6 +298,9 @@ def test_checkpoint_alert_allows_for_the_configured_interval():
     (expr,) = [r["expr"] for r in _alert_rules() if r["alert"] == "StreamgmmCheckpointTooOld"]
     limit = float(re.search(r">\s*([0-9.]+)", expr).group(1))
     assert limit >= 3 * _config()["checkpoint"]["interval_seconds"]
+    # A state is written only after its partition learned something: the alert judges only a
+    # replica that processes events (an idle one has nothing to write).
+    assert {"streamgmm_events_total", "streamgmm_dead_letters_total"} <= _metric_names_in(expr)
 
 
 def test_rules_and_dashboard_use_only_contract_metric_names():
@@ -1046,11 +1052,17 @@ def test_the_compose_kafka_settings_topic_creation_and_daemon_config_run_on_apac
         assert counted["streamgmm_dead_letters_total"] == len(letters)
         assert counted["streamgmm_events_total"] + len(letters) == 3000
         assert len(anomalies) > 0
-        # no topic was auto-created (auto.create.topics.enable=false): only those three and
-        # Kafka's own
-        names = set(confluent_kafka.admin.AdminClient({"bootstrap.servers": internal})
-                    .list_topics(timeout=10).topics)
-        assert {n for n in names if not n.startswith("__")} == {
-            config["input_topic"], config["output_topic"], config["dead_letter_topic"]}
+        # no topic was auto-created (auto.create.topics.enable=false): only those three, the
+        # state topic the daemon created (one partition, compacted) and Kafka's own
+        admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": internal})
+        topics = admin.list_topics(timeout=10).topics
+        state_topic = f"{config['group_id']}-state"
+        assert {n for n in topics if not n.startswith("__")} == {
+            config["input_topic"], config["output_topic"], config["dead_letter_topic"],
+            state_topic}
+        assert len(topics[state_topic].partitions) == 1
+        resource = confluent_kafka.admin.ConfigResource("topic", state_topic)
+        (described,) = admin.describe_configs([resource]).values()
+        assert described.result(timeout=10)["cleanup.policy"].value == "compact"
     finally:
         broker.cleanup()
