@@ -367,6 +367,11 @@ def test_dashboard_shows_what_operators_need():
         "component weights": {"streamgmm_component_weight"},
         "lag": {"streamgmm_consumer_lag_events"},
         "dead letters": {"streamgmm_dead_letters_total"},
+        "replicas and their partitions' states": {
+            "streamgmm_partitions_owned", "streamgmm_rebalances_total",
+            "streamgmm_merged_model_age_seconds", "streamgmm_merged_model_partitions",
+            "streamgmm_state_restore_duration_seconds", "streamgmm_state_bytes",
+            "streamgmm_checkpoint_age_seconds"},
     }
     for what, names in needed.items():
         assert names <= used, f"dashboard lacks {what}: {names - used}"
