@@ -332,6 +332,17 @@ class StateTopicRun(Daemon):
                 keys=[b"%d" % (len(self.produced) + i) for i in range(len(values))])
         self.produced += values
 
+    def states(self) -> dict:
+        """The newest state of each input partition (records under other keys, which the tests
+        write, are left out; the newest record of each partition must be readable)."""
+        from streamgmm.partition_state import decode_state
+
+        keys = {f"{self.topics[0]}:{p}".encode() for p in (0, 1)}
+        newest = {m.key(): m.value() for m in read_topic(self.bootstrap, self.state_topic,
+                                                         idle=0.5) if m.key() in keys}
+        states = (decode_state(value, key, self.fields) for key, value in newest.items())
+        return {state.partition: state for state in states}
+
     def invalid(self) -> list[bytes]:
         return [v for v in self.produced if not v.startswith(b'{"i"')]
 
