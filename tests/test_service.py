@@ -75,6 +75,12 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, kind
         _joined(log_path, proc)
         wait_for(lambda: len(read_topic(bootstrap, "dlq", idle=0.3, timeout=2)) == 1,
                  "the first dead letter", 60, [("the daemon", proc)])
+        # The state of all 501 events is in the state topic, and the daemon follows that topic
+        # (it reads it every second): what it knows of its partition when the broker dies.
+        wait_for(lambda: _states(bootstrap, "g").get(TopicPartition("in", 0), None) is not None
+                 and _states(bootstrap, "g")[TopicPartition("in", 0)].learned == 501,
+                 "the state of the first events", 30, [("the daemon", proc)])
+        time.sleep(2.5)  # two and a half of the daemon's reads of its state topic
         broker.kill()
         wait_for(lambda: b"Kafka unavailable" in log_path.read_bytes(),
                  "the daemon to notice", 60, [("the daemon", proc)])
@@ -83,7 +89,8 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, kind
             broker.start()
         else:
             broker.restart(empty=comeback == "empty")
-        produce(bootstrap, "in", _events(300, start=1000) + [b"bad json 2"])
+        # into the partition the daemon knew, which an empty broker has made again from scratch
+        produce(bootstrap, "in", _events(300, start=1000) + [b"bad json 2"], partition=0)
         wait_for(lambda: any(m.value() == b"bad json 2"
                              for m in read_topic(bootstrap, "dlq", idle=0.3, timeout=2)),
                  "the daemon to consume from the returned broker", 90, [("the daemon", proc)])
