@@ -136,6 +136,18 @@ class KafkaConfig(_Section):
         "tansu", _Choice("tansu", "none"),
         hint='the broker workarounds (streamgmm.io.quirks): "tansu" (the default, correct on '
              'every broker) or "none" for Apache Kafka and brokers like it')
+    rebalance: str = _key(
+        "eager", _Choice("eager", "cooperative"),
+        hint='"cooperative" (confluent-kafka only: cooperative-sticky, partitions that do not '
+             'move keep flowing) or "eager" (every rebalance revokes everything)')
+    group_instance_id: str | None = _key(
+        None, _Optional(_Str()),
+        hint="static membership (group.instance.id): a stable id per replica, e.g. the pod "
+             "name; a replica that restarts within the session timeout keeps its partitions")
+    group_protocol: str = _key(
+        "classic", _Choice("classic", "consumer"),
+        hint='"consumer" (KIP-848, confluent-kafka only, brokers that offer it: Apache Kafka '
+             '4) or "classic"')
     client: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     producer: Mapping[str, Any] = field(default_factory=dict)
@@ -146,6 +158,7 @@ class KafkaConfig(_Section):
                  "ssl_password", "ssl_check_hostname")
 
     def _validate(self) -> None:
+        self._validate_group_options()
         if self.backend == "confluent-kafka":
             for table in ("client", "consumer", "producer"):
                 if getattr(self, table):
@@ -187,6 +200,52 @@ class KafkaConfig(_Section):
             raise ConfigError("kafka.sasl_mechanism",
                               f'is required with security_protocol "{self.security_protocol}"',
                               'set it, e.g. "PLAIN" or "SCRAM-SHA-512"')
+
+    def _validate_group_options(self) -> None:
+        """``rebalance``, ``group_instance_id`` and ``group_protocol`` against the backend and
+        the pass-through tables."""
+        if self.backend == "kafka-python":
+            if self.rebalance == "cooperative":
+                raise ConfigError("kafka.rebalance",
+                                  "kafka-python has no cooperative rebalancing",
+                                  'use kafka.backend = "confluent-kafka", or rebalance = "eager"')
+            if self.group_protocol == "consumer":
+                raise ConfigError("kafka.group_protocol",
+                                  "kafka-python has no KIP-848 consumer group protocol",
+                                  'use kafka.backend = "confluent-kafka", or group_protocol = '
+                                  '"classic"')
+            for table in ("client", "consumer"):
+                if "group_instance_id" in getattr(self, table):
+                    raise ConfigError(f"kafka.{table}.group_instance_id",
+                                      "is an explicit [kafka] key",
+                                      "set kafka.group_instance_id instead")
+            return
+        from streamgmm.io.librdkafka_settings import librdkafka_name
+
+        given = {librdkafka_name(name): name for name in self.librdkafka}
+        for prop, key in (("group.instance.id", "group_instance_id"),
+                          ("group.protocol", "group_protocol")):
+            if prop in given:
+                raise ConfigError(f"kafka.librdkafka.{given[prop]}", "is an explicit [kafka] key",
+                                  f"set kafka.{key} instead")
+        strategy = str(self.librdkafka.get(given.get("partition.assignment.strategy", ""), ""))
+        if "cooperative" in strategy:
+            raise ConfigError(f"kafka.librdkafka.{given['partition.assignment.strategy']}",
+                              "cooperative assignment needs streamgmm's incremental "
+                              "assignments", 'set kafka.rebalance = "cooperative" instead')
+        if self.group_protocol == "consumer":
+            from streamgmm.io.librdkafka_settings import CLASSIC_PROTOCOL_ONLY
+
+            for prop in CLASSIC_PROTOCOL_ONLY:
+                if prop in given:
+                    raise ConfigError(f"kafka.librdkafka.{given[prop]}",
+                                      'is refused by librdkafka with group_protocol = "consumer" '
+                                      "(the broker owns sessions and assignment)",
+                                      "remove it (set the broker's group.consumer.* instead)")
+            if self.rebalance == "cooperative":
+                raise ConfigError("kafka.rebalance",
+                                  'has no effect with group_protocol = "consumer", whose '
+                                  "assignments are always incremental", "remove it")
 
     @property
     def max_message_bytes(self) -> tuple[int, str]:

@@ -615,3 +615,146 @@ def collect_published(sources: set[tuple[str, int, int]], output_topic: str, top
 
 #: How long a read-back waits for more once nothing arrives, with ``until_silence``.
 READBACK_SILENCE_SECONDS = 1.0
+
+# ---- TEMPORARY (ops-port trial of the rebalance WIP; never committed) ----
+STATE_TOPIC_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+#: Seconds between two end-offset queries of a read that watches for a fresh end
+#: (:class:`EndOffsetWatch`).
+FRESH_END_INTERVAL_SECONDS = 0.2
+
+
+class EndOffsetWatch:
+    """When a read that must return everything written before it began may stop, per partition.
+
+    The read starts at some position and reads on; ``ends`` are the end offsets reported when
+    it began. A partition is done once its position reached its end. If the broker may report
+    ends too low (``may_under_report``: Tansu answers the last record *batch*'s base offset + 1,
+    :attr:`streamgmm.io.quirks.BrokerQuirks.readback_until_silence`), reaching it is not enough:
+    the read goes on until either nothing new arrived on the partition for ``silence`` seconds,
+    or a fresh end query reported an end ``r2`` above the first one and the position passed
+    ``r2 - 1``. That fresh end is the base offset (+ 1) of a batch that began after the read
+    did, so everything written before the read has been read; the first such ``r2`` is kept,
+    so the read ends while another producer keeps writing (it only has to read faster than
+    the producer writes).
+
+    The clock is the caller's (``now`` arguments, e.g. ``time.monotonic()``): no I/O here.
+
+    Parameters
+    ----------
+    ends : mapping of TopicPartition to int
+        End offsets reported when the read began (on a ``read_committed`` client, the last
+        stable offsets).
+    may_under_report : bool
+        Whether those ends may be too low.
+    now : float
+        When the read began.
+    silence : float
+        Seconds without a new record after which an under-reporting broker's partition is
+        taken as read to its end.
+
+    Examples
+    --------
+    A broker that reports ends right: done at the end.
+
+    >>> tp = TopicPartition("state", 0)
+    >>> watch = EndOffsetWatch({tp: 10}, may_under_report=False, now=0.0)
+    >>> watch.pending({tp: 9}, now=0.1), watch.pending({tp: 10}, now=0.2)
+    ({TopicPartition(topic='state', partition=0)}, set())
+
+    A broker that under-reports, with a producer writing all along: the first fresh end above
+    the reported one is where the read may stop, silence or not.
+
+    >>> watch = EndOffsetWatch({tp: 10}, may_under_report=True, now=0.0)
+    >>> watch.wants_fresh_ends()
+    {TopicPartition(topic='state', partition=0)}
+    >>> watch.fresh_ends({tp: 10}); watch.fresh_ends({tp: 25}); watch.fresh_ends({tp: 40})
+    >>> watch.progressed(tp, now=0.5)
+    >>> watch.pending({tp: 24}, now=0.6), watch.pending({tp: 25}, now=0.7)
+    ({TopicPartition(topic='state', partition=0)}, set())
+
+    Without writers: a second of silence after the reported end.
+
+    >>> watch = EndOffsetWatch({tp: 10}, may_under_report=True, now=0.0)
+    >>> watch.pending({tp: 12}, now=0.9), watch.pending({tp: 12}, now=1.0)
+    ({TopicPartition(topic='state', partition=0)}, set())
+    """
+
+    def __init__(self, ends: Mapping[TopicPartition, int], may_under_report: bool, now: float,
+                 silence: float = READBACK_SILENCE_SECONDS) -> None:
+        self.ends = dict(ends)
+        self.may_under_report = may_under_report
+        self.silence = silence
+        self._last_progress = dict.fromkeys(self.ends, now)
+        self._targets: dict[TopicPartition, int] = {}
+
+    def progressed(self, tp: TopicPartition, now: float) -> None:
+        """New records of ``tp`` arrived at ``now``."""
+        self._last_progress[tp] = now
+
+    def wants_fresh_ends(self) -> set[TopicPartition]:
+        """The partitions whose fresh end offsets the reader should query (and pass to
+        :meth:`fresh_ends`); empty when the broker's ends are right."""
+        if not self.may_under_report:
+            return set()
+        return {tp for tp in self.ends if tp not in self._targets}
+
+    def fresh_ends(self, ends: Mapping[TopicPartition, int]) -> None:
+        """End offsets queried after the read began."""
+        for tp, end in ends.items():
+            if tp in self.ends and tp not in self._targets and end > self.ends[tp]:
+                self._targets[tp] = end
+
+    def done(self, tp: TopicPartition, position: int, now: float) -> bool:
+        """Whether ``tp``, read up to ``position`` (the next offset to read), is read far enough."""
+        if position < self.ends[tp]:
+            return False
+        if not self.may_under_report:
+            return True
+        if tp in self._targets and position >= self._targets[tp]:
+            return True
+        return now - self._last_progress[tp] >= self.silence
+
+    def pending(self, positions: Mapping[TopicPartition, int], now: float
+                ) -> set[TopicPartition]:
+        """The partitions not read far enough yet, given each one's position."""
+        return {tp for tp in self.ends if not self.done(tp, positions[tp], now)}
+
+
+def read_to_end(ends: Mapping[TopicPartition, int], may_under_report: bool,
+                fetch: Callable[[], Iterable[TopicPartition]],
+                positions: Callable[[], Mapping[TopicPartition, int]],
+                query_ends: Callable[[set[TopicPartition]], Mapping[TopicPartition, int]],
+                timeout: float, what: str) -> None:
+    """Read until everything written before the call has been read (:class:`EndOffsetWatch`).
+
+    The read loop both backends share: ``fetch()`` reads what has arrived (waiting briefly) and
+    returns the partition of each record it handed on; ``positions()`` is the next offset to
+    read of every partition of ``ends``; ``query_ends(partitions)`` asks the broker for fresh end
+    offsets (at most every :data:`FRESH_END_INTERVAL_SECONDS`, only on a broker that may
+    under-report).
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the read is not done within ``timeout`` seconds (``what`` names it in the message).
+    """
+    started = time.monotonic()
+    watch = EndOffsetWatch(ends, may_under_report, started)
+    last_query = started
+    while True:
+        now = time.monotonic()
+        pending = watch.pending(positions(), now)
+        if not pending:
+            return
+        if now - started > timeout:
+            raise KafkaUnavailable(f"{what} took over {timeout:g} s")
+        fresh = watch.wants_fresh_ends() & pending
+        if fresh and now - last_query >= FRESH_END_INTERVAL_SECONDS:
+            watch.fresh_ends(query_ends(fresh))
+            last_query = now
+        arrived = set(fetch())
+        now = time.monotonic()
+        for tp in arrived:
+            watch.progressed(tp, now)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,30 +26,37 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as _KafkaTopicPartition
 from kafka import errors as kafka_errors
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from streamgmm.io.base import (
-    READBACK_SILENCE_SECONDS,
+    STATE_TOPIC_MAX_MESSAGE_BYTES,
     CallTimedOut,
     Deadline,
     GroupMember,
     KafkaUnavailable,
     OutgoingRecord,
+    PartitionsLost,
+    RebalanceListener,
     RecordRejected,
     TopicPartition,
     bounded_call,
     broker_reachable,
     check_delivery,
     collect_published,
+    read_to_end,
 )
+from streamgmm.io.quirks import BrokerQuirks
 
 __all__ = [
     "KafkaPythonBackend",
     "KafkaSource",
     "KafkaSink",
+    "KafkaStateReader",
     "OffsetsReader",
     "read_published_sources",
     "ensure_topics",
+    "ensure_state_topic",
     "check_passthrough_settings",
     "CONSUMER_DEFAULTS",
     "PRODUCER_DEFAULTS",
@@ -85,10 +91,20 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # transaction on Apache Kafka at 10 ms (the README's broker table has the numbers).
     # Reconnecting to a lost broker keeps its own backoff (reconnect_backoff_max_ms).
     "retry_backoff_ms": 10,
+    # A partition's state record (up to the state topic's max.message.bytes) must pass the
+    # producer; the output topics keep the broker's limit (oversized records come back refused,
+    # and the daemon fits its records to kafka.max_message_bytes before sending).
+    "max_request_size": STATE_TOPIC_MAX_MESSAGE_BYTES,
 }
 
 #: Deadline of the consumer calls that have none by default (committed, position, close), ms.
 CALL_TIMEOUT_MS = 10_000
+
+#: kafka-python's errors that say the group moved on without this member (its generation,
+#: member id or instance id is stale): offsets sent with its metadata are refused.
+STALE_MEMBER_ERRORS = (kafka_errors.CommitFailedError, kafka_errors.IllegalGenerationError,
+                       kafka_errors.UnknownMemberIdError, kafka_errors.FencedInstanceIdError,
+                       kafka_errors.RebalanceInProgressError)
 
 #: kafka-python's errors that refuse one record for what it is.
 RECORD_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
@@ -97,6 +113,15 @@ RECORD_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListT
 
 def _client_error(what: str, exc: Exception) -> KafkaUnavailable:
     return KafkaUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _stale_member(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the member's group metadata is stale."""
+    while exc is not None:
+        if isinstance(exc, STALE_MEMBER_ERRORS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _kafka_partitions(partitions: Iterable[TopicPartition]) -> list[_KafkaTopicPartition]:
@@ -126,6 +151,149 @@ def ensure_topics(
                 pass
     finally:
         admin.close()
+
+
+def ensure_state_topic(bootstrap_servers: str, topic: str, **client_options: Any) -> None:
+    """Create the compacted state topic ``topic`` if it does not exist yet.
+
+    One partition, ``cleanup.policy=compact``, ``max.message.bytes``
+    :data:`~streamgmm.io.base.STATE_TOPIC_MAX_MESSAGE_BYTES`.
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker cannot be reached or refuses to create it.
+    """
+    options = {key: CONSUMER_DEFAULTS[key] for key in
+               ("bootstrap_timeout_ms", "reconnect_backoff_max_ms", "request_timeout_ms")}
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                                 **{**options, **client_options})
+    except kafka_errors.KafkaError as exc:
+        raise _client_error("cannot connect to create the state topic", exc) from exc
+    try:
+        if topic in set(admin.list_topics()):
+            return
+        try:
+            admin.create_topics([NewTopic(topic, 1, 1, topic_configs={
+                "cleanup.policy": "compact",
+                "max.message.bytes": str(STATE_TOPIC_MAX_MESSAGE_BYTES)})])
+        except kafka_errors.TopicAlreadyExistsError:
+            pass
+    except kafka_errors.KafkaError as exc:
+        raise _client_error(f"cannot create the state topic {topic!r}", exc) from exc
+    finally:
+        admin.close()
+
+
+def _plain_consumer(bootstrap_servers: str, what: str, **client_options: Any) -> KafkaConsumer:
+    """A ``read_committed`` consumer outside any group (it reads by ``assign``)."""
+    options = {**CONSUMER_DEFAULTS, **client_options}
+    for managed in ("session_timeout_ms", "heartbeat_interval_ms", "group_id",
+                    "auto_offset_reset", "isolation_level", "group_instance_id"):
+        options.pop(managed, None)
+    try:
+        return KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
+                             isolation_level="read_committed", auto_offset_reset="earliest",
+                             **options)
+    except kafka_errors.KafkaError as exc:
+        raise _client_error(f"cannot connect to {what}", exc) from exc
+
+
+def _partitions_of(consumer: KafkaConsumer, topics: Iterable[str]) -> list[_KafkaTopicPartition]:
+    return [_KafkaTopicPartition(topic, p) for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+
+def _read_assigned_to_end(consumer: KafkaConsumer, parts: list[_KafkaTopicPartition],
+                          on_record, may_under_report: bool, timeout: float, what: str) -> None:
+    """Read ``parts`` (assigned, positioned) until everything written before the call is read,
+    handing each record to ``on_record`` (:func:`~streamgmm.io.base.read_to_end`)."""
+    ours = {TopicPartition(*tp): tp for tp in parts}
+
+    def fetch() -> set[TopicPartition]:
+        batches = consumer.poll(timeout_ms=100, max_records=5000)
+        for tp in sorted(batches, key=lambda t: (t.topic, t.partition)):
+            for record in batches[tp]:
+                on_record(record)
+        return {TopicPartition(*tp) for tp, records in batches.items() if records}
+
+    def positions() -> dict[TopicPartition, int]:
+        return {tp: consumer.position(ktp, timeout_ms=CALL_TIMEOUT_MS) for tp, ktp in ours.items()}
+
+    def query_ends(partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        # A read_committed consumer's end offsets are the last stable offsets.
+        found = consumer.end_offsets([ours[tp] for tp in partitions])
+        return {TopicPartition(*tp): o for tp, o in found.items()}
+
+    read_to_end(query_ends(set(ours)), may_under_report, fetch, positions, query_ends, timeout,
+                what)
+
+
+class KafkaStateReader:
+    """A :class:`~streamgmm.io.base.StateReader` on kafka-python: every partition of ``topic``,
+    from its beginning, ``read_committed``, by ``assign`` (no group).
+
+    Parameters
+    ----------
+    bootstrap_servers, topic
+        The cluster and the (state) topic.
+    may_under_report
+        Whether the broker's end offsets may be too low
+        (:attr:`~streamgmm.io.quirks.BrokerQuirks.readback_until_silence`); :meth:`catch_up`
+        then reads by :class:`~streamgmm.io.base.EndOffsetWatch`'s rule.
+    client_options
+        Extra kafka-python settings (security).
+
+    Raises
+    ------
+    KafkaUnavailable
+        If the broker cannot be reached or the topic does not exist.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, may_under_report: bool = True,
+                 **client_options: Any) -> None:
+        self.topic = topic
+        self.may_under_report = may_under_report
+        self._consumer = _plain_consumer(bootstrap_servers, f"read the topic {topic!r}",
+                                         **client_options)
+        try:
+            self._parts = _partitions_of(self._consumer, [topic])
+            if not self._parts:
+                raise KafkaUnavailable(f"the topic {topic!r} does not exist")
+            self._consumer.assign(self._parts)
+            self._consumer.seek_to_beginning(*self._parts)
+        except kafka_errors.KafkaError as exc:
+            self.close()
+            raise _client_error(f"cannot read the topic {topic!r}", exc) from exc
+        except KafkaUnavailable:
+            self.close()
+            raise
+
+    def poll(self, timeout_ms: int) -> list:
+        """The committed records not returned yet (ordered per partition); ``[]`` if none."""
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=5000)
+        except kafka_errors.KafkaError as exc:
+            raise _client_error(f"reading {self.topic!r} failed", exc) from exc
+        return [record for tp in sorted(batches, key=lambda t: t.partition)
+                for record in batches[tp]]
+
+    def catch_up(self, timeout: float) -> list:
+        """Every record written before this call that :meth:`poll` has not returned yet."""
+        records: list = []
+        try:
+            _read_assigned_to_end(self._consumer, self._parts, records.append,
+                                  self.may_under_report, timeout, f"catching up on {self.topic!r}")
+        except kafka_errors.KafkaError as exc:
+            raise _client_error(f"reading {self.topic!r} failed", exc) from exc
+        return records
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        except Exception as exc:  # a dead broker; nothing to do
+            logger.debug("closing the state reader: %s", exc)
 
 
 class OffsetsReader:
@@ -198,8 +366,10 @@ def read_published_sources(
 
     Reads both topics with ``read_committed`` from ``start_positions`` (partitions not listed are
     read from their beginning) up to their end offsets, or, ``until_silence``
-    (:attr:`~streamgmm.io.quirks.BrokerQuirks.readback_until_silence`), until nothing new
-    arrives for :data:`~streamgmm.io.base.READBACK_SILENCE_SECONDS`.
+    (:attr:`~streamgmm.io.quirks.BrokerQuirks.readback_until_silence`: the ends may be too
+    low), by :class:`~streamgmm.io.base.EndOffsetWatch`'s rule: until nothing new arrives for
+    :data:`~streamgmm.io.base.READBACK_SILENCE_SECONDS`, or past a fresh end above the first,
+    so that it ends while another replica keeps publishing.
 
     Returns
     -------
@@ -214,46 +384,22 @@ def read_published_sources(
         If the broker fails, or reading takes longer than ``timeout`` seconds.
     """
     start_positions = dict(start_positions or {})
-    options = {**CONSUMER_DEFAULTS, **client_options}
-    for managed in ("session_timeout_ms", "heartbeat_interval_ms", "group_id",
-                    "auto_offset_reset", "isolation_level"):
-        options.pop(managed, None)
-    try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers,
-                                 isolation_level="read_committed", group_id=None, **options)
-    except kafka_errors.KafkaError as exc:
-        raise _client_error("cannot connect to read back the output topics", exc) from exc
+    consumer = _plain_consumer(bootstrap_servers, "read back the output topics", **client_options)
     sources: set[tuple[str, int, int]] = set()
     try:
-        parts = []
-        for topic in (output_topic, dead_letter_topic):
-            ids = consumer.partitions_for_topic(topic) or set()
-            parts += [_KafkaTopicPartition(topic, p) for p in sorted(ids)]
+        parts = _partitions_of(consumer, (output_topic, dead_letter_topic))
         reached: dict[TopicPartition, int] = {}
         if parts:
             consumer.assign(parts)
             for tp in parts:
                 consumer.seek(tp, start_positions.get(TopicPartition(*tp), 0))
-            # A read_committed consumer's end offsets are the last stable offsets.
-            ends = {} if until_silence else consumer.end_offsets(parts)
-            deadline = time.monotonic() + timeout
-            last_record = time.monotonic()
-            while True:
-                if until_silence:
-                    if time.monotonic() - last_record >= READBACK_SILENCE_SECONDS:
-                        break
-                elif all(consumer.position(tp) >= ends[tp] for tp in parts):
-                    break
-                if time.monotonic() > deadline:
-                    raise KafkaUnavailable(
-                        f"reading back the output topics took over {timeout:g} s")
-                batches = consumer.poll(timeout_ms=100, max_records=5000)
-                if batches:
-                    last_record = time.monotonic()
-                for tp, records in batches.items():
-                    for rec in records:
-                        collect_published(sources, output_topic, tp.topic, rec.value,
-                                          rec.headers)
+
+            def collect(record) -> None:
+                collect_published(sources, output_topic, record.topic, record.value,
+                                  record.headers)
+
+            _read_assigned_to_end(consumer, parts, collect, until_silence, timeout,
+                                  "reading back the output topics")
             reached = {TopicPartition(*tp): consumer.position(tp) for tp in parts}
         logger.info("read back %d published sources from %s and %s",
                     len(sources), output_topic, dead_letter_topic)
@@ -262,6 +408,63 @@ def read_published_sources(
         raise _client_error("reading back the output topics failed", exc) from exc
     finally:
         consumer.close()
+
+
+class _RebalanceBridge(AsyncConsumerRebalanceListener):
+    """Hands kafka-python's rebalance callbacks to a :class:`~streamgmm.io.base.RebalanceListener`.
+
+    kafka-python 3.0 calls its listeners on its I/O thread, inside the join that the caller's
+    ``poll`` waits for, and a blocking consumer call made there raises (the I/O thread cannot
+    wait for itself). So each callback runs the listener on a helper thread while the I/O loop
+    keeps serving heartbeats and the listener's own requests (``committed``, ``commit``), and the
+    caller's thread stays blocked inside ``poll``: the listener never runs alongside the
+    caller's code. The loop waits for the helper in short sleeps of its own (``_net.sleep``: a
+    kafka-python internal, like those of :class:`_Transactions`;
+    ``tests/test_kafka_io.py::test_kafka_python_internals_are_what_its_public_api_does`` checks
+    it). The starting offsets ``partitions_assigned`` returns are applied by ``seek``
+    before the join completes, so before any record of those partitions is fetched. An
+    exception of the listener is kept in :attr:`error` for the source to raise once ``poll``
+    returns. Nothing is called with no partitions, nor once the source is closing.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, listener: RebalanceListener) -> None:
+        self._consumer = consumer
+        self._listener = listener
+        self._sleep = consumer._net.sleep
+        self.error: BaseException | None = None
+        self.closing = False
+
+    async def _run(self, call, partitions) -> Any:
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = call({TopicPartition(*tp) for tp in partitions})
+            except BaseException as exc:  # raised again on the caller's thread, by poll()
+                outcome["error"] = exc
+
+        helper = threading.Thread(target=run, name="streamgmm-rebalance", daemon=True)
+        helper.start()
+        while helper.is_alive():
+            await self._sleep(0.005)
+        if "error" in outcome and self.error is None:
+            self.error = outcome["error"]
+        return outcome.get("value")
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        if revoked and not self.closing:
+            await self._run(self._listener.partitions_revoked, revoked)
+
+    async def on_partitions_lost(self, lost) -> None:
+        if lost and not self.closing:
+            await self._run(self._listener.partitions_lost, lost)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        if not assigned or self.closing:
+            return
+        starts = await self._run(self._listener.partitions_assigned, assigned) or {}
+        for tp, offset in starts.items():
+            self._consumer.seek(_KafkaTopicPartition(*tp), offset)
 
 
 class KafkaSource(GroupMember):
@@ -274,6 +477,13 @@ class KafkaSource(GroupMember):
         Where to read from and the consumer group whose offsets record progress.
     auto_offset_reset
         ``"earliest"`` or ``"latest"``: where to start without a committed offset.
+    listener
+        A :class:`~streamgmm.io.base.RebalanceListener` told of every assignment, revocation
+        and loss (kafka-python has only the eager protocol; a lost generation, e.g. a session
+        that expired while the process was frozen, is reported as ``partitions_lost``).
+    group_instance_id
+        Static membership (``group.instance.id``): a member that restarts within the session
+        timeout gets its partitions back without a rebalance.
     client_options
         Extra kafka-python settings (security: ``security_protocol``, ``ssl_*``, ``sasl_*``).
 
@@ -289,11 +499,19 @@ class KafkaSource(GroupMember):
         topic: str,
         group_id: str,
         auto_offset_reset: str = "earliest",
+        listener: RebalanceListener | None = None,
+        group_instance_id: str | None = None,
         **client_options: Any,
     ) -> None:
         self.topic = topic
         self.group_id = group_id
         options = {**CONSUMER_DEFAULTS, **client_options}
+        if group_instance_id is not None:
+            options["group_instance_id"] = group_instance_id
+        self.session_timeout = options["session_timeout_ms"] / 1000
+        self.max_poll_interval = options.get(
+            "max_poll_interval_ms", KafkaConsumer.DEFAULT_CONFIG["max_poll_interval_ms"]) / 1000
+        self._bridge: _RebalanceBridge | None = None
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=bootstrap_servers, group_id=group_id,
@@ -303,7 +521,9 @@ class KafkaSource(GroupMember):
             # assigned nothing, and kafka-python may not rejoin when the metadata arrives (seen
             # on Apache Kafka with a topic created just before).
             self._consumer.partitions_for_topic(topic)
-            self._consumer.subscribe([topic])
+            if listener is not None:
+                self._bridge = _RebalanceBridge(self._consumer, listener)
+            self._consumer.subscribe([topic], listener=self._bridge)
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
         try:
@@ -317,23 +537,40 @@ class KafkaSource(GroupMember):
         try:
             batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as exc:
+            self._raise_listener_error()
             raise _client_error("poll failed", exc) from exc
+        self._raise_listener_error()
         records: list = []
         for tp in sorted(batches, key=lambda t: t.partition):
             records.extend(batches[tp])
         return records
 
+    def _raise_listener_error(self) -> None:
+        """Raise what the rebalance listener raised (once), on the caller's thread."""
+        if self._bridge is not None and self._bridge.error is not None:
+            error, self._bridge.error = self._bridge.error, None
+            raise error
+
     def _serve_group(self) -> None:
-        self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
+        try:
+            self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
+        except kafka_errors.KafkaError as exc:
+            self._raise_listener_error()
+            raise _client_error("joining the group failed", exc) from exc
+        self._raise_listener_error()
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(*tp) for tp in self._consumer.assignment()}
 
-    def committed(self) -> dict[TopicPartition, int | None]:
-        """The group's committed offset for each assigned partition (``None`` if none)."""
+    def committed(self, partitions: Iterable[TopicPartition] | None = None
+                  ) -> dict[TopicPartition, int | None]:
+        """The group's committed offset of each of ``partitions`` (default: the assigned ones),
+        ``None`` where there is none."""
+        wanted = (self._consumer.assignment() if partitions is None
+                  else _kafka_partitions(partitions))
         try:
             return {TopicPartition(*tp): self._consumer.committed(tp, timeout_ms=CALL_TIMEOUT_MS)
-                    for tp in self._consumer.assignment()}
+                    for tp in wanted}
         except kafka_errors.KafkaError as exc:
             raise _client_error("reading committed offsets failed", exc) from exc
 
@@ -350,7 +587,18 @@ class KafkaSource(GroupMember):
         return self._consumer.highwater(_KafkaTopicPartition(*tp))
 
     def group_metadata(self):
-        return self._consumer.group_metadata()
+        """The member's group metadata now, for a transaction's offsets.
+
+        Raises :class:`~streamgmm.io.base.PartitionsLost` once the client knows that it left
+        the group (no generation): the broker would take offsets without a generation from a
+        transactional producer as a non-member's and accept them, even for partitions another
+        member owns now.
+        """
+        metadata = self._consumer.group_metadata()
+        if metadata.generation_id < 0 or not metadata.member_id:
+            raise PartitionsLost(f"this consumer is not a member of the group {self.group_id!r} "
+                                 "(its session expired or it was fenced)")
+        return metadata
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit ``offsets`` (next offset to read, per partition) synchronously."""
@@ -358,9 +606,16 @@ class KafkaSource(GroupMember):
             self._consumer.commit({_KafkaTopicPartition(*tp): OffsetAndMetadata(o, "", -1)
                                    for tp, o in offsets.items()})
         except kafka_errors.KafkaError as exc:
+            if _stale_member(exc):
+                raise PartitionsLost(f"offset commit refused, the group moved on: "
+                                     f"{type(exc).__name__}: {exc}") from exc
             raise _client_error("offset commit failed", exc) from exc
 
     def close(self) -> None:
+        """Leave the group (a static member does not: it keeps its partitions for the session
+        timeout) without committing and without calling the listener."""
+        if self._bridge is not None:
+            self._bridge.closing = True
         self._offsets.close()
         try:
             self._consumer.close(autocommit=False, timeout_ms=CALL_TIMEOUT_MS)
@@ -543,6 +798,9 @@ class KafkaSink:
             refused = {} if isinstance(exc, RecordRejected) else self._refused(futures)
             if refused:
                 raise RecordRejected(refused) from exc
+            if _stale_member(exc):
+                raise PartitionsLost("the transaction's offsets were refused, the group moved "
+                                     f"on: {type(exc).__name__}: {exc}") from exc
             if isinstance(exc, kafka_errors.KafkaError):
                 raise _client_error("publishing a batch failed", exc) from exc
             raise
@@ -589,6 +847,14 @@ class KafkaPythonBackend:
     def ensure_topics(self, topics: Iterable[str]) -> None:
         ensure_topics(self.bootstrap, topics, **self._security)
 
+    def ensure_state_topic(self, topic: str) -> None:
+        ensure_state_topic(self.bootstrap, topic, **self._security)
+
+    def open_state_reader(self, topic: str) -> KafkaStateReader:
+        quirks = BrokerQuirks.named(self.kafka.broker_quirks)
+        return KafkaStateReader(self.bootstrap, topic, quirks.readback_until_silence,
+                                **self._security)
+
     def open_sink(self, cancel: threading.Event | None = None) -> KafkaSink:
         sink = KafkaSink(self.bootstrap, delivery=self.kafka.delivery,
                          transactional_id=self.kafka.effective_transactional_id,
@@ -596,9 +862,10 @@ class KafkaPythonBackend:
         sink.cancel = cancel
         return sink
 
-    def open_source(self) -> KafkaSource:
+    def open_source(self, listener: RebalanceListener | None = None) -> KafkaSource:
         return KafkaSource(self.bootstrap, self.kafka.input_topic, self.kafka.group_id,
-                           auto_offset_reset=self.kafka.auto_offset_reset,
+                           auto_offset_reset=self.kafka.auto_offset_reset, listener=listener,
+                           group_instance_id=getattr(self.kafka, "group_instance_id", None),
                            **self._consumer_options)
 
     def reachable(self, timeout: float = 0.5) -> bool:
@@ -650,6 +917,7 @@ _MANAGED = frozenset({
     "bootstrap_servers", "group_id", "auto_offset_reset", "enable_auto_commit", "isolation_level",
     "transactional_id", "enable_idempotence", "acks", "key_deserializer", "value_deserializer",
     "key_serializer", "value_serializer", "max_poll_records", "default_offset_commit_callback",
+    "group_instance_id",
 })
 # Settings that take Python objects, which a TOML file cannot express.
 _OBJECTS = frozenset({

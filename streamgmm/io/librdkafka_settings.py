@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "MANAGED",
+    "CLASSIC_PROTOCOL_ONLY",
     "SECURITY_PROPERTIES",
     "SENSITIVE_PROPERTIES",
     "librdkafka_name",
@@ -40,6 +41,11 @@ MANAGED = frozenset({
     "enable.auto.commit", "enable.auto.offset.store", "transactional.id", "logger",
     "on_delivery", "error_cb", "on_assign",
 })
+
+#: The consumer properties librdkafka refuses with ``group.protocol=consumer`` (KIP-848: the
+#: broker owns the session timeout, the heartbeats and the assignor).
+CLASSIC_PROTOCOL_ONLY = ("session.timeout.ms", "heartbeat.interval.ms",
+                         "partition.assignment.strategy", "group.protocol.type")
 
 _SECURITY_NAMES = {
     "security_protocol": "security.protocol",
