@@ -149,7 +149,6 @@ def daemon_env(bootstrap: str, topic: str, out: str, workdir: str, tag: str,
         "STREAMGMM_KAFKA__OUTPUT_TOPIC": out, "STREAMGMM_KAFKA__DEAD_LETTER_TOPIC": out + "-dlt",
         "STREAMGMM_KAFKA__GROUP_ID": f"bench-{tag}-{time.time_ns()}",
         "STREAMGMM_FEATURES__FIELDS": FIELDS, "STREAMGMM_MODEL__N_COMPONENTS": "2",
-        "STREAMGMM_CHECKPOINT__PATH": os.path.join(workdir, f"ck-{tag}.npz"),
     }
     if max_records is not None:
         env["STREAMGMM_BATCH__MAX_RECORDS"] = str(max_records)
@@ -164,7 +163,7 @@ def daemon_run(bootstrap: str, topic: str, n: int, max_records: int, workdir: st
     from streamgmm.config import load_config
     from streamgmm.service import Daemon
 
-    tag = f"{backend}-{max_records}{tag}"  # a fresh checkpoint and output topic for every run
+    tag = f"{backend}-{max_records}{tag}"  # a fresh group (so state topic) and output topic per run
     config = load_config(None, env=daemon_env(bootstrap, topic, f"{topic}-out-{tag}", workdir,
                                               tag, max_records, backend))
     daemon = Daemon(config, create_topics=True)

@@ -8,8 +8,9 @@ would also ignore ``SIGTERM``. The :class:`Watchdog` covers both from threads of
 * the daemon calls :meth:`Watchdog.beat` whenever its loop makes progress (a poll returned, a
   batch was published, a reconnection attempt ended); when no beat came for ``stall_seconds``, the
   watchdog logs what happened and ends the process with :data:`EXIT_STUCK`, so that its supervisor
-  (Docker's restart policy, Kubernetes, systemd) starts it again. Nothing is lost: the next start
-  resumes from the checkpoint and the committed offsets, as after ``kill -9``;
+  (Docker's restart policy, Kubernetes, systemd) starts it again. Nothing is lost: whichever
+  replica gets its partitions next resumes from their states and the committed offsets, as after
+  ``kill -9``;
 * :meth:`Watchdog.watch_signals` acts on ``SIGTERM``/``SIGINT`` from a thread of its own (through
   the signal wakeup file descriptor), asks the daemon to stop, and ends the process with
   :data:`EXIT_STUCK` if the daemon has not returned ``stop_seconds`` later.
@@ -106,14 +107,15 @@ class Watchdog:
         if self._stop_asked_at is not None and now - self._stop_asked_at > self.stop_seconds:
             logger.critical("the daemon did not stop within %g s of the stop request (it is "
                             "blocked in a call to Kafka); exiting with code %d without the final "
-                            "checkpoint. Nothing is lost: the next start resumes from the last "
-                            "checkpoint and the committed offsets", self.stop_seconds, EXIT_STUCK)
+                            "states. Nothing is lost: the partitions' next owner resumes from "
+                            "their last states and the committed offsets", self.stop_seconds,
+                            EXIT_STUCK)
             self._exit(EXIT_STUCK)
         elif now - self._last_beat > self.stall_seconds:
             logger.critical("the daemon loop made no progress for %.0f s (a call to Kafka is "
                             "blocked past its deadline); exiting with code %d so that the "
-                            "supervisor restarts it. Nothing is lost: the next start resumes from "
-                            "the last checkpoint and the committed offsets",
+                            "supervisor restarts it. Nothing is lost: the partitions' next owner "
+                            "resumes from their last states and the committed offsets",
                             now - self._last_beat, EXIT_STUCK)
             self._exit(EXIT_STUCK)
 

@@ -1,4 +1,4 @@
-"""Fault injection: the daemon never stalls or dies on one message, a full disk or a broker restart.
+"""Fault injection: the daemon never stalls or dies on one message, a bad state or a broker restart.
 
 Every test runs real ``streamgmm run`` processes against a real broker (the ``bootstrap`` fixture,
 or a broker of its own when the test restarts it) and reads the outputs with an independent
@@ -6,8 +6,10 @@ client (confluent-kafka, ``read_committed``). Each is bounded in time: waits hav
 daemon still running at the end is killed.
 
 The rule under test: a fault tied to one message is that message's problem (it is dead-lettered
-with a reason and the rest of its batch goes on); a fault of the environment is retried, reported
-truthfully and loses nothing; nothing hangs.
+with a reason and the rest of its batch goes on; a state record that cannot be read is skipped);
+a fault of the environment is retried, reported truthfully and loses nothing; nothing hangs. Every
+daemon runs in an empty working directory of its own: a replica needs no disk, its partitions'
+states live in the state topic (read back with :func:`conftest.newest_states`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import tomllib
 import orjson
 import pytest
 import tomli_w
-from conftest import produce, read_topic, start_broker, unique_name
-from test_recovery import committed_total, wait_until_recovered, write_config
+from conftest import newest_states, produce, read_topic, start_broker, unique_name
+from test_recovery import committed_total, write_config
 from waiting import wait_for
 
 from streamgmm.io.kafka import ensure_topics
@@ -71,9 +73,9 @@ def normal_events(n: int, seed: int = 0, start: int = 0) -> list[bytes]:
             for i in range(n)]
 
 
-def configure(path, bootstrap, topics, group, checkpoint_path, backend, **sections) -> None:
+def configure(path, bootstrap, topics, group, backend, **sections) -> None:
     """``write_config``'s daemon configuration with some keys replaced (``features={...}``)."""
-    write_config(path, bootstrap, topics, group, checkpoint_path, backend=backend)
+    write_config(path, bootstrap, topics, group, backend=backend)
     config = tomllib.loads(path.read_text())
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
@@ -107,24 +109,39 @@ class Daemon:
             for topic in self.topics[1:]:
                 create_input_topic(bootstrap, topic, partitions, output_limit)
         create_input_topic(bootstrap, self.topics[0], partitions)
-        self.checkpoint = tmp_path / "ck" / "checkpoint.npz"
+        self.state_topic = f"{self.group}-state"
+        self.fields = ["x", "y"]
         self.config = tmp_path / "streamgmm.toml"
-        configure(self.config, bootstrap, self.topics, self.group, self.checkpoint, backend,
-                  **sections)
+        configure(self.config, bootstrap, self.topics, self.group, backend, **sections)
         self.log_path = tmp_path / "daemon.log"
+        self.log_path.touch()
+        self.workdir = tmp_path / "replica"  # the working directory: empty, nothing uses it
+        self.workdir.mkdir()
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *args: str, wait: bool = True) -> subprocess.Popen:
+    def start(self, *args: str, wait: bool = True, cwd=None, env=None) -> subprocess.Popen:
+        """``streamgmm run``; with ``wait``, until it says it joined its group (its partitions'
+        states restored)."""
+        import os
+
+        joined = self.log_path.read_bytes().count(b"joined group")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streamgmm.cli", "run", "--config", str(self.config),
-                 *args], stdout=log, stderr=subprocess.STDOUT)
+                 *args], stdout=log, stderr=subprocess.STDOUT, cwd=cwd or self.workdir,
+                env={**os.environ, **(env or {})})
         if wait:
-            wait_until_recovered(self.checkpoint, self.proc)
+            wait_for(lambda: self.log_path.read_bytes().count(b"joined group") > joined,
+                     "the daemon to join its group", 120, [("the daemon", self.proc)])
         return self.proc
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """The log (from character ``since`` on)."""
+        return self.log_path.read_text(errors="replace")[since:]
+
+    def states(self) -> dict:
+        """The newest state of each input partition in the state topic."""
+        return newest_states(self.bootstrap, self.state_topic, self.fields)
 
     def wait_committed(self, n: int, timeout: float = 90) -> None:
         wait_for(lambda: committed_total(self.bootstrap, self.group, self.topics[0]) >= n,
@@ -304,21 +321,60 @@ def test_an_event_limit_above_the_producer_limit_is_refused_at_start_naming_the_
     assert "at most 934464" in proc.stderr
 
 
-# -- case 6: every malformed state file exits 3 and says how to start fresh -------------------
+# -- case 6: a state record that cannot be read is skipped; states of other features exit 3 ----
+
+
+class StateTopicRun(Daemon):
+    """A daemon on two partitions that has written real states, and what was produced so far."""
+
+    def produce(self, values) -> None:
+        produce(self.bootstrap, self.topics[0], values,
+                keys=[b"%d" % (len(self.produced) + i) for i in range(len(values))])
+        self.produced += values
+
+    def states(self) -> dict:
+        """The newest state of each input partition (records under other keys, which the tests
+        write, are left out; the newest record of each partition must be readable)."""
+        from streamgmm.partition_state import decode_state
+
+        keys = {f"{self.topics[0]}:{p}".encode() for p in (0, 1)}
+        newest = {m.key(): m.value() for m in read_topic(self.bootstrap, self.state_topic,
+                                                         idle=0.5) if m.key() in keys}
+        states = (decode_state(value, key, self.fields) for key, value in newest.items())
+        return {state.partition: state for state in states}
+
+    def invalid(self) -> list[bytes]:
+        return [v for v in self.produced if not v.startswith(b'{"i"')]
+
+    def check_each_once(self, log: str) -> None:
+        """Every dead letter once, no output twice, every event learned once by its partition's
+        newest state, all of it committed."""
+        letters = self.dead_letters(idle=0.5)
+        sources = [source_of_dead_letter(m.headers()) for m in letters]
+        sources += [source_of_output(m.value()) for m in self.outputs(idle=0.5)]
+        assert len(sources) == len(set(sources)), f"published twice\n{log[-3000:]}"
+        assert sorted(m.value() for m in letters) == sorted(self.invalid()), log[-3000:]
+        states = self.states()
+        assert set(states) == {(self.topics[0], 0), (self.topics[0], 1)}
+        assert sum(s.learned for s in states.values()) == len(self.produced), log[-3000:]
+        assert sum(s.events_learned for s in states.values()) == \
+            len(self.produced) - len(self.invalid()), log[-3000:]
 
 
 @pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory, bootstrap):
-    """A daemon's real checkpoint (and its configuration), to break in many ways."""
-    tmp_path = tmp_path_factory.mktemp("good-checkpoint")
-    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka")
-    produce(bootstrap, daemon.topics[0], normal_events(400) + [b"not json"])
+def good_states(tmp_path_factory, bootstrap):
+    """A daemon's real states in its state topic (and its configuration), to break in many ways."""
+    tmp_path = tmp_path_factory.mktemp("good-states")
+    daemon = StateTopicRun(tmp_path, bootstrap, "confluent-kafka", partitions=2)
+    daemon.produced = []
+    daemon.produce(normal_events(400) + [b"not json"])
     try:
         daemon.start()
         daemon.wait_committed(401)
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+    daemon.check_each_once(daemon.log())
     return daemon
 
 
@@ -338,74 +394,118 @@ def _edit_array(name, change):
 
 
 _DELETE = object()
+#: Edits of a state's content that keep its digest valid, and what the warning says.
 MALFORMED = {
-    "no learned offsets": (_edit_meta("learned_offsets", _DELETE), "'learned_offsets' is missing"),
-    "offset not an integer": (
-        _edit_meta("learned_offsets", lambda m: {k: "12x" for k in m["learned_offsets"]}),
-        "not an offset"),
-    "offset a float": (
-        _edit_meta("learned_offsets", lambda m: {k: 1.5 for k in m["learned_offsets"]}),
-        "not an offset"),
-    "negative offset": (
-        _edit_meta("learned_offsets", lambda m: {k: -5 for k in m["learned_offsets"]}),
-        "not an offset"),
-    "bad partition name": (
-        _edit_meta("output_positions", {"no-partition": 3}), 'not a "topic:partition"'),
+    "no learned offset": (_edit_meta("learned", _DELETE), "learned is None, not a count"),
+    "offset not an integer": (_edit_meta("learned", "12x"), "learned is '12x', not a count"),
+    "negative offset": (_edit_meta("learned", -5), "learned is -5, not a count"),
+    "bad partition name in the output positions": (
+        _edit_meta("output_positions", {"no-partition": 3}), "output_positions is malformed"),
+    "the state of another partition": (
+        _edit_meta("partition", "elsewhere:9"), "holds the state of 'elsewhere:9'"),
     "wrong array shape": (
         _edit_array("detector/model/means", lambda a: a.reshape(-1)[:3].copy()),
         "inconsistent"),
     "NaN model": (
-        _edit_array("detector/model/scatter", lambda a: a * float("nan")),
-        "NaN or infinity"),
-    "no detector": (_edit_meta("detector", _DELETE), "no detector state"),
+        _edit_array("detector/model/scatter", lambda a: a * float("nan")), "NaN or infinity"),
+    "no detector": (_edit_meta("detector", _DELETE), "holds no detector state"),
+}
+#: Records that are not a state at all, as ``(key, value) -> (key, value)``, and the warning.
+NOT_A_STATE = {
+    "garbage bytes": (lambda k, v: (k, b"garbage, not a state"), "not a compressed state"),
+    "a broken digest": (lambda k, v: (k, _with_header(v, sha256="0" * 64)), "checksum mismatch"),
+    "a newer format": (lambda k, v: (k, _with_header(v, version=99)), "written by a newer"),
+    "a key that names no partition": (lambda k, v: (b"no-partition", v),
+                                      'not "topic:partition"'),
+    "a zlib bomb": (lambda k, v: (k, __import__("zlib").compress(b"\0" * (65 << 20), 9)),
+                    "bytes uncompressed"),
 }
 
 
-def run_expecting_exit_3(daemon) -> str:
-    proc = subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config",
-                           str(daemon.config)], capture_output=True, text=True, timeout=60)
+def _with_header(value: bytes, **changes) -> bytes:
+    """A state record whose file header says something else (its body unchanged)."""
+    import io
+    import zlib
+
+    import numpy as np
+
+    from streamgmm.statefile import _META_KEY
+
+    with np.load(io.BytesIO(zlib.decompress(value)), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    doc = json.loads(arrays[_META_KEY].tobytes())
+    doc["header"].update(changes)
+    arrays[_META_KEY] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return zlib.compress(buf.getvalue())
+
+
+def _broken(key: bytes, value: bytes, case: str) -> tuple[bytes, bytes]:
+    import zlib
+
+    from streamgmm.partition_state import STATE_KIND, STATE_VERSION
+    from streamgmm.statefile import dumps_state, loads_state
+
+    if case in NOT_A_STATE:
+        return NOT_A_STATE[case][0](key, value)
+    arrays, meta = loads_state(zlib.decompress(value), STATE_KIND, STATE_VERSION)
+    meta.pop("version")
+    MALFORMED[case][0](arrays, meta)
+    return key, zlib.compress(dumps_state(STATE_KIND, STATE_VERSION, arrays, meta))
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("good_states")  # one worker makes the module's states once
+@pytest.mark.parametrize("case", list(MALFORMED) + list(NOT_A_STATE))
+def test_a_state_record_that_cannot_be_read_is_skipped_and_nothing_is_published_twice(
+        good_states, case):
+    """The newest state of partition 0, broken (a valid digest over bad content, or not a state
+    at all), is written into the state topic. The daemon logs it, restores the partition from
+    its last readable state, goes on, and publishes nothing twice."""
+    daemon = good_states
+    key = f"{daemon.topics[0]}:0".encode()
+    newest = [m.value() for m in read_topic(daemon.bootstrap, daemon.state_topic, idle=0.5)
+              if m.key() == key][-1]
+    bad_key, bad_value = _broken(key, newest, case)
+    produce(daemon.bootstrap, daemon.state_topic, [bad_value], keys=[bad_key])
+    daemon.produce(normal_events(40, seed=len(daemon.produced)) + [f"bad {case}".encode()])
+    since = len(daemon.log())
+    try:
+        daemon.start()
+        daemon.wait_committed(len(daemon.produced))
+        assert daemon.stop() == 0, daemon.log(since)[-3000:]
+    finally:
+        daemon.kill()
+    log = daemon.log(since)
+    expected = (MALFORMED.get(case) or NOT_A_STATE[case])[1]
+    assert "ignoring a state record" in log and expected in log, log[-3000:]
+    assert not own_tracebacks(log), log[-3000:]
+    assert f"{daemon.topics[0]}:0: restored the state" in log, log[-3000:]
+    daemon.check_each_once(log)
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("good_states")
+def test_a_state_topic_made_for_other_features_exits_3_saying_what_to_do(good_states, tmp_path):
+    daemon = good_states
+    committed = committed_total(daemon.bootstrap, daemon.group, daemon.topics[0])
+    config = tmp_path / "other-features.toml"
+    configure(config, daemon.bootstrap, daemon.topics, daemon.group, "confluent-kafka",
+              features={"fields": ["x", "z"]})
+    proc = subprocess.run([sys.executable, "-m", "streamgmm.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert "--fresh" in proc.stderr and str(daemon.checkpoint) in proc.stderr
-    return proc.stderr
+    assert "made for features ['x', 'y'] but the configuration has ['x', 'z']" in proc.stderr
+    assert "use another group_id, or delete the state topic" in proc.stderr
+    # It refused before it joined the group: nothing consumed, committed or written.
+    assert "joined group" not in proc.stderr
+    assert committed_total(daemon.bootstrap, daemon.group, daemon.topics[0]) == committed
+    assert set(daemon.states()) == {(daemon.topics[0], 0), (daemon.topics[0], 1)}
 
 
-@pytest.mark.integration
-@pytest.mark.xdist_group("good_checkpoint")  # one worker makes the module's checkpoint once
-@pytest.mark.parametrize("case", list(MALFORMED))
-def test_a_checkpoint_with_a_valid_digest_but_bad_content_exits_3_saying_what(
-        good_checkpoint, case, tmp_path):
-    from streamgmm.checkpoint import read_state, write_state
-    from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
-
-    daemon = good_checkpoint
-    original = daemon.checkpoint.read_bytes()
-    try:
-        arrays, meta = read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
-        meta.pop("version")
-        edit, expected = MALFORMED[case]
-        edit(arrays, meta)
-        write_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION, arrays, meta)
-        assert expected in run_expecting_exit_3(daemon)
-    finally:
-        daemon.checkpoint.write_bytes(original)
-
-
-@pytest.mark.integration
-@pytest.mark.xdist_group("good_checkpoint")
-def test_a_directory_in_place_of_the_checkpoint_exits_3(good_checkpoint):
-    daemon = good_checkpoint
-    aside = daemon.checkpoint.with_suffix(".aside")
-    daemon.checkpoint.rename(aside)
-    daemon.checkpoint.mkdir()
-    try:
-        assert "is a directory" in run_expecting_exit_3(daemon)
-    finally:
-        daemon.checkpoint.rmdir()
-        aside.rename(daemon.checkpoint)
-
-
-# -- case 4: a full or read-only checkpoint directory does not stop detection ----------------
+# -- case 4: a replica needs no disk: a read-only or full working directory changes nothing ------
 
 
 def metric(port: int, name: str) -> float | None:
@@ -420,64 +520,82 @@ def metric(port: int, name: str) -> float | None:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 600 kB tmpfs: room for one checkpoint (~420 kB) but not for writing a second."""
-    mount_point = tmp_path / "ck"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs",
-                              str(mount_point)], capture_output=True, text=True)
+def unwritable_dir(tmp_path, request):
+    """A working directory the daemon cannot write: a tmpfs remounted read-only, or one filled
+    to the last byte (needs root); without root, a read-only directory by its permissions."""
+    import os
+
+    fault = request.param
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        if fault == "full" or os.geteuid() == 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        path.chmod(0o555)
+        yield path, fault
+        path.chmod(0o755)
+        return
     try:
-        yield mount_point
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        else:
+            with open(path / "filler", "wb") as fh:
+                try:
+                    fh.write(b"\0" * 1_000_000)
+                except OSError:
+                    pass
+            with pytest.raises(OSError):
+                (path / "probe").write_bytes(b"x" * 8192)
+        yield path, fault
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _listing(path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*")}
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_a_full_or_read_only_checkpoint_disk_does_not_stop_detection(
-        tmp_path, bootstrap, small_disk, fault, daemons):
-    from streamgmm.checkpoint import read_state
+@pytest.mark.parametrize("unwritable_dir", ["read-only", "full"], indirect=True)
+def test_a_replica_needs_no_disk(tmp_path, bootstrap, unwritable_dir, daemons):
+    """Run in a working directory (and HOME, TMPDIR) it cannot write, the daemon detects,
+    publishes, writes its states to the state topic and stops cleanly; a restart there
+    restores them and goes on."""
     from streamgmm.embedded import free_port
-    from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
 
+    workdir, _fault = unwritable_dir
+    before = _listing(workdir)
     port = free_port()
-    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka",
+    daemon = Daemon(tmp_path, bootstrap, "confluent-kafka", partitions=2,
                     metrics={"enabled": True, "host": "127.0.0.1", "port": port},
                     checkpoint={"interval_seconds": 0.3})
     daemons.append(daemon)
-    produce(bootstrap, daemon.topics[0], normal_events(400))
-    daemon.start()  # its first checkpoint fits
-    good = daemon.checkpoint.read_bytes()
-    if fault == "read-only":
-        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    else:  # fill what is left
-        filler = small_disk / "filler"
-        with open(filler, "wb") as fh:
-            try:
-                fh.write(b"\0" * 1_000_000)
-            except OSError:
-                pass
-    produce(bootstrap, daemon.topics[0], normal_events(200, seed=1, start=400) + [b"bad 1"])
-    daemon.wait_committed(601)
-    wait_for(lambda: (metric(port, "streamgmm_checkpoint_failures_total") or 0) >= 2,
-             "checkpoint failures counted", 30, [("the daemon", daemon.proc)])
-    assert daemon.proc.poll() is None
-    assert daemon.checkpoint.read_bytes() == good, "the last good checkpoint stays"
-    assert daemon.stop() == 0  # even its final checkpoint fails
-    log = daemon.log()
-    assert "Traceback" not in log
-    assert "cannot write the checkpoint" in log and "detection goes on" in log
-
-    # A restart on the same disk restores the last good checkpoint and goes on.
-    daemon.start(wait=False)
-    produce(bootstrap, daemon.topics[0], [b"bad 2"] + normal_events(50, seed=2, start=600))
-    daemon.wait_committed(652)
-    assert any(m.value() == b"bad 2" for m in daemon.dead_letters(expect=2))
-    assert daemon.proc.poll() is None
+    nowhere = {"HOME": str(workdir), "TMPDIR": str(workdir)}
+    produce(bootstrap, daemon.topics[0], normal_events(400) + [b"bad 1"],
+            keys=[b"%d" % i for i in range(401)])
+    daemon.start(cwd=workdir, env=nowhere)
+    daemon.wait_committed(401)
+    wait_for(lambda: sum(s.learned for s in daemon.states().values()) == 401,
+             "the states of every event", 30, [("the daemon", daemon.proc)])
+    assert metric(port, "streamgmm_checkpoint_failures_total") == 0
+    assert metric(port, "streamgmm_checkpoint_age_seconds") < 30
     assert daemon.stop() == 0
-    read_state(daemon.checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+    log = daemon.log()
+    assert "Traceback" not in log and "no longer used" not in log, log[-3000:]
+
+    daemon.start(cwd=workdir, env=nowhere)
+    produce(bootstrap, daemon.topics[0], [b"bad 2"] + normal_events(50, seed=2, start=400),
+            keys=[b"%d" % i for i in range(51)])
+    daemon.wait_committed(452)
+    assert daemon.stop() == 0
+    assert sorted(m.value() for m in daemon.dead_letters(expect=2)) == [b"bad 1", b"bad 2"]
+    states = daemon.states()
+    assert sum(s.learned for s in states.values()) == 452
+    assert sum(s.events_learned for s in states.values()) == 450, "restored, not started over"
+    assert _listing(workdir) == before, "the daemon wrote into its working directory"
+    assert "Traceback" not in daemon.log()
 
 
 # -- case 3: a broker that restarts empty inside a transaction does not hang the daemon -------
@@ -567,7 +685,7 @@ def test_broker_up_tells_the_truth_through_a_frozen_and_a_restarted_broker(
             assert up() == 1
             time.sleep(0.5)
         # Stopped mid-recovery it ends cleanly, or (kafka-python on Apache Kafka, inside one of
-        # its own 30 s transaction waits) is ended by the watchdog without a final checkpoint.
+        # its own 30 s transaction waits) is ended by the watchdog without its final states.
         assert daemon.stop() in (0, 4)
     finally:
         discard(broker)
@@ -680,9 +798,10 @@ def test_a_loop_stuck_on_a_frozen_broker_exits_4_and_the_restart_resumes(
         assert "made no progress" in daemon.log()
         assert 10 <= stuck_for < 25, stuck_for
         # What a supervisor does: start it again (with the default stall_seconds, above the
-        # deadlines of a recovery that follows a dead transaction); it resumes from its checkpoint.
+        # deadlines of a recovery that follows a dead transaction); it resumes from its
+        # partitions' states in the state topic.
         configure(daemon.config, broker.bootstrap_servers, daemon.topics, daemon.group,
-                  daemon.checkpoint, backend, batch={"max_records": 10, "max_wait_ms": 20})
+                  backend, batch={"max_records": 10, "max_wait_ms": 20})
         daemon.start()
         daemon.wait_committed(20000, timeout=120)
         assert daemon.stop() == 0

@@ -2,9 +2,10 @@
 
 Hypothesis generates hostile payloads (random bytes, JSON with lone surrogates, deep nesting,
 huge integers, NaN and infinities, wrong types, oversized values) around events whose features are
-extreme enough to be anomalies, and feeds them through the daemon's own batch path
-(:meth:`streamgmm.service.Daemon.process_batch`, the code between ``poll`` and ``publish``). For
-every input record it asserts:
+extreme enough to be anomalies, and feeds them through the daemon's own per-partition batch path
+(``Daemon._process_run``: the code between ``poll`` and ``publish`` for one owned partition,
+scoring with the merged model of the replica's two warmed-up partitions). For every input record
+it asserts:
 
 * it is either scored or dead-lettered, never both, never neither;
 * every anomaly message is strict UTF-8 JSON naming its source;
@@ -25,9 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamgmm.config import load_config
-from streamgmm.io.base import record_size
+from streamgmm.io.base import TopicPartition, record_size
 from streamgmm.messages import source_of_dead_letter, source_of_output
-from streamgmm.service import Daemon
+from streamgmm.partition_state import PartitionState
+from streamgmm.pipeline import BatchPipeline
+from streamgmm.service import Daemon, _Task
 
 EXAMPLES = 300
 
@@ -70,9 +73,9 @@ def payloads(draw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    """A daemon whose model has warmed up on normal events (no broker: process_batch only)."""
-    checkpoint = tmp_path_factory.mktemp("fuzz") / "none.npz"
+def daemon():
+    """A daemon owning two partitions whose models have warmed up on normal events (no broker:
+    only the batch path between poll and publish runs)."""
     config = load_config(env={
         "STREAMGMM_FEATURES__FIELDS": "x,y",
         "STREAMGMM_FEATURES__MAX_EVENT_BYTES": "4000",
@@ -80,36 +83,51 @@ def daemon(tmp_path_factory):
         "STREAMGMM_THRESHOLD__WARMUP_EVENTS": "200",
         "STREAMGMM_MODEL__N_COMPONENTS": "1",
         "STREAMGMM_MODEL__RANDOM_STATE": "0",
-        "STREAMGMM_CHECKPOINT__PATH": str(checkpoint),
     })
     daemon = Daemon(config)
     import random
 
     rng = random.Random(0)
-    warm = [orjson.dumps({"x": rng.gauss(0, 1), "y": rng.gauss(0, 1)}) for _ in range(400)]
-    daemon.process_batch(records(warm))
-    assert not daemon.detector.warming_up
+    for partition, centre in ((0, 0.0), (1, 3.0)):
+        tp = TopicPartition("in", partition)
+        detector = daemon._default_detector()
+        daemon._tasks[tp] = _Task(PartitionState(tp, detector, learned=0),
+                                  BatchPipeline.from_config(config, detector), publish_from=0)
+        warm = [orjson.dumps({"x": rng.gauss(centre, 1), "y": rng.gauss(0, 1)})
+                for _ in range(400)]
+        process(daemon, records(warm, partition=partition))
+        assert not detector.warming_up
+    assert daemon._reference() is not None, "the two partitions' models are merged"
     return daemon
 
 
-def records(values, start: int = 0) -> list:
-    return [SimpleNamespace(value=v, key=None, headers=None, topic="in", partition=0,
+def records(values, start: int = 0, partition: int = 0) -> list:
+    return [SimpleNamespace(value=v, key=None, headers=None, topic="in", partition=partition,
                             offset=start + i) for i, v in enumerate(values)]
+
+
+def process(daemon, batch):
+    """Score, decide and learn ``batch`` (one partition's records) as the daemon's loop does."""
+    task = daemon._tasks[TopicPartition(batch[0].topic, batch[0].partition)]
+    task.publish_from, task.published = batch[0].offset, set()  # every example is new
+    return daemon._process_run(task, batch)
 
 
 @settings(max_examples=EXAMPLES, deadline=timedelta(seconds=2),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
-@given(st.lists(payloads(), min_size=1, max_size=8))
-def test_every_payload_is_scored_or_dead_lettered_and_every_message_is_valid(daemon, values):
-    batch = records(values)
-    outgoing, extraction, result = daemon.process_batch(batch)
+@given(st.lists(payloads(), min_size=1, max_size=8), st.sampled_from([0, 1]))
+def test_every_payload_is_scored_or_dead_lettered_and_every_message_is_valid(daemon, values,
+                                                                              partition):
+    batch = records(values, partition=partition)
+    outgoing, extraction, result = process(daemon, batch)
     scored = {int(i) for i in extraction.indices}
     dead = {letter.index for letter in extraction.dead_letters}
     assert scored.isdisjoint(dead)
     assert scored | dead == set(range(len(batch)))
     for record in outgoing:
         assert record_size(record) <= daemon.max_record_bytes
+        assert record.source[:2] == ("in", partition)
         if record.topic == daemon.config.kafka.output_topic:
             document = json.loads(record.value.decode("utf-8"))  # strict UTF-8
             orjson.loads(record.value)  # no lone surrogate escapes, no NaN
@@ -119,3 +137,5 @@ def test_every_payload_is_scored_or_dead_lettered_and_every_message_is_valid(dae
         else:
             assert source_of_dead_letter(record.headers) == record.source
             assert record.source[2] in dead
+    letters = {r.source[2] for r in outgoing if r.topic == daemon.config.kafka.dead_letter_topic}
+    assert letters == dead, "every unscorable record has its dead letter to publish"

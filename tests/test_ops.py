@@ -285,6 +285,9 @@ def test_alerts_cover_the_operational_situations():
         "StreamgmmConsumerLagGrowing": "streamgmm_consumer_lag_events",
         "StreamgmmDeadLetters": "streamgmm_dead_letters_total",
         "StreamgmmCheckpointTooOld": "streamgmm_checkpoint_age_seconds",
+        "StreamgmmCheckpointFailing": "streamgmm_checkpoint_failures_total",
+        "StreamgmmPartitionsLost": "streamgmm_rebalances_total",
+        "StreamgmmReplicaIdle": "streamgmm_partitions_owned",
     }
     for alert, metric in wanted.items():
         assert alert in alerts
@@ -295,6 +298,9 @@ def test_checkpoint_alert_allows_for_the_configured_interval():
     (expr,) = [r["expr"] for r in _alert_rules() if r["alert"] == "StreamgmmCheckpointTooOld"]
     limit = float(re.search(r">\s*([0-9.]+)", expr).group(1))
     assert limit >= 3 * _config()["checkpoint"]["interval_seconds"]
+    # A state is written only after its partition learned something: the alert judges only a
+    # replica that processes events (an idle one has nothing to write).
+    assert {"streamgmm_events_total", "streamgmm_dead_letters_total"} <= _metric_names_in(expr)
 
 
 def test_rules_and_dashboard_use_only_contract_metric_names():
@@ -361,6 +367,11 @@ def test_dashboard_shows_what_operators_need():
         "component weights": {"streamgmm_component_weight"},
         "lag": {"streamgmm_consumer_lag_events"},
         "dead letters": {"streamgmm_dead_letters_total"},
+        "replicas and their partitions' states": {
+            "streamgmm_partitions_owned", "streamgmm_rebalances_total",
+            "streamgmm_merged_model_age_seconds", "streamgmm_merged_model_partitions",
+            "streamgmm_state_restore_duration_seconds", "streamgmm_state_bytes",
+            "streamgmm_checkpoint_age_seconds"},
     }
     for what, names in needed.items():
         assert names <= used, f"dashboard lacks {what}: {names - used}"
@@ -487,10 +498,15 @@ def test_compose_daemon_runs_the_mounted_config_with_valid_overrides(name):
     assert config.metrics.host == "0.0.0.0", "metrics must listen beyond the container"
     assert config.metrics.port == _metrics_port()
     assert daemon["expose"] == [str(_metrics_port())]
-    # The checkpoint lives in the per-replica volume.
-    checkpoint_dir = str(Path(str(config.checkpoint.path)).parent)
-    assert any(v.endswith(f":{checkpoint_dir}") for v in daemon["volumes"])
-    # Graceful stop: SIGTERM reaches the daemon, with time to commit and checkpoint.
+    # No disk: the partitions' states live in the state topic; the only mount is the config.
+    assert config.checkpoint.path is None, "checkpoint.path is no longer used"
+    assert [target for _, target in _bind_mounts(daemon)] == [command[2]]
+    assert daemon["volumes"] == [f"../config/streamgmm.toml:{command[2]}:ro"]
+    assert daemon["read_only"] is True, "a replica needs no disk"
+    # A stable name of its own (the default, the host name, is a new container id each time).
+    assert env.get("STREAMGMM_KAFKA__REPLICA_ID")
+    assert config.kafka.effective_replica_id == env["STREAMGMM_KAFKA__REPLICA_ID"]
+    # Graceful stop: SIGTERM reaches the daemon, with time to commit and write its states.
     assert "entrypoint" not in daemon, "keep the image's exec-form ENTRYPOINT"
     assert daemon["init"] is True
     assert int(daemon["stop_grace_period"].rstrip("s")) >= 10
@@ -498,15 +514,23 @@ def test_compose_daemon_runs_the_mounted_config_with_valid_overrides(name):
 
 
 def test_compose_daemon_replicas_can_share_the_input():
+    from streamgmm.config import load_config
+
     daemons = _daemon_services()
     assert set(daemons) == {"streamgmm", "streamgmm-2"}
     assert "profiles" not in daemons["streamgmm"], "the first replica always runs"
-    transactional_ids = [d["environment"]["STREAMGMM_KAFKA__TRANSACTIONAL_ID"]
-                         for d in daemons.values()]
+    configs = [load_config(CONFIG, env={k: str(v) for k, v in d["environment"].items()})
+               for d in daemons.values()]
+    replica_ids = [c.kafka.effective_replica_id for c in configs]
+    assert len(set(replica_ids)) == len(daemons), "replicas need names of their own"
+    transactional_ids = [c.kafka.effective_transactional_id for c in configs]
     assert len(set(transactional_ids)) == len(daemons), "replicas would fence each other"
-    state = [v.split(":")[0] for d in daemons.values() for v in d["volumes"]
-             if v.endswith(":/var/lib/streamgmm")]
-    assert len(set(state)) == len(daemons), "replicas would overwrite each other's checkpoint"
+    assert all("STREAMGMM_KAFKA__TRANSACTIONAL_ID" not in d["environment"]
+               for d in daemons.values()), "the replica id makes each transactional id"
+    # They share the state topic, hence each other's partitions' states and the merged model.
+    assert len({c.checkpoint.state_topic(c.kafka.group_id) for c in configs}) == 1
+    assert not any(d.get("volumes", [])[1:] for d in daemons.values()), "no state on disk"
+    assert set(_compose()["volumes"]) == {"kafka-data", "prometheus-data", "grafana-data"}
     assert all(d["networks"]["default"]["aliases"] == ["streamgmm"] for d in daemons.values())
     assert all("STREAMGMM_KAFKA__GROUP_ID" not in d["environment"] for d in daemons.values()), \
         "replicas share the consumer group of the config"
@@ -548,7 +572,9 @@ def test_dockerfile_builds_a_slim_non_root_image_with_the_daemon_as_main_process
     assert probe_args == ["streamgmm", "health", "--config", _exec_form(cmd)[2]]
     exposed = [args for keyword, args in runtime if keyword == "EXPOSE"]
     assert exposed == [str(_metrics_port())]
-    assert any(keyword == "VOLUME" and "/var/lib/streamgmm" in args for keyword, args in runtime)
+    # A replica needs no disk: no volume, no checkpoint path (it would only be warned about).
+    assert not any(keyword == "VOLUME" for keyword, _ in runtime)
+    assert not any(keyword == "ENV" and "CHECKPOINT" in args for keyword, args in runtime)
 
 
 def test_the_healthcheck_probe_tells_a_live_metrics_endpoint_from_a_dead_one(tmp_path):
@@ -783,7 +809,6 @@ def running_daemon(bootstrap, tmp_path):
         "STREAMGMM_KAFKA__TRANSACTIONAL_ID": unique_name("ops-tx"),
         "STREAMGMM_METRICS__HOST": "127.0.0.1",
         "STREAMGMM_METRICS__PORT": str(port),
-        "STREAMGMM_CHECKPOINT__PATH": str(tmp_path / "checkpoint.npz"),
         "STREAMGMM_CHECKPOINT__INTERVAL_SECONDS": "2",
         "STREAMGMM_THRESHOLD__WARMUP_EVENTS": "300",
         "STREAMGMM_MODEL__N_COMPONENTS": "3",
@@ -796,8 +821,10 @@ def running_daemon(bootstrap, tmp_path):
     assert producer.returncode == 0, producer.stderr
     executable = Path(sys.executable).with_name("streamgmm")
     log = open(tmp_path / "daemon.log", "wb")  # closed in the finally below
+    workdir = tmp_path / "replica"  # empty: a replica needs no disk
+    workdir.mkdir()
     daemon = subprocess.Popen([str(executable), "run", "--config", str(CONFIG)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
         def learned_everything():
             families = _exported_families(_scrape(port))
@@ -1001,7 +1028,6 @@ def test_the_compose_kafka_settings_topic_creation_and_daemon_config_run_on_apac
                       **{k: str(v) for k, v in compose["services"]["streamgmm"]["environment"]
                          .items()},
                       "STREAMGMM_KAFKA__BOOTSTRAP_SERVERS": internal,
-                      "STREAMGMM_CHECKPOINT__PATH": str(tmp_path / "checkpoint.npz"),
                       "STREAMGMM_METRICS__HOST": "127.0.0.1",
                       "STREAMGMM_METRICS__PORT": str(port)}
         with open(tmp_path / "daemon.log", "wb") as log:
@@ -1031,11 +1057,17 @@ def test_the_compose_kafka_settings_topic_creation_and_daemon_config_run_on_apac
         assert counted["streamgmm_dead_letters_total"] == len(letters)
         assert counted["streamgmm_events_total"] + len(letters) == 3000
         assert len(anomalies) > 0
-        # no topic was auto-created (auto.create.topics.enable=false): only those three and
-        # Kafka's own
-        names = set(confluent_kafka.admin.AdminClient({"bootstrap.servers": internal})
-                    .list_topics(timeout=10).topics)
-        assert {n for n in names if not n.startswith("__")} == {
-            config["input_topic"], config["output_topic"], config["dead_letter_topic"]}
+        # no topic was auto-created (auto.create.topics.enable=false): only those three, the
+        # state topic the daemon created (one partition, compacted) and Kafka's own
+        admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": internal})
+        topics = admin.list_topics(timeout=10).topics
+        state_topic = f"{config['group_id']}-state"
+        assert {n for n in topics if not n.startswith("__")} == {
+            config["input_topic"], config["output_topic"], config["dead_letter_topic"],
+            state_topic}
+        assert len(topics[state_topic].partitions) == 1
+        resource = confluent_kafka.admin.ConfigResource("topic", state_topic)
+        (described,) = admin.describe_configs([resource]).values()
+        assert described.result(timeout=10)["cleanup.policy"].value == "compact"
     finally:
         broker.cleanup()

@@ -88,6 +88,12 @@ def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
     metrics.set_consumer_lag(77)
     metrics.set_broker_up(True)
     metrics.checkpoint_written()
+    # A replica's partitions and their states (scale-out)
+    metrics.partitions_changed("assigned", 3, owned=3)
+    metrics.partitions_changed("lost", 1, owned=2)
+    metrics.state_restored(0.042, 12345)
+    metrics.set_merged_model(5, 7.5)
+    metrics.state_bytes.set(23456)
 
     def scraped():
         values = _query(base, "streamgmm_consumer_lag_events")
@@ -118,6 +124,15 @@ def test_prometheus_scrapes_the_values_the_daemon_sets(prometheus):
     age = _query(base, "streamgmm_checkpoint_age_seconds")[()]
     assert 0.0 <= age < 60.0
     assert list(_query(base, "streamgmm_build_info")) == [(("version", "0.1.0"),)]
+    assert _query(base, "streamgmm_partitions_owned") == {(): 2.0}
+    assert _query(base, "streamgmm_rebalances_total") == {
+        (("change", "assigned"),): 3.0, (("change", "revoked"),): 0.0, (("change", "lost"),): 1.0}
+    assert _query(base, "streamgmm_state_restore_duration_seconds_count") == {(): 1.0}
+    assert _query(base, "streamgmm_state_restore_duration_seconds_sum") == {(): 0.042}
+    assert _query(base, "streamgmm_state_restore_bytes_total") == {(): 12345.0}
+    assert _query(base, "streamgmm_state_bytes") == {(): 23456.0}
+    assert _query(base, "streamgmm_merged_model_partitions") == {(): 5.0}
+    assert _query(base, "streamgmm_merged_model_age_seconds") == {(): 7.5}
 
     # A later change shows up in a later scrape, and rate() works on the counters.
     metrics.dead_letters({"invalid_json": 6})

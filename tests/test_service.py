@@ -1,4 +1,7 @@
-"""The daemon end to end: clean stop on SIGTERM, and surviving a broker that goes away."""
+"""The daemon end to end: clean stop on SIGTERM, and surviving a broker that goes away.
+
+What a daemon has learned is read from its state topic (``<group_id>-state``) by an independent
+client (:func:`conftest.newest_states`); the daemon runs with no disk of its own."""
 
 from __future__ import annotations
 
@@ -9,13 +12,30 @@ import time
 
 import orjson
 import pytest
-from conftest import produce, read_topic, start_broker, unique_name
-from test_recovery import committed_total, wait_until_recovered, write_config
+from conftest import newest_states, produce, read_topic, start_broker, unique_name
+from test_recovery import committed_total, write_config
 from waiting import wait_for
 
-from streamgmm.checkpoint import read_state
+from streamgmm.io.base import TopicPartition
 from streamgmm.io.kafka import ensure_topics
-from streamgmm.service import CHECKPOINT_KIND, CHECKPOINT_VERSION
+
+
+def _joined(log_path, proc) -> None:
+    """Wait for the daemon's ``replica … joined group`` line: it has restored its partitions."""
+    wait_for(lambda: b"joined group" in log_path.read_bytes(), "the daemon to join its group",
+             120, [("the daemon", proc)])
+
+
+def _states(bootstrap, group):
+    """The newest state of each input partition in ``group``'s state topic."""
+    return newest_states(bootstrap, f"{group}-state", ["x", "y"])
+
+
+def _state(bootstrap, group, topic):
+    """The newest state of partition 0 of ``topic``, the only one with a state."""
+    states = _states(bootstrap, group)
+    assert set(states) == {TopicPartition(topic, 0)}, states
+    return states[TopicPartition(topic, 0)]
 
 
 def _events(n, start=0):
@@ -42,9 +62,8 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, kind
     broker = start_broker(kind, tmp_path / "broker")
     bootstrap = broker.bootstrap_servers
     topics = ("in", "out", "dlq")
-    checkpoint = tmp_path / "ck.npz"
     config = tmp_path / "c.toml"
-    write_config(config, bootstrap, topics, "g", checkpoint, backend=backend,
+    write_config(config, bootstrap, topics, "g", backend=backend,
                  quirks="none" if kind == "apache" else "tansu")
     ensure_topics(bootstrap, topics, partitions=1)
     produce(bootstrap, "in", _events(500) + [b"bad json 1"])
@@ -53,9 +72,15 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, kind
     proc = subprocess.Popen([sys.executable, "-m", "streamgmm.cli", "run", "--config",
                              str(config), "--create-topics"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until_recovered(checkpoint, proc)
+        _joined(log_path, proc)
         wait_for(lambda: len(read_topic(bootstrap, "dlq", idle=0.3, timeout=2)) == 1,
                  "the first dead letter", 60, [("the daemon", proc)])
+        # The state of all 501 events is in the state topic, and the daemon follows that topic
+        # (it reads it every second): what it knows of its partition when the broker dies.
+        wait_for(lambda: _states(bootstrap, "g").get(TopicPartition("in", 0), None) is not None
+                 and _states(bootstrap, "g")[TopicPartition("in", 0)].learned == 501,
+                 "the state of the first events", 30, [("the daemon", proc)])
+        time.sleep(2.5)  # two and a half of the daemon's reads of its state topic
         broker.kill()
         wait_for(lambda: b"Kafka unavailable" in log_path.read_bytes(),
                  "the daemon to notice", 60, [("the daemon", proc)])
@@ -64,23 +89,27 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, kind
             broker.start()
         else:
             broker.restart(empty=comeback == "empty")
-        produce(bootstrap, "in", _events(300, start=1000) + [b"bad json 2"])
+        # into the partition the daemon knew, which an empty broker has made again from scratch
+        produce(bootstrap, "in", _events(300, start=1000) + [b"bad json 2"], partition=0)
         wait_for(lambda: any(m.value() == b"bad json 2"
                              for m in read_topic(bootstrap, "dlq", idle=0.3, timeout=2)),
                  "the daemon to consume from the returned broker", 90, [("the daemon", proc)])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-        _, meta = read_state(checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
         letters = [m.value() for m in read_topic(bootstrap, "dlq", idle=0.5)]
         if comeback == "with-data":
+            state = _state(bootstrap, "g", "in")
             assert letters == [b"bad json 1", b"bad json 2"]
-            assert meta["events_learned"] == 800
-            assert sum(meta["learned_offsets"].values()) == 802
+            assert state.events_learned == 800
+            assert state.learned == 802
         else:
-            # it learned from the returned (empty, then refilled) broker too; exact counts across
-            # a broker that lost all its data are not defined
+            # The returned broker lost everything, the state topic too (and the input topic, which
+            # --create-topics made again with the backend's partition count): the partitions
+            # started from fresh models and learned what the refilled broker holds, once.
             assert letters[-1] == b"bad json 2"
-            assert 500 < meta["events_learned"] <= 800
+            states = _states(bootstrap, "g").values()
+            assert sum(s.events_learned for s in states) == 300
+            assert sum(s.learned for s in states) == 301
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -90,18 +119,22 @@ def test_broker_gone_and_back_the_daemon_reconnects_and_continues(tmp_path, kind
 
 
 @pytest.mark.integration
-def test_sigterm_finishes_the_batch_commits_checkpoints_and_exits_0(tmp_path, bootstrap):
+def test_sigterm_finishes_the_batch_writes_the_states_commits_and_exits_0(tmp_path, bootstrap):
     topics = tuple(unique_name(p) for p in ("in", "out", "dlq"))
     group = unique_name("g")
     ensure_topics(bootstrap, topics, partitions=1)
     produce(bootstrap, topics[0], _events(400) + [b"not json"])
-    checkpoint = tmp_path / "ck.npz"
     config = tmp_path / "c.toml"
-    write_config(config, bootstrap, topics, group, checkpoint)
-    proc = subprocess.Popen([sys.executable, "-m", "streamgmm.cli", "run", "--config",
-                             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    write_config(config, bootstrap, topics, group)
+    # Every state write due only at the stop: the final states are what SIGTERM wrote.
+    config.write_text(config.read_text().replace("interval_seconds = 0.7",
+                                                 "interval_seconds = 3600"))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamgmm.cli", "run", "--config",
+                                 str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until_recovered(checkpoint, proc)
+        _joined(log_path, proc)
         # Mid-stream: some batches are out, more are coming (25 records per batch).
         wait_for(lambda: committed_total(bootstrap, group, topics[0], partitions=1) >= 100,
                  "the first batches committed", 60, [("the daemon", proc)])
@@ -113,13 +146,13 @@ def test_sigterm_finishes_the_batch_commits_checkpoints_and_exits_0(tmp_path, bo
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    _, meta = read_state(checkpoint, CHECKPOINT_KIND, CHECKPOINT_VERSION)
-    learned = sum(meta["learned_offsets"].values())
+    state = _state(bootstrap, group, topics[0])
+    learned = state.learned
     committed = committed_total(bootstrap, group, topics[0], partitions=1)
-    # The batch under way when SIGTERM came was finished: what the final checkpoint learned is
+    # The batch under way when SIGTERM came was finished: what the final state learned is
     # exactly what the group committed, each valid event learned once.
-    assert 100 <= committed == learned <= 401
-    assert meta["events_learned"] == learned - (learned == 401)
+    assert 100 <= committed == learned <= 401, log_path.read_text()[-3000:]
+    assert state.events_learned == learned - (learned == 401)
     letters = read_topic(bootstrap, topics[2], idle=0.5)
     assert [m.value() for m in letters] == ([b"not json"] if learned == 401 else [])
 
@@ -157,7 +190,7 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
 
     from streamgmm.io.base import KafkaUnavailable, OutgoingRecord, RecordRejected
     from streamgmm.io.quirks import BrokerQuirks
-    from streamgmm.service import Daemon
+    from streamgmm.service import Daemon, DaemonStats
 
     big_anomaly, big_invalid = b"a" * 30_000, b"b" * 30_000
     records = [OutgoingRecord("out", big_anomaly, source=("in", 0, 400)),
@@ -180,7 +213,8 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
                                                           dead_letter_topic="dlq"))
     daemon._sink, daemon._source, daemon.metrics = Sink(), None, None
     daemon.quirks = BrokerQuirks.named("none")
-    published = daemon._publish(records, commit={})
+    daemon.state_topic, daemon.stats = "state", DaemonStats()
+    published = daemon._deliver(records, {})
     assert len(attempts) == 3
     sizes = [dict(r.headers).get("streamgmm.original-size") for r in published]
     assert sizes == [b"30000", b"30000", None]
@@ -195,4 +229,4 @@ def test_a_reason_only_dead_letter_refused_with_an_oversized_neighbour_keeps_its
 
     daemon._sink = Refusing()
     with pytest.raises(KafkaUnavailable, match="refuses even reason-only"):
-        daemon._publish(records[:1], commit={})
+        daemon._deliver(records[:1], {})
