@@ -241,6 +241,8 @@ class Daemon:
 
     #: Longest wait between two reconnection attempts, seconds.
     max_backoff: float = 10.0
+    #: Seconds a joining replica waits for partitions before it goes on polling without any.
+    join_seconds: float = 30.0
 
     def __init__(
         self,
@@ -284,6 +286,7 @@ class Daemon:
         self._tasks: dict[TopicPartition, _Task] = {}
         # An error raised inside a rebalance callback (client libraries may swallow them).
         self._callback_error: BaseException | None = None
+        self._joined = False
         self._broker_up = False
 
     # -- what the replica holds ------------------------------------------------------------
@@ -355,7 +358,7 @@ class Daemon:
                 try:
                     self._connect()
                     self._progress()
-                    self._joined(self._source.wait_for_assignment())
+                    self._join()
                     backoff = 0.5
                     while not self._stop.is_set():
                         n = self._step()
@@ -418,9 +421,12 @@ class Daemon:
         # before the output topics are read back.
         self._sink = self.backend.open_sink(cancel=self._stop)
         self._reader = self.backend.open_state_reader(self.state_topic)
+        # Read afresh on every connection: a broker that came back empty has lost its states.
+        self._fleet = FleetView(self.config.features.fields)
         self._read_fleet(catch_up=True)
         if self._fleet.foreign is not None:
             raise CheckpointError(str(self._fleet.foreign))
+        self._joined = False  # until the first partitions are restored
         self._source = self.backend.open_source(listener=self)
         self._lease = Lease(self._source.session_timeout, self._source.max_poll_interval)
 
@@ -451,10 +457,19 @@ class Daemon:
         self._fleet.ingest(records)
         self._fleet_read = time.monotonic()
 
-    def _joined(self, assigned: set[TopicPartition]) -> None:
+    def _join(self) -> None:
+        """Join the group. A replica that gets no partition (more replicas than partitions)
+        stays a member and waits, polling, for one to come its way: leaving and joining again
+        would move the others' partitions for nothing."""
+        try:
+            self._source.wait_for_assignment(timeout=self.join_seconds)
+        except KafkaUnavailable as exc:
+            if isinstance(exc, PartitionsLost) or not self.backend.reachable(timeout=1.0):
+                raise
+            logger.info("replica %s has no partition of %r yet (%s); waiting as a member of the "
+                        "group", self.replica_id, self.config.kafka.input_topic, exc)
+            return
         self._raise_callback_error()
-        logger.info("replica %s joined group %r with partitions %s", self.replica_id,
-                    self.config.kafka.group_id, ", ".join(tp.key() for tp in sorted(assigned)))
 
     def _raise_callback_error(self) -> None:
         error, self._callback_error = self._callback_error, None
@@ -561,6 +576,10 @@ class Daemon:
         self._tasks.update(new)
         self.stats.assigned += len(new)
         self._changed("assigned", sorted(new))
+        if not self._joined:
+            self._joined = True
+            logger.info("replica %s joined group %r with partitions %s", self.replica_id,
+                        self.config.kafka.group_id, ", ".join(tp.key() for tp in sorted(new)))
         if self.metrics is not None:
             self.metrics.state_restored(time.perf_counter() - started, restored_bytes)
         self._progress()

@@ -421,3 +421,27 @@ def test_each_replica_reports_its_partitions_rebalances_restores_and_merged_mode
     ta.join(30)
     b.request_stop()
     tb.join(30)
+
+
+def test_a_replica_without_a_partition_waits_in_the_group_without_moving_the_others(tmp_path):
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=2)
+    values = make_events(3000)
+    fill(broker, values)
+    slow = lambda *_: time.sleep(0.01)  # noqa: E731
+    daemons = [daemon_on(broker, config_for(tmp_path, replica=r, interval=0.2), on_batch=slow)
+               for r in "abc"]
+    daemons[2].join_seconds = 0.2
+    threads = [run_in_thread(d, idle_exit_seconds=2.0) for d in daemons[:2]]
+    while sum(d.stats.events for d in daemons) < 500:
+        time.sleep(0.01)
+    threads.append(run_in_thread(daemons[2], idle_exit_seconds=2.0))
+    time.sleep(0.3)
+    moved = [d.stats.revoked for d in daemons]
+    time.sleep(1.5)  # several join timeouts of the idle replica later
+    assert [d.stats.revoked for d in daemons] == moved
+    assert daemons[2].stats.reconnects == 0 and daemons[2].partitions == set()
+    for t in threads:
+        t.join(30)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
