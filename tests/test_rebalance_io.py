@@ -365,9 +365,8 @@ def test_the_state_topic_is_compacted_and_carries_a_megabyte_record(kafka_broker
     cluster.ensure_state_topic(topic)
     partitions, config = _topic_config(bootstrap, topic)
     assert partitions == 1
-    if kafka_broker.kind == "apache":  # Tansu answers DescribeConfigs without them
-        assert config["cleanup.policy"] == "compact"
-        assert config["max.message.bytes"] == str(STATE_TOPIC_MAX_MESSAGE_BYTES)
+    assert config["cleanup.policy"] == "compact"
+    assert config["max.message.bytes"] == str(STATE_TOPIC_MAX_MESSAGE_BYTES)
     big = bytes(range(256)) * 4096  # 1 MiB
     sink = cluster.open_sink()
     reader = cluster.open_state_reader(topic)
