@@ -174,14 +174,18 @@ def test_a_listener_chooses_the_start_and_publishes_before_its_partitions_go(kaf
         for r in records[a]:
             firsts.setdefault(r.partition, r.offset)
         assert firsts == {0: 3, 1: 3}
-        assert rec_a.of("assigned") == [frozenset({0, 1})]
+        assert set(rec_a.of("assigned")) == {frozenset({0, 1})}
         assert set(rec_a.committed_seen.values()) == {None}
+        # (kafka-python may go through an extra rebalance of its own under load: its 3.0.12
+        # throws away a join that completes between two polls and joins again)
+        revoked_alone = len(rec_a.of("revoked"))
 
         b = _open(bootstrap, backend, topic, group, rec_b)
         _poll_until([a, b], lambda owned: len(owned[a]) == 1 and len(owned[b]) == 1)
-        assert rec_a.of("revoked") == [frozenset({0, 1})]
-        assert published == [[0, 1]]
-        (moved,) = rec_b.of("assigned")
+        assert rec_a.of("revoked")[revoked_alone:][:1] == [frozenset({0, 1})]
+        assert published[revoked_alone] == [0, 1]  # published from inside the callback
+        assert len(published) == len(rec_a.of("revoked"))
+        moved = rec_b.of("assigned")[-1]
         assert moved == {tp.partition for tp in b.assignment()}
         assert set(rec_b.committed_seen.values()) == {7}  # what A committed while revoked
         assert rec_a.of("lost") == rec_b.of("lost") == []
@@ -292,9 +296,9 @@ def test_a_static_member_that_comes_back_in_time_gets_its_partitions_without_a_r
         back_after = time.monotonic() - closed
         waited = time.monotonic() + 2  # B keeps polling past any rebalance that would come
         _poll_until([again, b], lambda _: time.monotonic() > waited)
-        assert again.assignment() == before
-        assert rec_again.of("assigned") == [frozenset(tp.partition for tp in before)]
         if kafka_broker.kind == "apache":
+            assert again.assignment() == before
+            assert rec_again.of("assigned") == [frozenset(tp.partition for tp in before)]
             assert back_after < again.session_timeout
             assert rec_b.events == events_of_b
         else:  # Tansu waits for the old instance's session to expire, as for a dynamic member
@@ -361,9 +365,8 @@ def test_the_state_topic_is_compacted_and_carries_a_megabyte_record(kafka_broker
     cluster.ensure_state_topic(topic)
     partitions, config = _topic_config(bootstrap, topic)
     assert partitions == 1
-    if kafka_broker.kind == "apache":  # Tansu answers DescribeConfigs without them
-        assert config["cleanup.policy"] == "compact"
-        assert config["max.message.bytes"] == str(STATE_TOPIC_MAX_MESSAGE_BYTES)
+    assert config["cleanup.policy"] == "compact"
+    assert config["max.message.bytes"] == str(STATE_TOPIC_MAX_MESSAGE_BYTES)
     big = bytes(range(256)) * 4096  # 1 MiB
     sink = cluster.open_sink()
     reader = cluster.open_state_reader(topic)

@@ -552,8 +552,11 @@ class KafkaSource(GroupMember):
             raise error
 
     def _serve_group(self) -> None:
+        # A long poll: kafka-python 3.0.12 throws away a join that completes while no poll
+        # waits for it and sends another (a new rebalance), so the less time spent between
+        # polls the better; the poll returns as soon as the join is done.
         try:
-            self._consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
+            self._consumer.poll(timeout_ms=1000, max_records=1, update_offsets=False)
         except kafka_errors.KafkaError as exc:
             self._raise_listener_error()
             raise _client_error("joining the group failed", exc) from exc
