@@ -201,6 +201,28 @@ def test_learn_many_and_score_many_match_the_one_at_a_time_scores():
     assert math.isfinite(model.score_many(frame.iloc[1600:1601]).iloc[0])
 
 
+@pytest.mark.parametrize("score", ["density", "tail"])
+@pytest.mark.parametrize(("n_components", "covariance_type"),
+                         [(1, "full"), (2, "full"), (3, "full"), (3, "diag"), (2, "spherical")])
+def test_the_per_event_fast_path_scores_as_the_detector(n_components, covariance_type, score):
+    # score_one scores complete events with cached whitening maps (GMMDetector._fast_parts),
+    # score_many by the detector's batch path: the same numbers
+    X, _ = syn.mixture_with_outliers(3000, n_features=5, contamination=0.02, seed=3)
+    data = [{f"x{j}": float(v) for j, v in enumerate(row)} for row in X]
+    model = GMMDetector(n_components=n_components, covariance_type=covariance_type, score=score,
+                        seed=0)
+    for x in data[:2000]:
+        model.score_one(x)
+        model.learn_one(x)
+    assert model.detector.model.means_.shape[0] == n_components
+    one = [model.score_one(x) for x in data[2000:]]
+    many = model.score_many(pd.DataFrame(data[2000:])).to_numpy()
+    np.testing.assert_allclose(one, many, rtol=1e-9, atol=1e-12)
+    rows = np.array([[x[f"x{j}"] for j in range(5)] for x in data[2000:2300]])
+    fast = [model._score_complete_row(row) for row in rows]
+    np.testing.assert_allclose(fast, model.detector.score_samples(rows), rtol=1e-9)
+
+
 def test_scores_before_the_mixture_exists():
     model = GMMDetector(seed=0)
     assert model.score_one({"a": 1.0}) == 0.0
