@@ -368,7 +368,7 @@ class GMMDetector(base.AnomalyDetector):
             self.detector = self._make_detector()
         usable = ~np.isnan(batch).all(axis=1)
         if usable.any():
-            self.detector.process(batch[usable])
+            self.detector.process(batch[usable], drift_summaries=False)  # report discarded
             self._warm = self.detector.model.is_fitted
         self._fast = None
         self._batch_target = self._current_batch_size()
