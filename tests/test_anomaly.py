@@ -223,6 +223,27 @@ def test_the_per_event_fast_path_scores_as_the_detector(n_components, covariance
     np.testing.assert_allclose(fast, model.detector.score_samples(rows), rtol=1e-9)
 
 
+def test_the_per_event_tail_helpers_equal_the_array_versions():
+    from streamgmm.anomaly import _unit_from_log_tail, _unit_from_log_tail_one
+    from streamgmm.threshold import AdaptiveThreshold
+
+    rng = np.random.default_rng(0)
+    thr = AdaptiveThreshold(false_alarm_rate=0.01, warmup_events=500)
+    for _ in range(20):
+        thr.update(rng.standard_exponential(256))
+    frozen = thr.frozen_tail_probability_one()
+    scores = np.r_[rng.uniform(-1.0, 12.0, 500), thr._sorted[::50], thr.threshold, 40.0, 1e4]
+    for s in scores.tolist():
+        assert frozen(s) == thr.tail_probability_one(s) == thr.tail_probability(s)[0]
+        assert thr.log_tail_probability_one(s) == thr.log_tail_probability(s)[0]
+    assert math.isnan(frozen(math.nan)) and math.isnan(thr.log_tail_probability_one(math.nan))
+    thr.update(rng.standard_exponential(256))
+    assert frozen(5.0) != thr.tail_probability_one(5.0)  # frozen: the window has moved on
+    log_tails = np.r_[0.5, 0.0, -1e-300, np.linspace(-20.0, 0.0, 2001), -math.log(1e-6), -1e5]
+    for lt in log_tails.tolist():
+        assert _unit_from_log_tail_one(lt) == _unit_from_log_tail(lt)
+
+
 def test_scores_before_the_mixture_exists():
     model = GMMDetector(seed=0)
     assert model.score_one({"a": 1.0}) == 0.0
