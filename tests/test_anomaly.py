@@ -145,14 +145,14 @@ def test_buffering_learned_events_count_after_the_batch_fills():
 
 def test_learn_one_learns_early_when_most_scored_events_are_flagged():
     # After a shift of the whole stream, score_one flags nearly everything: learn_one then hands
-    # the buffer to the detector at 16 events instead of waiting for batch_size (256).
+    # the buffer to the detector at 16 events instead of waiting for a full batch.
     rng = np.random.default_rng(0)
     model = GMMDetector(seed=0)
     for x in rng.normal(size=(3000, 2)):
         model.learn_one({"a": x[0], "b": x[1]})
     model.flush()
     seen = model.detector.n_events_seen
-    for x in rng.normal(size=(200, 2)):  # normal traffic: batches of 256 as before
+    for x in rng.normal(size=(200, 2)):  # normal traffic: no batch fills
         event = {"a": x[0], "b": x[1]}
         model.score_one(event)
         model.learn_one(event)
