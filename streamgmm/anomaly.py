@@ -342,13 +342,11 @@ class GMMDetector(base.AnomalyDetector):
             self._rows.append(self._input_frame.internal(row))
             size = len(self._rows)
         self._last_x = None
-        if size >= self._batch_target or (  # or in alarm (see _in_alarm), inlined
+        # a full batch, or in alarm: the buffer holds 16 events and most of the last 32 scored
+        # events were flagged (see *Buffering*; inline, as learn_one runs once per event)
+        if size >= self._batch_target or (
                 size >= _MIN_BATCH and self._alarms.bit_count() > _ALARM_WINDOW // 2):
             self.flush()
-
-    def _in_alarm(self, size: int) -> bool:
-        """The buffer holds 16 events and most of the last 32 scored events were flagged."""
-        return size >= _MIN_BATCH and self._alarms.bit_count() > _ALARM_WINDOW // 2
 
     def _current_batch_size(self) -> int:
         """Micro-batches grow with the stream: 16 events at first, ``batch_size`` from
