@@ -374,7 +374,8 @@ class Detector:
             )
         return X
 
-    def process(self, X: Any, reference: OnlineGaussianMixture | None = None) -> DetectionResult:
+    def process(self, X: Any, reference: OnlineGaussianMixture | None = None,
+                drift_summaries: bool = True) -> DetectionResult:
         """Score, decide, update and learn one micro-batch; returns per-event results.
 
         Parameters
@@ -386,6 +387,11 @@ class Detector:
             model (the daemon's merged model of every partition, :mod:`streamgmm.fleet`); the
             threshold then calibrates on its scores, and the own model still learns, protected
             by the decisions. Explanations and components stay those of the own model.
+        drift_summaries
+            False leaves the drift report's KL divergence, mean displacement and weight entropy
+            NaN (:meth:`DriftMonitor.update <streamgmm.drift.DriftMonitor.update>`): nothing
+            else changes, and a caller that discards the report (``GMMDetector``) saves their
+            cost.
         """
         X = self._validate(X)
         # A batch that crosses the end of a warm-up is cut there, so that the events after it
@@ -394,9 +400,9 @@ class Detector:
         while True:
             left = self._events_until_warm()
             if left is None or left >= len(X):
-                parts.append(self._process_batch(X, reference))
+                parts.append(self._process_batch(X, reference, drift_summaries))
                 break
-            parts.append(self._process_batch(X[:left], reference))
+            parts.append(self._process_batch(X[:left], reference, drift_summaries))
             X = X[left:]
         return parts[0] if len(parts) == 1 else DetectionResult.concatenate(parts)
 
@@ -408,8 +414,8 @@ class Detector:
             return max(1, self.threshold.warmup_events - self.threshold.n_events_seen)
         return None
 
-    def _process_batch(self, X: np.ndarray,
-                       reference: OnlineGaussianMixture | None = None) -> DetectionResult:
+    def _process_batch(self, X: np.ndarray, reference: OnlineGaussianMixture | None = None,
+                       drift_summaries: bool = True) -> DetectionResult:
         n, d = X.shape
         names = self.feature_names or [f"x{j}" for j in range(d)]
         complete = ~np.isnan(X.sum(axis=1))  # NaN marks a missing feature; X has no inf
@@ -509,6 +515,7 @@ class Detector:
                 covariance_type=self.covariance_type,
                 decided=decided_mask,
                 log_likelihood_floor=self._drift_floor(ll, score),
+                summaries=drift_summaries,
             )
         else:
             report = self.drift.update(np.where(predictive, np.nan, ll), is_anomaly,

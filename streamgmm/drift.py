@@ -301,6 +301,7 @@ class DriftMonitor:
         covariance_type: str = "full",
         decided: np.ndarray | None = None,
         log_likelihood_floor: float = -math.inf,
+        summaries: bool = True,
     ) -> DriftReport:
         """Account for one batch and report.
 
@@ -319,6 +320,11 @@ class DriftMonitor:
             Per-event log-likelihoods are raised to this floor before the EWMA and the CUSUM, so
             that isolated anomalies cannot move them much (the detector passes minus its
             threshold's rejection level).
+        summaries
+            Whether to compute the report's description of the live mixture against the
+            reference (KL divergence, mean displacement, weight entropy; NaN if not). They only
+            describe the model, nothing depends on them, and they cost more than the rest of
+            the update: a caller that discards the report skips them.
         """
         ll = np.asarray(log_likelihood, dtype=np.float64).ravel()
         flags = np.asarray(is_anomaly, dtype=bool).ravel()
@@ -352,7 +358,7 @@ class DriftMonitor:
             self.snapshot(weights, means, covariances, covariance_type)
 
         kl = displacement = entropy = math.nan
-        if have_model:
+        if have_model and summaries:
             w = np.asarray(weights, dtype=np.float64)
             mu = np.asarray(means, dtype=np.float64)
             covs = cv.full_covariances(covariance_type, covariances, mu.shape[0], mu.shape[1])

@@ -63,6 +63,7 @@ True
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from typing import Any
@@ -184,6 +185,23 @@ class _Tail:
         if abs(self.gamma) < 1e-6:
             return self.t + self.sigma * math.log(ratio)
         return self.t + self.sigma * (ratio**self.gamma - 1.0) / self.gamma
+
+
+class _FrozenTailOne:
+    """The tail probability of one score under a fixed window and tail (a picklable callable)."""
+
+    __slots__ = ("window", "tail", "t", "n")
+
+    def __init__(self, sorted_window: np.ndarray, tail: _Tail | None):
+        self.window, self.tail, self.n = sorted_window.tolist(), tail, sorted_window.size
+        self.t = math.nan if tail is None else tail.t
+
+    def __call__(self, score: float) -> float:
+        if score > self.t:  # (False while there is no tail)
+            return min(float(self.tail.survival(score)), 1.0)
+        if score != score or self.tail is None:
+            return math.nan
+        return min((self.n - bisect.bisect_left(self.window, score) + 1.0) / (self.n + 1.0), 1.0)
 
 
 def _tail_probability_in(srt: np.ndarray, tail: _Tail, s: np.ndarray) -> np.ndarray:
@@ -356,9 +374,28 @@ class _ScoreScale:
         above = n - int(srt.searchsorted(score))
         return min((above + 1.0) / (n + 1.0), 1.0)
 
+    def log_tail_probability_one(self, score: float) -> float:
+        """:meth:`log_tail_probability` of one score, without array overhead (per-event APIs)."""
+        srt = self._sorted
+        if srt.size < 10 or score != score:
+            return math.nan
+        tail = self._tail_model()
+        if score > tail.t:
+            return min(float(tail.log_survival(score)), 0.0)
+        return float(np.log(self.tail_probability_one(score)))
+
     def _tail_model(self) -> _Tail:
         n = self._sorted.size
         return _Tail(self._sorted, min(max(20.0 / (n + 1), 0.001), 0.05))
+
+    def frozen_tail_probability_one(self) -> _FrozenTailOne:
+        """:meth:`tail_probability_one` as it is now, as a function of one score.
+
+        For per-event APIs that score many events between two updates (``GMMDetector``): the
+        window is searched as a Python list (:func:`bisect.bisect_left`, cheaper for one value
+        than numpy's ``searchsorted``) and the tail model is looked up once.
+        """
+        return _FrozenTailOne(self._sorted, self._tail_model() if self._sorted.size >= 10 else None)
 
     def frozen_tail_probability(self):
         """:meth:`tail_probability` as it is now, as a function of scores.

@@ -145,14 +145,14 @@ def test_buffering_learned_events_count_after_the_batch_fills():
 
 def test_learn_one_learns_early_when_most_scored_events_are_flagged():
     # After a shift of the whole stream, score_one flags nearly everything: learn_one then hands
-    # the buffer to the detector at 16 events instead of waiting for batch_size (256).
+    # the buffer to the detector at 16 events instead of waiting for a full batch.
     rng = np.random.default_rng(0)
     model = GMMDetector(seed=0)
     for x in rng.normal(size=(3000, 2)):
         model.learn_one({"a": x[0], "b": x[1]})
     model.flush()
     seen = model.detector.n_events_seen
-    for x in rng.normal(size=(200, 2)):  # normal traffic: batches of 256 as before
+    for x in rng.normal(size=(200, 2)):  # normal traffic: no batch fills
         event = {"a": x[0], "b": x[1]}
         model.score_one(event)
         model.learn_one(event)
@@ -199,6 +199,49 @@ def test_learn_many_and_score_many_match_the_one_at_a_time_scores():
     assert np.allclose(many.to_numpy(), one, atol=1e-12)
     frame.loc[1600, "sine"] = np.nan  # a missing value in a frame: marginalised
     assert math.isfinite(model.score_many(frame.iloc[1600:1601]).iloc[0])
+
+
+@pytest.mark.parametrize("score", ["density", "tail"])
+@pytest.mark.parametrize(("n_components", "covariance_type"),
+                         [(1, "full"), (2, "full"), (3, "full"), (3, "diag"), (2, "spherical")])
+def test_the_per_event_fast_path_scores_as_the_detector(n_components, covariance_type, score):
+    # score_one scores complete events with cached whitening maps (GMMDetector._fast_parts),
+    # score_many by the detector's batch path: the same numbers
+    X, _ = syn.mixture_with_outliers(3000, n_features=5, contamination=0.02, seed=3)
+    data = [{f"x{j}": float(v) for j, v in enumerate(row)} for row in X]
+    model = GMMDetector(n_components=n_components, covariance_type=covariance_type, score=score,
+                        seed=0)
+    for x in data[:2000]:
+        model.score_one(x)
+        model.learn_one(x)
+    assert model.detector.model.means_.shape[0] == n_components
+    one = [model.score_one(x) for x in data[2000:]]
+    many = model.score_many(pd.DataFrame(data[2000:])).to_numpy()
+    np.testing.assert_allclose(one, many, rtol=1e-9, atol=1e-12)
+    rows = np.array([[x[f"x{j}"] for j in range(5)] for x in data[2000:2300]])
+    fast = [model._score_complete_row(row) for row in rows]
+    np.testing.assert_allclose(fast, model.detector.score_samples(rows), rtol=1e-9)
+
+
+def test_the_per_event_tail_helpers_equal_the_array_versions():
+    from streamgmm.anomaly import _unit_from_log_tail, _unit_from_log_tail_one
+    from streamgmm.threshold import AdaptiveThreshold
+
+    rng = np.random.default_rng(0)
+    thr = AdaptiveThreshold(false_alarm_rate=0.01, warmup_events=500)
+    for _ in range(20):
+        thr.update(rng.standard_exponential(256))
+    frozen = thr.frozen_tail_probability_one()
+    scores = np.r_[rng.uniform(-1.0, 12.0, 500), thr._sorted[::50], thr.threshold, 40.0, 1e4]
+    for s in scores.tolist():
+        assert frozen(s) == thr.tail_probability_one(s) == thr.tail_probability(s)[0]
+        assert thr.log_tail_probability_one(s) == thr.log_tail_probability(s)[0]
+    assert math.isnan(frozen(math.nan)) and math.isnan(thr.log_tail_probability_one(math.nan))
+    thr.update(rng.standard_exponential(256))
+    assert frozen(5.0) != thr.tail_probability_one(5.0)  # frozen: the window has moved on
+    log_tails = np.r_[0.5, 0.0, -1e-300, np.linspace(-20.0, 0.0, 2001), -math.log(1e-6), -1e5]
+    for lt in log_tails.tolist():
+        assert _unit_from_log_tail_one(lt) == _unit_from_log_tail(lt)
 
 
 def test_scores_before_the_mixture_exists():

@@ -88,6 +88,23 @@ def test_drift_is_reported_for_a_changed_stream_and_not_for_a_stationary_one():
     assert report.drift_detected and report.n_drifts == changed.drift.n_drifts == 1
 
 
+def test_drift_summaries_can_be_skipped_without_changing_anything_else():
+    X = np.r_[_stream(4000), _stream(2000, seed=1)]  # a change: drifts and re-snapshots
+    full = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+    lean = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+    for batch in np.array_split(X, 30):
+        a, b = full.process(batch), lean.process(batch, drift_summaries=False)
+        np.testing.assert_array_equal(a.score, b.score)
+        np.testing.assert_array_equal(a.is_anomaly, b.is_anomaly)
+        kept = {k: v for k, v in a.drift.as_dict().items()
+                if k not in ("kl_divergence", "mean_displacement", "weight_entropy")}
+        assert kept == {k: b.drift.as_dict()[k] for k in kept}
+        assert math.isnan(b.drift.kl_divergence) and math.isnan(b.drift.weight_entropy)
+    assert full.drift.n_drifts == lean.drift.n_drifts >= 1
+    assert math.isfinite(a.drift.kl_divergence) and math.isfinite(a.drift.mean_displacement)
+    np.testing.assert_array_equal(full.model.means_, lean.model.means_)
+
+
 def test_missing_features_are_marginalised_exactly():
     det = Detector(n_components=3, false_alarm_rate=0.01, random_state=2)
     _warm(det, _stream(5000))
