@@ -131,7 +131,10 @@ def decode_state(data: bytes | None, key: bytes | None, fields: Sequence[str]) -
             raise CheckpointError(f"{where}: more than {MAX_STATE_BYTES} bytes uncompressed")
     except zlib.error as exc:
         raise CheckpointError(f"{where}: not a compressed state ({exc})") from exc
-    arrays, meta = loads_state(body, STATE_KIND, STATE_VERSION, source=where)
+    try:
+        arrays, meta = loads_state(body, STATE_KIND, STATE_VERSION, source=where)
+    except CheckpointError as exc:  # its advice is for files; a record is skipped instead
+        raise CheckpointError(str(exc).split("; ")[0]) from exc
     name = meta.get("partition")
     if not isinstance(name, str) or key is None or name.encode() != key:
         raise CheckpointError(f"{where}: holds the state of {name!r}, not of its key")

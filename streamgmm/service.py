@@ -797,6 +797,13 @@ class Daemon:
                     if i not in states:
                         kept.append(record)
                 records = kept
+                if self._sink.delivery == "exactly-once":
+                    # A record the broker refused inside a transaction leaves the producer in
+                    # need of a new epoch (librdkafka: skipped sequence numbers; kafka-python:
+                    # BUMPING_PRODUCER_EPOCH): the replacement goes out on a fresh one.
+                    self._sink.close(timeout=1.0)
+                    self._sink = None
+                    self._sink = self.backend.open_sink(cancel=self._stop)
 
     def _reason_only(self, record: OutgoingRecord, why: str) -> OutgoingRecord:
         """A dead letter without the value the broker refused: the reason, the source and the
