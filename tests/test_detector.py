@@ -304,3 +304,20 @@ def test_a_tight_light_cluster_of_anomalies_stays_ranked_as_anomalous(seed):
         auc[score] = roc_auc_score(y[decided], scores[decided])
     assert auc["tail"] > 0.9 > 0.5 > auc["density"], auc
 
+
+
+def test_refits_judge_the_warm_up_rows_again_only_when_scoring_by_density():
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(600, 3)), rng.normal(size=(5, 3)) + 25.0])
+    for score in ("density", "tail"):
+        det = Detector(score=score, warmup_events=200, random_state=0)
+        det.process(X[:600])
+        w = np.ones(len(X))
+        out = det._refit_weights(X, w)
+        if score == "density":  # the far rows would be flagged now: protected in the refit
+            assert np.all(out[600:] == det.flagged_weight)
+            assert out[:600].mean() > 0.98
+        else:  # by tail mass a light component cannot pass for normal: weights unchanged
+            assert out is w
+        again = Detector.from_state(*det.get_state())
+        assert again.model.refit_weights == again._refit_weights
