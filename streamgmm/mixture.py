@@ -226,6 +226,10 @@ class OnlineGaussianMixture:
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self._memo: tuple[np.ndarray, np.ndarray] | None = None
+        # Optional ``(rows, weights) -> weights`` for the rows of a refit, called with the
+        # current model before it is refitted (the Detector judges its warm-up rows again);
+        # not a parameter and not part of the state: its owner sets it.
+        self.refit_weights: Any = None
 
     # ------------------------------------------------------------------ validation
 
@@ -948,8 +952,9 @@ class OnlineGaussianMixture:
         if buffered < self._next_refit:
             return
         data, weights = np.vstack(self._buffer), np.concatenate(self._buffer_weights)
-        if weights.sum() > 0:
-            self._fit_batch(data, weights)
+        fit_weights = weights if self.refit_weights is None else self.refit_weights(data, weights)
+        if fit_weights.sum() > 0:
+            self._fit_batch(data, fit_weights)
             self.n_refits_ += 1
             log.debug("refitted %d components to %d rows", len(self.weights_), len(data))
         self._plan_refits(data, weights)

@@ -214,7 +214,7 @@ def test_the_per_event_fast_path_scores_as_the_detector(n_components, covariance
     for x in data[:2000]:
         model.score_one(x)
         model.learn_one(x)
-    assert model.detector.model.means_.shape[0] == n_components
+    assert model.detector.model.means_.shape[0] >= n_components  # adoptions may add some
     one = [model.score_one(x) for x in data[2000:]]
     many = model.score_many(pd.DataFrame(data[2000:])).to_numpy()
     np.testing.assert_allclose(one, many, rtol=1e-9, atol=1e-12)
@@ -260,3 +260,20 @@ def test_pipeline_learn_many_with_a_batch_scaler():
     model = compose.Pipeline(preprocessing.StandardScaler(), GMMDetector(seed=0))
     model.learn_many(frame)
     assert model.steps["GMMDetector"].is_warm
+
+
+@pytest.mark.parametrize("seed", [0, 4, 16])
+def test_shuttle_warm_up_anomalies_get_no_component_of_their_own(seed):
+    # River's Shuttle, no scaler: 7 % anomalies, a tight cluster, all learned at full weight
+    # during the warm-ups (no threshold exists yet). Refitted to them, the mixture gave them a
+    # component and the density called them normal: the first 10,000 events' ROC-AUC was 0.52
+    # with seed 16 (0.96-0.98 with seeds 0 and 4). Judged again at each refit, they are not.
+    from sklearn.metrics import roc_auc_score
+
+    model = GMMDetector(seed=seed)
+    labels, scores = [], []
+    for x, y in itertools.islice(datasets.Shuttle(), 10_000):
+        labels.append(y)
+        scores.append(model.score_one(x))
+        model.learn_one(x)
+    assert roc_auc_score(labels, scores) > 0.98

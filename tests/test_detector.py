@@ -344,3 +344,20 @@ def test_a_reference_model_scores_and_decides_while_the_own_model_learns():
     assert res.is_anomaly.tolist() == [False, False]  # by its own model, (8, 8) is far out
     assert own[1] > det.threshold.threshold
     assert det.n_events_learned == learned + 2
+
+
+def test_refits_judge_the_warm_up_rows_again_only_when_scoring_by_density():
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(600, 3)), rng.normal(size=(5, 3)) + 25.0])
+    for score in ("density", "tail"):
+        det = Detector(score=score, warmup_events=200, random_state=0)
+        det.process(X[:600])
+        w = np.ones(len(X))
+        out = det._refit_weights(X, w)
+        if score == "density":  # the far rows would be flagged now: protected in the refit
+            assert np.all(out[600:] == det.flagged_weight)
+            assert out[:600].mean() > 0.98
+        else:  # by tail mass a light component cannot pass for normal: weights unchanged
+            assert out is w
+        again = Detector.from_state(*det.get_state())
+        assert again.model.refit_weights == again._refit_weights
