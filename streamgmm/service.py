@@ -121,6 +121,8 @@ logger = logging.getLogger(__name__)
 STATE_CATCH_UP_SECONDS = 30.0
 #: Seconds between two reads of the state topic for the merged model.
 FLEET_REFRESH_SECONDS = 1.0
+#: How often a restore reads the state topic again for a partition with offsets but no state.
+STATE_VISIBLE_RETRIES = 3
 
 
 def _partition_runs(records) -> list[tuple[TopicPartition, int, int]]:
@@ -527,8 +529,17 @@ class Daemon:
 
     def _restore(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
         started, assigned_at = time.perf_counter(), time.monotonic()
-        self._read_fleet(catch_up=True)
+        # The committed offsets first: on Apache Kafka they are answered once the transaction
+        # that wrote them is complete, and a partition's newest state shares that transaction.
         committed = self._source.committed(partitions)
+        self._read_fleet(catch_up=True)
+        for _ in range(STATE_VISIBLE_RETRIES):
+            # Offsets without a state: the state of the same transaction may not be readable
+            # yet (its commit marker lands on each partition in its own time); look again.
+            if all(c is None or self._fleet.candidates(tp) for tp, c in committed.items()):
+                break
+            self._stop.wait(0.5)
+            self._read_fleet(catch_up=True)
         starts: dict[TopicPartition, int] = {}
         restored_bytes = 0
         read_back: dict[TopicPartition, int] | None = {}
