@@ -200,7 +200,7 @@ def test_hostile_anomalies_are_published_as_valid_json_and_the_daemon_goes_on(
     daemon.start()
     daemon.wait_committed(len(values))
     outputs = daemon.outputs()
-    letters = daemon.dead_letters(idle=0.5)
+    letters = daemon.dead_letters(idle=2.0)
     assert daemon.stop() == 0, daemon.log()[-3000:]
     hostile_offsets = set(range(400, 400 + len(HOSTILE)))
     published = {source_of_output(m.value())[2]: m for m in outputs}
@@ -339,7 +339,7 @@ class StateTopicRun(Daemon):
 
         keys = {f"{self.topics[0]}:{p}".encode() for p in (0, 1)}
         newest = {m.key(): m.value() for m in read_topic(self.bootstrap, self.state_topic,
-                                                         idle=0.5) if m.key() in keys}
+                                                         idle=2.0) if m.key() in keys}
         states = (decode_state(value, key, self.fields) for key, value in newest.items())
         return {state.partition: state for state in states}
 
@@ -349,9 +349,9 @@ class StateTopicRun(Daemon):
     def check_each_once(self, log: str) -> None:
         """Every dead letter once, no output twice, every event learned once by its partition's
         newest state, all of it committed."""
-        letters = self.dead_letters(idle=0.5)
+        letters = self.dead_letters(idle=2.0)
         sources = [source_of_dead_letter(m.headers()) for m in letters]
-        sources += [source_of_output(m.value()) for m in self.outputs(idle=0.5)]
+        sources += [source_of_output(m.value()) for m in self.outputs(idle=2.0)]
         assert len(sources) == len(set(sources)), f"published twice\n{log[-3000:]}"
         assert sorted(m.value() for m in letters) == sorted(self.invalid()), log[-3000:]
         states = self.states()
@@ -465,7 +465,7 @@ def test_a_state_record_that_cannot_be_read_is_skipped_and_nothing_is_published_
     its last readable state, goes on, and publishes nothing twice."""
     daemon = good_states
     key = f"{daemon.topics[0]}:0".encode()
-    newest = [m.value() for m in read_topic(daemon.bootstrap, daemon.state_topic, idle=0.5)
+    newest = [m.value() for m in read_topic(daemon.bootstrap, daemon.state_topic, idle=2.0)
               if m.key() == key][-1]
     bad_key, bad_value = _broken(key, newest, case)
     produce(daemon.bootstrap, daemon.state_topic, [bad_value], keys=[bad_key])

@@ -186,8 +186,8 @@ def test_kill_minus_9_loses_nothing_and_duplicates_nothing(tmp_path, kafka_broke
             event = orjson.loads(m.value())
             kind_of[(topics[0], m.partition(), m.offset())] = kinds[event["i"]]
 
-    outputs = read_topic(bootstrap, topics[1], idle=1.5)
-    letters = read_topic(bootstrap, topics[2], idle=1.5)
+    outputs = read_topic(bootstrap, topics[1], idle=3.0)
+    letters = read_topic(bootstrap, topics[2], idle=3.0)
     out_sources = [source_of_output(m.value()) for m in outputs]
     dlq_sources = [source_of_dead_letter(m.headers()) for m in letters]
     log = log_path.read_text(errors="replace")[-4000:]
