@@ -17,6 +17,7 @@ from collections import Counter
 
 import orjson
 import pytest
+from waiting import wait_for
 
 from streamgmm.config import load_config
 from streamgmm.io.base import Backend, Sink, Source, StateReader, TopicPartition
@@ -305,8 +306,7 @@ def test_partitions_that_move_to_a_joining_replica_keep_their_state(tmp_path):
     a = daemon_on(broker, config_for(tmp_path, replica="a", interval=0.2), on_batch=slow)
     b = daemon_on(broker, config_for(tmp_path, replica="b", interval=0.2), on_batch=slow)
     ta = run_in_thread(a, idle_exit_seconds=1.0)
-    while a.stats.events < 1200:
-        time.sleep(0.01)
+    wait_for(lambda: a.stats.events >= 1200, "a's first events", 30, interval=0.01)
     tb = run_in_thread(b, idle_exit_seconds=1.0)
     ta.join(30)
     tb.join(30)
@@ -371,8 +371,8 @@ def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tm
             froze[0] = True
             broker.expire(zombie._source)  # the session times out ...
             run_in_thread(other, idle_exit_seconds=1.5)
-            while other.stats.events < 600:  # ... the other replica takes over and goes on
-                time.sleep(0.01)
+            # ... the other replica takes over and goes on
+            wait_for(lambda: other.stats.events >= 600, "the other replica", 30, interval=0.01)
             if not fences:  # a frozen process: its lease runs out
                 zombie._lease._longest_gap = 60.0
             woke.set()
@@ -381,9 +381,7 @@ def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tm
     zombie._process_run = freeze_once
     zombie.run(idle_exit_seconds=1.5)
     assert woke.is_set() and zombie.stats.reconnects >= 1
-    deadline = time.monotonic() + 20
-    while other._source is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: other._source is None, "the other replica to stop", 20, interval=0.05)
     assert_each_once(broker, values)
     assert_learned_once(broker, values)
 
@@ -403,12 +401,10 @@ def test_each_replica_reports_its_partitions_rebalances_restores_and_merged_mode
     b = daemon_on(broker, config_for(tmp_path, replica="b", interval=0.2), metrics=mb,
                   on_batch=slow)
     ta = run_in_thread(a, idle_exit_seconds=1.0)
-    while a.stats.events < 1500:
-        time.sleep(0.01)
+    wait_for(lambda: a.stats.events >= 1500, "a's first events", 30, interval=0.01)
     assert ma.value("streamgmm_partitions_owned") == 4
     tb = run_in_thread(b, idle_exit_seconds=30)
-    while b.stats.events < 800:
-        time.sleep(0.01)
+    wait_for(lambda: b.stats.events >= 800, "b's first events", 30, interval=0.01)
     assert ma.value("streamgmm_partitions_owned") + mb.value("streamgmm_partitions_owned") == 4
     assert ma.value("streamgmm_rebalances_total", change="revoked") == 4
     assert mb.value("streamgmm_rebalances_total", change="assigned") >= 1
@@ -433,8 +429,8 @@ def test_a_replica_without_a_partition_waits_in_the_group_without_moving_the_oth
                for r in "abc"]
     daemons[2].join_seconds = 0.2
     threads = [run_in_thread(d, idle_exit_seconds=2.0) for d in daemons[:2]]
-    while sum(d.stats.events for d in daemons) < 500:
-        time.sleep(0.01)
+    wait_for(lambda: sum(d.stats.events for d in daemons) >= 500, "the first events", 30,
+             interval=0.01)
     threads.append(run_in_thread(daemons[2], idle_exit_seconds=2.0))
     time.sleep(0.3)
     moved = [d.stats.revoked for d in daemons]
