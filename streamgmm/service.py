@@ -153,14 +153,6 @@ def _partition_runs(records) -> list[tuple[TopicPartition, int, int]]:
     return runs
 
 
-def _next_offsets(records) -> dict[TopicPartition, int]:
-    """The next offset to read per partition after ``records`` (grouped per partition)."""
-    offsets: dict[TopicPartition, int] = {}
-    for tp, _, end in _partition_runs(records):
-        offsets[tp] = max(offsets.get(tp, 0), records[end - 1].offset + 1)
-    return offsets
-
-
 @dataclass
 class DaemonStats:
     """Counters of one daemon run (also exported as Prometheus metrics)."""

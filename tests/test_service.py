@@ -158,10 +158,15 @@ def test_sigterm_finishes_the_batch_writes_the_states_commits_and_exits_0(tmp_pa
 
 
 def test_next_offsets_per_partition_from_each_runs_last_record():
+    """The daemon commits each run's last offset + 1 (:func:`streamgmm.service._partition_runs`
+    finds the runs by bisection)."""
     from types import SimpleNamespace
 
     from streamgmm.io.base import TopicPartition
-    from streamgmm.service import _next_offsets
+    from streamgmm.service import _partition_runs
+
+    def _next_offsets(records):
+        return {tp: records[end - 1].offset + 1 for tp, _, end in _partition_runs(records)}
 
     def recs(topic, partition, offsets):
         return [SimpleNamespace(topic=topic, partition=partition, offset=o) for o in offsets]
