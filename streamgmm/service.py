@@ -528,7 +528,7 @@ class Daemon:
         for _ in range(STATE_VISIBLE_RETRIES):
             # Offsets without a state: the state of the same transaction may not be readable
             # yet (its commit marker lands on each partition in its own time); look again.
-            if all(c is None or self._fleet.candidates(tp) for tp, c in committed.items()):
+            if all(c is None or tp in self._fleet.partitions() for tp, c in committed.items()):
                 break
             self._stop.wait(0.5)
             self._read_fleet(catch_up=True)
