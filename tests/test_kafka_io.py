@@ -74,6 +74,47 @@ def test_kafka_python_internals_are_what_its_public_api_does():
     assert "consumer._net.sleep" in internals
     for private in ("._transaction_manager", "._sender", "._client", "._coordinator", "._net"):
         assert private not in outside, private
+    # The bridge's lost-join guard reads the coordinator's join task: the loop that awaits it
+    # runs only while the coordinator says it needs to rejoin (kafka-python 3.0.12).
+    from kafka.coordinator.base import BaseCoordinator
+
+    join = inspect.getsource(BaseCoordinator.join_group_async)
+    assert "while self.need_rejoin():" in join
+    assert "self._join_task is None or self._join_task.is_done" in join
+    assert "self.rejoin_needed = True" in inspect.getsource(BaseCoordinator.request_rejoin)
+
+
+def test_a_join_that_no_poll_completed_is_asked_for_again():
+    """kafka-python 3.0.12 leaves a join task for the next poll only while the coordinator
+    needs a rejoin; the bridge finds a finished join that was never completed and asks for a new
+    one, and gives polls during a join a long timeout."""
+    from types import SimpleNamespace
+
+    class Coordinator:
+        def __init__(self, task, rejoin):
+            self._join_task, self.rejoin = task, rejoin
+
+        def need_rejoin(self):
+            return self.rejoin
+
+        def request_rejoin(self):
+            self.rejoin = True
+
+    def bridge(task, rejoin):
+        consumer = SimpleNamespace(_coordinator=Coordinator(task, rejoin),
+                                   _net=SimpleNamespace(sleep=None))
+        return kafka._RebalanceBridge(consumer, listener=None), consumer._coordinator
+
+    lost, coordinator = bridge(SimpleNamespace(is_done=True), rejoin=False)
+    assert lost.poll_timeout_ms(20) == kafka.JOIN_POLL_MS  # a join task is still there
+    lost.before_poll()
+    assert coordinator.rejoin
+    in_flight, coordinator = bridge(SimpleNamespace(is_done=False), rejoin=False)
+    in_flight.before_poll()
+    assert not coordinator.rejoin  # the next poll awaits it
+    stable, coordinator = bridge(None, rejoin=False)
+    stable.before_poll()
+    assert not coordinator.rejoin and stable.poll_timeout_ms(20) == 20
 
 
 def test_dead_letter_headers_name_reason_and_source_in_both_conventions():

@@ -99,6 +99,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 
 #: Deadline of the consumer calls that have none by default (committed, position, close), ms.
 CALL_TIMEOUT_MS = 10_000
+#: Milliseconds a poll waits at least while the consumer has a join to complete (see
+#: :meth:`_RebalanceBridge.poll_timeout_ms`).
+JOIN_POLL_MS = 1000
 
 #: kafka-python's errors that say the group moved on without this member (its generation,
 #: member id or instance id is stale): offsets sent with its metadata are refused.
@@ -424,17 +427,45 @@ class _RebalanceBridge(AsyncConsumerRebalanceListener):
     it). The starting offsets ``partitions_assigned`` returns are applied by ``seek``
     before the join completes, so before any record of those partitions is fetched. An
     exception of the listener is kept in :attr:`error` for the source to raise once ``poll``
-    returns. Nothing is called with no partitions, nor once the source is closing.
+    returns. Nothing is called with no partitions, nor once the source is closing, nor without
+    a listener.
+
+    It also guards against a lost join of kafka-python 3.0.12. A join runs as a task that
+    ``poll`` awaits; when the poll's timeout ends first, the task is left for the next poll to
+    await again, but only if the coordinator still says it needs to rejoin. A rejoin caused by
+    new topic metadata stops saying so as soon as the leader has computed the assignment, so a
+    join that finishes after such a timeout is never completed: the member stays in the group
+    with no partition, forever (seen after a restart: a first join before the topic's metadata,
+    then a rejoin inside a 20 ms batch poll). :meth:`before_poll` asks for a new join when it
+    finds one lost, and :meth:`poll_timeout_ms` makes the loss rare by giving a poll during a
+    join at least :data:`JOIN_POLL_MS`.
     """
 
-    def __init__(self, consumer: KafkaConsumer, listener: RebalanceListener) -> None:
+    def __init__(self, consumer: KafkaConsumer, listener: RebalanceListener | None) -> None:
         self._consumer = consumer
         self._listener = listener
         self._sleep = consumer._net.sleep
         self.error: BaseException | None = None
         self.closing = False
 
+    def poll_timeout_ms(self, timeout_ms: int) -> int:
+        """``timeout_ms``, or at least :data:`JOIN_POLL_MS` while a join is pending."""
+        coordinator = self._consumer._coordinator
+        if coordinator.need_rejoin() or coordinator._join_task is not None:
+            return max(timeout_ms, JOIN_POLL_MS)
+        return timeout_ms
+
+    def before_poll(self) -> None:
+        """Ask for a new join when the last one finished with no poll to complete it."""
+        coordinator = self._consumer._coordinator
+        task = coordinator._join_task
+        if task is not None and task.is_done and not coordinator.need_rejoin():
+            logger.info("kafka-python finished a join that no poll completed; joining again")
+            coordinator.request_rejoin()
+
     async def _run(self, call, partitions) -> Any:
+        if self._listener is None:
+            return None
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -521,8 +552,7 @@ class KafkaSource(GroupMember):
             # assigned nothing, and kafka-python may not rejoin when the metadata arrives (seen
             # on Apache Kafka with a topic created just before).
             self._consumer.partitions_for_topic(topic)
-            if listener is not None:
-                self._bridge = _RebalanceBridge(self._consumer, listener)
+            self._bridge = _RebalanceBridge(self._consumer, listener)
             self._consumer.subscribe([topic], listener=self._bridge)
         except kafka_errors.KafkaError as exc:
             raise _client_error(f"cannot connect a consumer to {bootstrap_servers}", exc) from exc
@@ -534,8 +564,10 @@ class KafkaSource(GroupMember):
 
     def poll(self, max_records: int, timeout_ms: int) -> list:
         """Up to ``max_records`` records, waiting at most ``timeout_ms``; ordered per partition."""
+        self._bridge.before_poll()
         try:
-            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+            batches = self._consumer.poll(timeout_ms=self._bridge.poll_timeout_ms(timeout_ms),
+                                          max_records=max_records)
         except kafka_errors.KafkaError as exc:
             self._raise_listener_error()
             raise _client_error("poll failed", exc) from exc
@@ -552,11 +584,12 @@ class KafkaSource(GroupMember):
             raise error
 
     def _serve_group(self) -> None:
-        # A long poll: kafka-python 3.0.12 throws away a join that completes while no poll
-        # waits for it and sends another (a new rebalance), so the less time spent between
-        # polls the better; the poll returns as soon as the join is done.
+        # A long poll: kafka-python 3.0.12 can lose a join that completes while no poll waits
+        # for it (_RebalanceBridge), so the less time spent between polls the better; the poll
+        # returns as soon as the join is done.
+        self._bridge.before_poll()
         try:
-            self._consumer.poll(timeout_ms=1000, max_records=1, update_offsets=False)
+            self._consumer.poll(timeout_ms=JOIN_POLL_MS, max_records=1, update_offsets=False)
         except kafka_errors.KafkaError as exc:
             self._raise_listener_error()
             raise _client_error("joining the group failed", exc) from exc
