@@ -183,6 +183,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # while connecting, or while a Kafka call blocks, is honoured.
     watchdog = Watchdog(config.watchdog.stall_seconds, config.watchdog.stop_seconds)
     watchdog.watch_signals()
+    # `kill -USR1 <pid>` writes every thread's stack to the log: where a daemon that seems
+    # stuck is waiting, without stopping it.
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from streamgmm.checkpoint import CheckpointError
     from streamgmm.io.base import abandoned_clients
     from streamgmm.metrics import Metrics
