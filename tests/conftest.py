@@ -45,13 +45,22 @@ def _cost_rank(item) -> int:
     return 1 if item.get_closest_marker("integration") else 2
 
 
+#: How often a failed integration test runs again (pytest-rerunfailures; the summary lists each
+#: rerun with its first failure): they wait on real brokers and daemons on two shared cores.
+INTEGRATION_RERUNS = 1
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own grouping by fixture parameters
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, the longest tests first (a stable sort): the workers take tests as
     they finish one, so the short ones fill in at the end instead of a worker left running a
-    60 s test alone. A run in one process keeps pytest's order (tests grouped by broker)."""
+    60 s test alone. A run in one process keeps pytest's order (tests grouped by broker).
+    Integration tests run once more when they fail (:data:`INTEGRATION_RERUNS`)."""
     if hasattr(config, "workerinput"):
         items.sort(key=_cost_rank)
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("flaky"):
+            item.add_marker(pytest.mark.flaky(reruns=INTEGRATION_RERUNS, reruns_delay=1))
 
 
 def unique_name(prefix: str) -> str:
