@@ -58,6 +58,8 @@ def pytest_collection_modifyitems(config, items):
     Integration tests run once more when they fail (:data:`INTEGRATION_RERUNS`)."""
     if hasattr(config, "workerinput"):
         items.sort(key=_cost_rank)
+    if not config.pluginmanager.hasplugin("rerunfailures"):  # -p no:rerunfailures
+        return
     for item in items:
         if item.get_closest_marker("integration") and not item.get_closest_marker("flaky"):
             item.add_marker(pytest.mark.flaky(reruns=INTEGRATION_RERUNS, reruns_delay=1))

@@ -610,12 +610,7 @@ def mixed_events(n: int, seed: int = 0) -> list[bytes]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(
-        reason="known, open: under the suite's load kafka-python 3.0.12 on an Apache Kafka that "
-               "restarted empty can keep rejoining past the 120 s wait (lost joins; its rebalance "
-               "callbacks block heartbeats during a restore); passes when run alone",
-        strict=False)) if b == "kafka-python" else b for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", BROKERS)
 def test_a_broker_restarting_empty_inside_a_transaction_does_not_hang_the_daemon(
         tmp_path, kind, backend, daemons):
