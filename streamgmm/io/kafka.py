@@ -464,8 +464,6 @@ class _RebalanceBridge(AsyncConsumerRebalanceListener):
             coordinator.request_rejoin()
 
     async def _run(self, call, partitions) -> Any:
-        if self._listener is None:
-            return None
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -482,16 +480,19 @@ class _RebalanceBridge(AsyncConsumerRebalanceListener):
             self.error = outcome["error"]
         return outcome.get("value")
 
+    def _listening(self, partitions) -> bool:
+        return bool(partitions) and self._listener is not None and not self.closing
+
     async def on_partitions_revoked(self, revoked) -> None:
-        if revoked and not self.closing:
+        if self._listening(revoked):
             await self._run(self._listener.partitions_revoked, revoked)
 
     async def on_partitions_lost(self, lost) -> None:
-        if lost and not self.closing:
+        if self._listening(lost):
             await self._run(self._listener.partitions_lost, lost)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        if not assigned or self.closing:
+        if not self._listening(assigned):
             return
         starts = await self._run(self._listener.partitions_assigned, assigned) or {}
         for tp, offset in starts.items():
