@@ -205,7 +205,7 @@ class AdoptionPolicy:
         ):
             if self.shift_remaining == 0:
                 self.n_shifts += 1
-                self.shift_start = int(self.flag_times[self.flag_times >= now - shift_window][0])
+                self.shift_start = self._shift_began(now)
                 logger.info(
                     "most of the last %d events were flagged: the stream has shifted",
                     shift_window,
@@ -215,14 +215,16 @@ class AdoptionPolicy:
         if flagged.any():
             self.flagged_X = np.vstack([self.flagged_X, X[flagged]])
             self.flagged_at = np.concatenate([self.flagged_at, arrival[flagged]])
-            excess = len(self.flagged_at) - p.buffer
-            if excess > 0:
-                # Thin uniformly (not oldest first) so the buffer keeps covering the window.
-                rng = np.random.default_rng(now)
-                keep = np.sort(rng.choice(len(self.flagged_at), p.buffer, False))
-                self.flagged_X, self.flagged_at = self.flagged_X[keep], self.flagged_at[keep]
+        # Events older than the window leave first, then the buffer is thinned: a large batch
+        # thinned first kept its share of the window's flags only (a tenth of a 5000-event
+        # batch's last 2000 events).
         recent = self.flagged_at >= now - p.window
         self.flagged_X, self.flagged_at = self.flagged_X[recent], self.flagged_at[recent]
+        if len(self.flagged_at) > p.buffer:
+            # Thin uniformly (not oldest first) so the buffer keeps covering the window.
+            rng = np.random.default_rng(now)
+            keep = np.sort(rng.choice(len(self.flagged_at), p.buffer, False))
+            self.flagged_X, self.flagged_at = self.flagged_X[keep], self.flagged_at[keep]
         need = p.min_events_for(d)
         window = max(min(p.window, now - self.rate_since), 1)
         rate = self.flag_times.size / window
@@ -273,6 +275,19 @@ class AdoptionPolicy:
             if self.boost_remaining <= 0:
                 model.set_min_step(self.forgetting)
                 self.boost_remaining = 0
+
+    def _shift_began(self, now: int) -> int:
+        """Arrival of the first flag of the longest recent stretch (up to ``window`` events)
+        in which more than ``shift_fraction`` of the events were flagged.
+
+        Not the first flag of the last ``shift_window`` events: a batch much longer than that
+        window, flagged throughout, would then be clustered on its last ``shift_window`` events
+        only -- in a thinned buffer too few to adopt, and the shift was flagged for good.
+        """
+        times = np.sort(self.flag_times)
+        run = times.size - np.arange(times.size)  # flags from each one on
+        majority = run > self.parameters.shift_fraction * (now - times)
+        return int(times[np.argmax(majority)]) if majority.any() else now
 
     def _steady(self, arrivals: np.ndarray, now: int) -> bool:
         """Whether a cluster's members arrived steadily over the last ``persistence`` events:

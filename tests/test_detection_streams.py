@@ -128,3 +128,19 @@ def test_without_protection_anomalies_are_learned_as_normal():
     late = decided & (np.arange(N) > N // 2) & (y == 1)
     assert protected[late].mean() > 0.95
     assert protected[late].mean() > unprotected[late].mean() + 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_a_shift_inside_one_large_batch_is_adopted_after_it(seed):
+    # Batches of 5000 (the replay path's): the shift at 10,000 is decided by the old model in
+    # one batch, flagged throughout. The shift rule then clustered only what was flagged in the
+    # last shift_window events -- in a buffer thinned to 500 of the batch's 5000 flags, a dozen,
+    # too few to adopt -- and every later batch was flagged at 100 %.
+    X, y = syn.abrupt_drift(20_000, at=0.5, shift=10.0, contamination=0.005, seed=seed)
+    det = Detector(false_alarm_rate=0.001, random_state=0)
+    flags = np.concatenate([det.process(X[i : i + 5000]).is_anomaly
+                            for i in range(0, len(X), 5000)])
+    assert det.n_shifts >= 1 and det.n_adoptions >= 1
+    later = slice(15_000, None)
+    assert flags[later][y[later] == 0].mean() < 0.1
+    assert flags[later][y[later] == 1].mean() >= 0.9  # outliers are still caught
