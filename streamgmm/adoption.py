@@ -43,7 +43,11 @@ Meanwhile only the events flagged since the shift began are clustered, and a clu
 the traffic is measured since then. Bursts that make up less than half of the traffic are
 unaffected; a burst that is the majority of ``shift_window`` consecutive events is
 indistinguishable from a shift and is adopted. :attr:`AdoptionPolicy.n_shifts` counts the shifts
-detected.
+detected. The shift begins with the longest recent stretch (within ``window``) in which the
+flags are the majority, so that a shift decided in one large batch is clustered on all of it
+that the buffer holds; and the buffer drops the events older than ``window`` before it is
+thinned. A batch in which a shift begins is cut where it does (:meth:`AdoptionPolicy.shift_cut`,
+used by :class:`~streamgmm.detector.Detector`).
 
 Examples
 --------
@@ -205,7 +209,7 @@ class AdoptionPolicy:
         ):
             if self.shift_remaining == 0:
                 self.n_shifts += 1
-                self.shift_start = int(self.flag_times[self.flag_times >= now - shift_window][0])
+                self.shift_start = self._shift_began(now)
                 logger.info(
                     "most of the last %d events were flagged: the stream has shifted",
                     shift_window,
@@ -215,14 +219,16 @@ class AdoptionPolicy:
         if flagged.any():
             self.flagged_X = np.vstack([self.flagged_X, X[flagged]])
             self.flagged_at = np.concatenate([self.flagged_at, arrival[flagged]])
-            excess = len(self.flagged_at) - p.buffer
-            if excess > 0:
-                # Thin uniformly (not oldest first) so the buffer keeps covering the window.
-                rng = np.random.default_rng(now)
-                keep = np.sort(rng.choice(len(self.flagged_at), p.buffer, False))
-                self.flagged_X, self.flagged_at = self.flagged_X[keep], self.flagged_at[keep]
+        # Events older than the window leave first, then the buffer is thinned: a large batch
+        # thinned first kept its share of the window's flags only (a tenth of a 5000-event
+        # batch's last 2000 events).
         recent = self.flagged_at >= now - p.window
         self.flagged_X, self.flagged_at = self.flagged_X[recent], self.flagged_at[recent]
+        if len(self.flagged_at) > p.buffer:
+            # Thin uniformly (not oldest first) so the buffer keeps covering the window.
+            rng = np.random.default_rng(now)
+            keep = np.sort(rng.choice(len(self.flagged_at), p.buffer, False))
+            self.flagged_X, self.flagged_at = self.flagged_X[keep], self.flagged_at[keep]
         need = p.min_events_for(d)
         window = max(min(p.window, now - self.rate_since), 1)
         rate = self.flag_times.size / window
@@ -273,6 +279,61 @@ class AdoptionPolicy:
             if self.boost_remaining <= 0:
                 model.set_min_step(self.forgetting)
                 self.boost_remaining = 0
+
+    def shift_cut(self, flagged: np.ndarray, now: int, under_way: bool = False) -> int | None:
+        """Where to cut a batch whose decisions ``flagged`` show a shift beginning inside it.
+
+        The events up to the first at which more than ``shift_fraction`` of the last
+        ``2 * shift_window`` events (the flags before the batch included) are flagged are
+        decided and learned first, so that the shift rule adopts the new regime before the rest
+        is scored. Twice the shift rule's window, so that more than ``shift_window`` flags
+        (``4 * min_events`` by default: up to 4 clusters) are clustered: cut where the rule
+        first fires, the new regime was clustered on some 60 events, one cluster for all its
+        modes (``max(1, 60 // 30)``), whose broad Gaussian then took in the point anomalies
+        around it (recall 0.96 -> 0 after an abrupt shift in batches of 256). ``None`` when
+        that does not happen inside the batch,
+        when fewer than ``shift_window`` events would follow the cut, or when a shift is already
+        under way -- unless ``under_way`` (the part before adopted a cluster of it: the rest of
+        the new regime may follow; then only the batch's flags count). ``now`` counts the events
+        seen before the batch.
+        """
+        p = self.parameters
+        n = flagged.size
+        if p.shift_fraction >= 1.0 or self.flagged_X.shape[1] == 0:
+            return None
+        if self.shift_remaining > 0 and not under_way:
+            return None
+        w = p.shift_window_for(self.flagged_X.shape[1])
+        span = 2 * w
+        if n < span + w:
+            return None
+        before = self.flag_times[self.flag_times >= now - span] - (now - span)
+        if under_way:
+            before = before[:0]
+        seq = np.zeros(span + n)
+        seq[before] = 1.0
+        seq[span:] = flagged
+        csum = np.concatenate([[0.0], np.cumsum(seq)])
+        ends = np.arange(1, n + 1)  # the cut after the batch's first `ends` events
+        flags_in_span = csum[span + ends] - csum[ends]
+        fires = (flags_in_span > p.shift_fraction * span) & (now + ends - self.rate_since >= w)
+        if not fires.any():
+            return None
+        cut = int(ends[np.argmax(fires)])
+        return cut if cut <= n - w else None
+
+    def _shift_began(self, now: int) -> int:
+        """Arrival of the first flag of the longest recent stretch (up to ``window`` events)
+        in which more than ``shift_fraction`` of the events were flagged.
+
+        Not the first flag of the last ``shift_window`` events: a batch much longer than that
+        window, flagged throughout, would then be clustered on its last ``shift_window`` events
+        only -- in a thinned buffer too few to adopt, and the shift was flagged for good.
+        """
+        times = np.sort(self.flag_times)
+        run = times.size - np.arange(times.size)  # flags from each one on
+        majority = run > self.parameters.shift_fraction * (now - times)
+        return int(times[np.argmax(majority)]) if majority.any() else now
 
     def _steady(self, arrivals: np.ndarray, now: int) -> bool:
         """Whether a cluster's members arrived steadily over the last ``persistence`` events:

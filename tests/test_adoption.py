@@ -74,3 +74,22 @@ def test_the_engine_checks_its_step_floor():
     assert model.min_step == 0.1
     with pytest.raises(ValueError, match="min_step"):
         model.set_min_step(1.0)
+
+
+def test_a_shift_flagged_throughout_one_large_batch_is_adopted_from_it():
+    # One batch of 5000, every event from a new regime: the buffer (60 here, 500 by default)
+    # must be a sample of the window's flags, and the shift began where the flags became the
+    # majority. The buffer used to be thinned before the events older than the window left
+    # (24 of 60 kept), and a shift to begin at the first flag of the last shift_window (120)
+    # events (4 of them buffered): either left fewer than min_events (30) to cluster, and the
+    # regime was flagged batch after batch.
+    rng = np.random.default_rng(0)
+    model = OnlineGaussianMixture(1, random_state=0).fit(rng.normal(0, 1, (2000, 2)))
+    policy = AdoptionPolicy(AdoptionParameters(buffer=60, window=2000, persistence=1000),
+                            false_alarm_rate=0.001, forgetting=0.002)
+    X = rng.normal(8, 1, (5000, 2))
+    flagged = -model.score_samples(X) > 6.0
+    assert flagged.all()
+    policy.update(model, X, np.ones(len(X), bool), flagged, 5000, threshold=6.0)
+    assert policy.n_shifts == 1
+    assert policy.n_adoptions == 1 and len(model.weights_) == 2

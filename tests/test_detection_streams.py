@@ -128,3 +128,37 @@ def test_without_protection_anomalies_are_learned_as_normal():
     late = decided & (np.arange(N) > N // 2) & (y == 1)
     assert protected[late].mean() > 0.95
     assert protected[late].mean() > unprotected[late].mean() + 0.05
+
+
+@pytest.mark.parametrize(("seed", "batch"), [(0, 5000), (4, 5000), (4, 256)])
+def test_a_shift_inside_one_large_batch_is_adopted_after_it(seed, batch):
+    # Batches of 5000 (the replay path's): the shift at 10,000 is decided by the old model in
+    # one batch, flagged throughout. The shift rule then clustered only what was flagged in the
+    # last shift_window events -- in a buffer thinned to 500 of the batch's 5000 flags, a dozen,
+    # too few to adopt -- and every later batch was flagged at 100 %. (In batches of 256, a
+    # batch cut as soon as the shift rule fired gave the new regime one broad component, and
+    # the outliers after it were missed: recall 0.)
+    X, y = syn.abrupt_drift(20_000, at=0.5, shift=10.0, contamination=0.005, seed=seed)
+    det = Detector(false_alarm_rate=0.001, random_state=0)
+    flags = np.concatenate([det.process(X[i : i + batch]).is_anomaly
+                            for i in range(0, len(X), batch)])
+    assert det.n_shifts >= 1 and det.n_adoptions >= 1
+    later = slice(15_000, None)
+    assert flags[later][y[later] == 0].mean() < 0.1
+    assert flags[later][y[later] == 1].mean() >= 0.9  # outliers are still caught
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradual_drift_in_one_large_batch_is_followed_to_its_end(seed):
+    # The replay path: one batch of 5000 (decided after the 1000-event warm-up) drifting by
+    # 10 in every feature. Cut where most events are flagged, the first adoption covers part
+    # of where the stream has gone; while each part adopts, the rest is cut again, and the
+    # last 1000 events are decided by a model that followed (flagged: 67 % and 36 % when only
+    # the first cut was made).
+    X, y = syn.gradual_drift(5000, total_shift=10.0, contamination=0.01, seed=seed)
+    det = Detector(false_alarm_rate=0.001, random_state=0)
+    flags = det.process(X).is_anomaly
+    assert det.n_adoptions >= 2
+    last = slice(-1000, None)
+    assert flags[last][y[last] == 0].mean() < 0.25  # 0.0 and 0.20
+    assert flags[last][y[last] == 1].mean() >= 0.8

@@ -58,7 +58,11 @@ def test_a_batch_larger_than_the_warm_up_is_decided_after_it():
 
 @pytest.mark.parametrize("score", ["tail", "density"])
 def test_result_fields_are_consistent(score):
-    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1, score=score)
+    # The batch is another mixture, a shift of the whole stream: with the shift rule on, the
+    # batch would be cut where it begins (test_a_batch_in_which_the_stream_shifts_is_cut...)
+    # and its later events scored by a model that differs from score_samples' before.
+    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1, score=score,
+                   shift_fraction=1.0)
     _warm(det, _stream(5000))
     batch = _stream(500, seed=1)
     before = det.score_samples(batch)  # scores without learning: what process will report
@@ -76,6 +80,27 @@ def test_result_fields_are_consistent(score):
     assert res.drift.target_anomaly_rate == 0.01
     assert res.drift.n_drifts == det.drift.n_drifts
     assert len(res) == 500 and det.n_events_learned == 5500
+
+
+def test_a_batch_in_which_the_stream_shifts_is_cut_where_the_shift_rule_fires():
+    # One batch of 2000 from another mixture: decided by the old model throughout, it was
+    # flagged throughout. Cut where most of it is flagged, the part after it is decided by the
+    # model that adopted the new regime -- as if the caller had cut the batch there.
+    X = _stream(2000, seed=1)
+    det = Detector(n_components=3, false_alarm_rate=0.01, random_state=1)
+    _warm(det, _stream(5000))
+    clone = Detector.from_state(*det.get_state())
+    before = det.score_samples(X)
+    res = det.process(X)
+    assert det.n_shifts == 1 and det.n_adoptions >= 1
+    cut = int(np.argmax(~np.isclose(res.score, before)))
+    assert 120 < cut <= 1000 and np.allclose(res.score[:cut], before[:cut])
+    assert res.is_anomaly[:cut].mean() > 0.5 and res.is_anomaly[-1000:].mean() < 0.1
+    parts = [clone.process(X[:cut]), clone.process(X[cut:])]
+    assert np.array_equal(res.score, np.concatenate([p.score for p in parts]))
+    assert np.array_equal(res.is_anomaly, np.concatenate([p.is_anomaly for p in parts]))
+    assert res.drift.drift_detected == any(p.drift.drift_detected for p in parts)
+    assert det.n_events_learned == clone.n_events_learned == 7000
 
 
 def test_drift_is_reported_for_a_changed_stream_and_not_for_a_stationary_one():
