@@ -177,9 +177,11 @@ class GMMDetector(base.AnomalyDetector):
     Scalers in front
     ----------------
     Behind a scaler whose range grows with the stream (``preprocessing.MinMaxScaler``), every
-    event that extends a feature's range rescales all later ones. ``score_one`` then
-    ``learn_one`` of the same event show the rescaling, and the detector follows it into a
-    stable internal frame (:mod:`streamgmm.frame`), so its model never sees it.
+    event that extends a feature's range rescales all later ones; behind
+    ``preprocessing.StandardScaler`` every event moves the mean and deviation that scale the
+    later ones. ``score_one`` then ``learn_one`` of the same event show the rescaling, and the
+    detector follows it into a stable internal frame (:mod:`streamgmm.frame`), so its model
+    never sees it.
 
     Features that appear or disappear
     ---------------------------------

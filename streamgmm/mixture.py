@@ -67,6 +67,10 @@ _DEAD_WEIGHT_FRACTION = 1e-3
 # live mode still receives its share on average).
 _STARVED_ACTIVITY = 0.05
 _ACTIVITY_RATE = 0.1
+# Fits at most of the initialisation's concentration steps (OnlineGaussianMixture._fit_judged)...
+_JUDGE_ROUNDS = 4
+# ...which stop once a fit changes the judgement of at most this fraction of the rows
+_JUDGE_SETTLED = 0.01
 
 SampleWeight = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
 
@@ -226,9 +230,10 @@ class OnlineGaussianMixture:
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self._memo: tuple[np.ndarray, np.ndarray] | None = None
-        # Optional ``(rows, weights) -> weights`` for the rows of a refit, called with the
-        # current model before it is refitted (the Detector judges its warm-up rows again);
-        # not a parameter and not part of the state: its owner sets it.
+        # Optional ``(rows, weights) -> weights`` for the rows of a fit to the buffer: called
+        # with the current model before a refit, and after the initialisation's fits until its
+        # answer settles (_fit_judged; the Detector judges its warm-up rows again); not a
+        # parameter and not part of the state: its owner sets it.
         self.refit_weights: Any = None
 
     # ------------------------------------------------------------------ validation
@@ -952,12 +957,45 @@ class OnlineGaussianMixture:
         if buffered < self._next_refit:
             return
         data, weights = np.vstack(self._buffer), np.concatenate(self._buffer_weights)
-        fit_weights = weights if self.refit_weights is None else self.refit_weights(data, weights)
-        if fit_weights.sum() > 0:
-            self._fit_batch(data, fit_weights)
+        if self._fit_judged(data, weights):
             self.n_refits_ += 1
             log.debug("refitted %d components to %d rows", len(self.weights_), len(data))
         self._plan_refits(data, weights)
+
+    def _fit_judged(self, data: np.ndarray, weights: np.ndarray) -> bool:
+        """Batch fit to the buffer with the weights the owner's ``refit_weights`` gives its rows.
+
+        At a refit the judge is the model before it. At the initialisation there is none, and
+        a fit to every row judges them: a tight cluster of anomalies among them stretches
+        that model until most of its members look ordinary (River's Shuttle, 7 % anomalies:
+        4 of the first 128 events' 10 flagged). A fit without the rows flagged so far sees the
+        others further out, so the initial model is refitted without them and asked again
+        until its answer settles (at most ``_JUDGE_ROUNDS`` fits; settled: it changed for at
+        most ``_JUDGE_SETTLED`` of the rows) -- the concentration steps of robust estimators
+        (Rousseeuw & Van Driessen 1999); on Shuttle 12 flagged, 9 of the 10. K is chosen again
+        by each fit: one that kept the K of a fit that gave the anomalies a component would
+        keep it for them. Later refits start from a model so judged, and one fit suffices (the
+        same steps at each refit cost Shuttle another 13 % of its per-event time). Returns whether
+        it fitted (not if every row has weight 0).
+        """
+        judge = self.refit_weights
+        if self._fitted:  # a refit
+            fit_weights = weights if judge is None else judge(data, weights)
+            if fit_weights.sum() <= 0:
+                return False
+            self._fit_batch(data, fit_weights)
+            return True
+        fit_weights = weights
+        for _ in range(_JUDGE_ROUNDS):
+            self._fit_batch(data, fit_weights)
+            if judge is None:
+                break
+            judged = judge(data, weights)
+            if (np.count_nonzero(judged != fit_weights) <= _JUDGE_SETTLED * len(data)
+                    or judged.sum() <= 0):
+                break
+            fit_weights = judged
+        return True
 
     def _plan_refits(self, data: np.ndarray, weights: np.ndarray) -> None:
         """After a fit to ``data``: keep it and set the next refit size, or stop refitting."""
@@ -980,7 +1018,7 @@ class OnlineGaussianMixture:
             data, weights = np.vstack(self._buffer), np.concatenate(self._buffer_weights)
             if weights.sum() <= 0:
                 return
-            self._fit_batch(data, weights)
+            self._fit_judged(data, weights)
             self._plan_refits(data, weights)
             log.info(
                 "initialised %d components on a warm-up buffer of %d rows",

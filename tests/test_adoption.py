@@ -93,3 +93,41 @@ def test_a_shift_flagged_throughout_one_large_batch_is_adopted_from_it():
     policy.update(model, X, np.ones(len(X), bool), flagged, 5000, threshold=6.0)
     assert policy.n_shifts == 1
     assert policy.n_adoptions == 1 and len(model.weights_) == 2
+
+
+def test_attempts_on_scattered_flags_back_off_and_a_dense_new_mode_is_still_adopted(monkeypatch):
+    # Scattered anomalies that keep coming (River's Shuttle: 7 % of the events) are never dense
+    # enough to adopt; each attempt that finds no dense cluster doubles the flags the next one
+    # waits for (they fitted a mixture to the buffer every min_events flags: a quarter of
+    # GMMDetector's time on Shuttle). A dense new mode still gets its attempts and is adopted.
+    rng = np.random.default_rng(0)
+    model = OnlineGaussianMixture(1, random_state=0).fit(rng.normal(0, 1, (2000, 2)))
+    policy = AdoptionPolicy(AdoptionParameters(window=2000, persistence=400),
+                            false_alarm_rate=0.01, forgetting=0.002)
+    attempts = []
+    groups = policy._candidate_groups
+    monkeypatch.setattr(policy, "_candidate_groups",
+                        lambda *a: attempts.append(1) or groups(*a))
+    now = 0
+    for _ in range(100):  # 4000 events, 10 % of them scattered far out (min_events 30)
+        X = rng.normal(0, 1, (40, 2))
+        X[:4] = rng.uniform(-40, 40, (4, 2))
+        now += len(X)
+        flagged = -model.score_samples(X) > 8.0
+        policy.update(model, X, np.ones(len(X), bool), flagged, now, threshold=8.0)
+    assert policy.n_adoptions == 0
+    assert 3 <= len(attempts) <= 6  # every 30 flags: 12 attempts
+    for _ in range(40):  # now a dense mode at (8, 8) as well, 25 % of the traffic
+        X = rng.normal(0, 1, (40, 2))
+        X[:4] = rng.uniform(-40, 40, (4, 2))
+        X[4:14] = rng.normal(8, 0.5, (10, 2))
+        now += len(X)
+        flagged = -model.score_samples(X) > 8.0
+        policy.update(model, X, np.ones(len(X), bool), flagged, now, threshold=8.0)
+        policy.advance(model, len(X))
+    assert policy.n_adoptions >= 1
+    state = policy.get_state()[1]
+    assert "attempt_wait" in state
+    del state["attempt_wait"]  # a state from before the rule loads, with no wait
+    policy.set_state(policy.get_state()[0], state)
+    assert policy.attempt_wait == 0

@@ -333,8 +333,9 @@ def _tight_light_cluster_stream(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_tight_light_cluster_of_anomalies_stays_ranked_as_anomalous(seed):
     """The warm-up gives the cluster a component; by density its members then score as the
-    most normal events there are (ROC-AUC near 0), by tail mass as rarer than 95 % of the
-    normal events."""
+    most normal events there are (ROC-AUC near 0 with seeds 0 and 2; with seed 1 the
+    initialisation's second look at its rows keeps the cluster out: 0.999), by tail mass as
+    rarer than 95 % of the normal events."""
     from sklearn.metrics import roc_auc_score
 
     X, y = _tight_light_cluster_stream(seed)
@@ -344,7 +345,8 @@ def test_a_tight_light_cluster_of_anomalies_stays_ranked_as_anomalous(seed):
         scores = np.concatenate([det.process(b).score for b in np.array_split(X, 40)])
         decided = np.isfinite(scores)
         auc[score] = roc_auc_score(y[decided], scores[decided])
-    assert auc["tail"] > 0.9 > 0.5 > auc["density"], auc
+    assert auc["tail"] > 0.9, auc
+    assert seed == 1 or auc["density"] < 0.5, auc  # the failure that tail mass removes
 
 
 
@@ -386,3 +388,36 @@ def test_refits_judge_the_warm_up_rows_again_only_when_scoring_by_density():
             assert out is w
         again = Detector.from_state(*det.get_state())
         assert again.model.refit_weights == again._refit_weights
+
+
+def test_the_initialisation_judges_its_rows_again_until_the_judgement_settles():
+    # River's Shuttle's first 128 events, 10 anomalies among them in a tight cluster: the
+    # mixture fitted to all of them at full weight flagged 4 by its own tail, so a refit to
+    # them gave the other 6 weight; refitted without the rows flagged so far until the
+    # flagged rows settle, it flags 9 of them.
+    import itertools
+
+    from river import datasets
+
+    rows = list(itertools.islice(datasets.Shuttle(), 128))
+    X = np.array([[x[k] for k in sorted(x)] for x, _ in rows], dtype=float)
+    y = np.array([bool(label) for _, label in rows])
+    det = Detector(score="density", warmup_events=256, flagged_weight=0.1,
+                   false_alarm_rate=0.01, random_state=0)
+    det.process(X)
+    assert det.model.is_fitted
+    flagged = det._refit_weights(X, np.ones(len(X))) < 1.0
+    assert (flagged & y).sum() >= 9 and (flagged & ~y).sum() <= 3
+
+
+def test_refits_judge_by_the_model_not_by_the_threshold():
+    # The threshold is calibrated on scores of another model (before a refit, on cross-fitted
+    # scores of half the rows): on a young stream it flagged none of the warm-up's anomalies
+    # when asked about the rows in-sample (Shuttle behind StandardScaler, 325 rows: 0 of 25).
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(600, 3)), rng.normal(size=(5, 3)) + 25.0])
+    det = Detector(score="density", warmup_events=200, random_state=0)
+    det.process(X[:600])
+    det.threshold.threshold = 1e9  # a threshold that flags nothing
+    out = det._refit_weights(X, np.ones(len(X)))
+    assert np.all(out[600:] == det.flagged_weight)

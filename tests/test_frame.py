@@ -45,17 +45,41 @@ def test_behind_a_min_max_scaler_the_internal_frame_is_one_fixed_affine_map_of_t
     assert not np.allclose(slope[0], 1.0)
 
 
-def test_a_standard_scaler_or_unrelated_events_leave_the_frame_alone():
+def _one_affine_map(internal, raw):
+    """Whether each feature of ``internal`` is one affine map of the same feature of ``raw``."""
+    for j in range(raw.shape[1]):
+        A = np.column_stack([raw[:, j], np.ones(len(raw))])
+        coef = np.linalg.lstsq(A, internal[:, j], rcond=None)[0]
+        if not np.allclose(A @ coef, internal[:, j], rtol=0, atol=1e-9):
+            return False
+    return True
+
+
+def test_behind_a_standard_scaler_the_internal_frame_is_one_fixed_affine_map_of_the_raw_data():
+    # Every event moves a standardisation's mean and deviation: followed, the events are where
+    # one affine map of their raw values puts them, a feature constant at first too.
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(2000, 3)) * [5.0, 1.0, 0.01] + [1.0, 0.0, 100.0]
+    raw[:50, 1] = 3.0
+    frame = InputFrame(3)
+    internal = _follow(frame, _prequential(preprocessing.StandardScaler(), raw))
+    assert frame.n_rescalings > 3000
+    assert _one_affine_map(internal[1:], raw[1:])  # (the first event is learned as 0: no unit)
+    as_scaled = np.array([learned for _, learned in _prequential(
+        preprocessing.StandardScaler(), raw)])
+    assert not _one_affine_map(as_scaled[1:], raw[1:])
+
+
+def test_unrelated_events_leave_the_frame_alone():
     rng = np.random.default_rng(1)
     raw = rng.normal(size=(2000, 3)) * 5 + 1
-    frame = InputFrame(3)
-    _follow(frame, _prequential(preprocessing.StandardScaler(), raw))
-    assert frame.is_identity
     frame = InputFrame(3)
     for a, b in zip(raw[:-1], raw[1:], strict=True):  # score one event, learn another
         frame.observe(a, b)
         frame.learned(b)
     assert frame.is_identity
+    # one feature, scored 3 and learned 2.5: no integer count of a standardisation fits
+    assert not InputFrame(1).observe(np.array([3.0]), np.array([2.5]))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
