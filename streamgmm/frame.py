@@ -195,12 +195,13 @@ class InputFrame:
         steady = observed & varied
         if (v[steady & ~moved] != 0.0).any():
             return False  # a value at the mean stays at 0
-        a = np.sqrt(n / (n - 1.0) / (1.0 + s * s / n))
-        for j in np.flatnonzero(steady).tolist():
-            self._compose(j, float(a[j]), float(-a[j] * s[j] / n))
-        # the constant, learned at offset so far, is sent to -sign(v) / sqrt(n - 1) now
-        for j in np.flatnonzero(starts).tolist():
-            self.offset[j] += self.scale[j] * math.copysign(1.0, v[j]) / root
+        a = np.sqrt(n / (n - 1.0) / (1.0 + s[steady] * s[steady] / n))
+        # _compose for every steady feature at once (the same operations, in the same order)
+        self.offset[steady] -= self.scale[steady] * (-a * s[steady] / n) / a
+        self.scale[steady] /= a
+        if starts.any():
+            # the constant, learned at offset so far, is sent to -sign(v) / sqrt(n - 1) now
+            self.offset[starts] += self.scale[starts] * np.copysign(1.0, v[starts]) / root
         self._varied = varied | starts
         self.n_rescalings += int(steady.sum())
         self._identity = False
