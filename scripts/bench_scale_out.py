@@ -78,17 +78,26 @@ def produce(bootstrap: str, topic: str, n: int, seed: int = 0, rate: float | Non
     return sent
 
 
-def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+def committed_total(bootstrap: str, group: str, topic: str, partitions: int,
+                    attempts: int = 10) -> int:
+    """The group's committed offsets summed over the topic's partitions; a retriable error
+    (the coordinator moving while the replicas rebalance: NOT_COORDINATOR) is tried again."""
     import confluent_kafka
 
-    consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                                         "enable.auto.commit": False})
-    try:
-        found = consumer.committed([confluent_kafka.TopicPartition(topic, p)
-                                    for p in range(partitions)], timeout=10)
-    finally:
-        consumer.close()
-    return sum(tp.offset for tp in found if tp.offset >= 0)
+    for attempt in range(attempts):
+        consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                             "enable.auto.commit": False})
+        try:
+            found = consumer.committed([confluent_kafka.TopicPartition(topic, p)
+                                        for p in range(partitions)], timeout=10)
+            return sum(tp.offset for tp in found if tp.offset >= 0)
+        except confluent_kafka.KafkaException as exc:
+            if not exc.args[0].retriable() or attempt == attempts - 1:
+                raise
+        finally:
+            consumer.close()
+        time.sleep(0.5)  # the pause between two reads of a coordinator that moved
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:
