@@ -65,6 +65,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.flaky(reruns=INTEGRATION_RERUNS, reruns_delay=1))
 
 
+_reruns: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Keep why each rerun test failed the first time (pytest-rerunfailures lists only names)."""
+    if report.outcome == "rerun":
+        errors = [line for line in str(report.longrepr or "").splitlines()
+                  if line.startswith("E ")]
+        _reruns.append((report.nodeid, " / ".join(e[1:].strip() for e in errors[:2])[:300]))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _reruns:
+        terminalreporter.section("why the rerun tests failed the first time")
+        for nodeid, why in _reruns:
+            terminalreporter.line(f"{nodeid}: {why}")
+
+
 def unique_name(prefix: str) -> str:
     """A topic/group name no other test uses: ``<prefix>-<n>-<random>``."""
     return f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
