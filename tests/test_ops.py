@@ -1050,10 +1050,13 @@ def test_the_compose_kafka_settings_topic_creation_and_daemon_config_run_on_apac
                 if daemon.poll() is None:
                     daemon.kill()
                     daemon.wait()
-        letters = read_topic(internal, config["dead_letter_topic"], idle=0.5)
-        anomalies = read_topic(internal, config["output_topic"], idle=0.5)
         counted = {name: sum(sample.value for sample in families[name]) for name in
                    ("streamgmm_events_total", "streamgmm_dead_letters_total")}
+        # Read until the counted dead letters are in; the anomalies until 3 s of silence (a
+        # 0.5 s one ended before the reader's first fetch under load: 0 anomalies read, twice).
+        letters = read_topic(internal, config["dead_letter_topic"],
+                             expect=int(counted["streamgmm_dead_letters_total"]), idle=0.5)
+        anomalies = read_topic(internal, config["output_topic"], idle=3.0)
         assert counted["streamgmm_dead_letters_total"] == len(letters)
         assert counted["streamgmm_events_total"] + len(letters) == 3000
         assert len(anomalies) > 0
