@@ -84,20 +84,21 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int,
     (the coordinator moving while the replicas rebalance: NOT_COORDINATOR) is tried again."""
     import confluent_kafka
 
-    for attempt in range(attempts):
+    wanted = [confluent_kafka.TopicPartition(topic, p) for p in range(partitions)]
+    attempt = 1
+    while True:
         consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                                              "enable.auto.commit": False})
         try:
-            found = consumer.committed([confluent_kafka.TopicPartition(topic, p)
-                                        for p in range(partitions)], timeout=10)
+            found = consumer.committed(wanted, timeout=10)
             return sum(tp.offset for tp in found if tp.offset >= 0)
         except confluent_kafka.KafkaException as exc:
-            if not exc.args[0].retriable() or attempt == attempts - 1:
+            if not exc.args[0].retriable() or attempt == attempts:
                 raise
         finally:
             consumer.close()
+        attempt += 1
         time.sleep(0.5)  # the pause between two reads of a coordinator that moved
-    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

@@ -154,8 +154,9 @@ class InputFrame:
         self._identity = False
         return True
 
-    def _compose(self, j: int, a: float, b: float) -> None:
-        """Compose feature ``j``'s map with the input's step ``new = a * old + b``."""
+    def _compose(self, j, a, b) -> None:
+        """Compose the map of feature ``j`` (an index, or a mask with ``a`` and ``b`` arrays
+        of its features) with the input's step ``new = a * old + b``."""
         # internal = scale * old + offset = scale * (new - b) / a + offset
         self.offset[j] -= self.scale[j] * b / a
         self.scale[j] /= a
@@ -196,9 +197,7 @@ class InputFrame:
         if (v[steady & ~moved] != 0.0).any():
             return False  # a value at the mean stays at 0
         a = np.sqrt(n / (n - 1.0) / (1.0 + s[steady] * s[steady] / n))
-        # _compose for every steady feature at once (the same operations, in the same order)
-        self.offset[steady] -= self.scale[steady] * (-a * s[steady] / n) / a
-        self.scale[steady] /= a
+        self._compose(steady, a, -a * s[steady] / n)  # every steady feature at once
         if starts.any():
             # the constant, learned at offset so far, is sent to -sign(v) / sqrt(n - 1) now
             self.offset[starts] += self.scale[starts] * np.copysign(1.0, v[starts]) / root

@@ -153,8 +153,13 @@ class Daemon:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            dumps = self.log().count("most recent call first")
             self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks into its log
-            time.sleep(0.5)
+            try:
+                wait_for(lambda: self.log().count("most recent call first") > dumps,
+                         "the daemon's thread stacks", 2.0, interval=0.05)
+            except AssertionError:
+                pass  # a daemon too stuck to write them is killed all the same
             self.proc.kill()
             self.proc.wait()
 
