@@ -644,12 +644,6 @@ class OnlineGaussianMixture:
                 best = (lower, n_iter, converged, self._weight_stat, self._means, self._scatter)
         self.lower_bound_, self.n_iter_, self.converged_ = best[0], best[1], best[2]
         self._weight_stat, self._means, self._scatter = best[3], best[4], best[5]
-        if not self.converged_:
-            log.warning(
-                "EM did not converge in %d iterations (tol=%g); increase max_iter or tol",
-                self.max_iter,
-                self.tol,
-            )
         self._fitted = True
         self._update_parameters()
 
@@ -775,6 +769,12 @@ class OnlineGaussianMixture:
         self._fitted = False
         self._buffer, self._buffer_weights = [], []
         self._fit_batch(X, w)
+        if not self.converged_:  # the internal fits (held-out, refits) do not say so
+            log.warning(
+                "EM did not converge in %d iterations (tol=%g); increase max_iter or tol",
+                self.max_iter,
+                self.tol,
+            )
         self.n_events_learned_ = len(X)
         return self
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -182,6 +184,23 @@ def test_auto_keeps_one_component_unless_more_are_better_by_a_standard_error():
     # well-separated modes are still found on as few rows
     Y = random_mixture(10, 3, 2, separation=12.0)(128)
     assert OnlineGaussianMixture("auto", random_state=0).fit(Y).n_components_ == 3
+
+
+def test_only_fit_warns_when_em_does_not_converge(caplog):
+    # The internal fits -- held-out fits of the choice of K, the warm-up fit, refits -- run
+    # in a live stream, where a warning per fit is noise the user can do nothing about.
+    X = random_mixture(12, 3, 8, separation=2.0)(600)
+    with caplog.at_level(logging.WARNING, logger="streamgmm.mixture"):
+        model = OnlineGaussianMixture(
+            "auto", max_iter=2, tol=1e-12, warmup_size=200, refit_size=600, random_state=0
+        )
+        for batch in np.array_split(X, 6):
+            model.partial_fit(batch)
+    assert model.n_refits_ >= 1 and not model.converged_
+    assert "did not converge" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="streamgmm.mixture"):
+        OnlineGaussianMixture(3, max_iter=2, tol=1e-12, random_state=0).fit(X)
+    assert "did not converge" in caplog.text
 
 
 def test_a_discrete_feature_gets_at_least_its_rounding_variance():
