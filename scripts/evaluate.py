@@ -839,6 +839,48 @@ def gaps(df: pd.DataFrame, method: str) -> pd.Series:
     return (t[base].max(axis=1) - t[method]).sort_values(ascending=False)
 
 
+def roc_auc_standard_error(auc, n_anomalies, n_normal) -> np.ndarray:
+    """Standard error of an ROC-AUC from its value and class sizes (Hanley & McNeil 1982).
+
+    Examples
+    --------
+    >>> float(np.round(roc_auc_standard_error(0.9, 20, 2000), 3))
+    0.046
+    """
+    a = np.clip(np.asarray(auc, float), 1e-9, 1 - 1e-9)
+    na, nn = np.asarray(n_anomalies, float), np.asarray(n_normal, float)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (na - 1) * (q1 - a * a) + (nn - 1) * (q2 - a * a)) / (na * nn)
+    return np.sqrt(np.maximum(var, 0.0))
+
+
+def significant_gaps(df: pd.DataFrame, method: str, z: float = 2.0) -> pd.Series:
+    """The streams on which the best baseline is ahead of ``method`` by more than 0.01 ROC-AUC
+    *and* by more than ``z`` standard errors of the difference (:func:`gaps`' gap, positive).
+
+    On a stream of a few dozen anomalies an ROC-AUC is uncertain by a few hundredths, and the
+    best of five baselines is the luckiest of five, so "behind by > 0.01" counts noise too. The
+    two AUCs' errors are combined as if independent (the scores are of the same events, so
+    this overstates the error of the difference), and Hanley & McNeil's error is itself about
+    1.3 times the spread of resampled Gaussian scores: a conservative count.
+    """
+    g = gaps(df, method)
+    rows = df.drop_duplicates(["stream", "method"]).set_index(["stream", "method"])
+    base = [m for m in df.loc[df["group"] == "baseline", "method"].unique()]
+    t = df.pivot_table(index="stream", columns="method", values="roc_auc")
+    best = t[base].idxmax(axis=1)
+    out = {}
+    for stream, gap in g[g > 0.01].items():
+        mine, theirs = rows.loc[(stream, method)], rows.loc[(stream, best[stream])]
+        na = mine["n_anomalies"]
+        nn = mine["n_events"] - na
+        se = np.hypot(roc_auc_standard_error(mine["roc_auc"], na, nn),
+                      roc_auc_standard_error(theirs["roc_auc"], na, nn))
+        if gap > z * se:
+            out[stream] = gap
+    return pd.Series(out, dtype=float).sort_values(ascending=False)
+
+
 def markdown_table(table: pd.DataFrame, fmt: str = ".3f", first: str = "stream",
                    bold: str = "row") -> str:
     """README-ready markdown; the best value of each row (``bold="column"``: column) in bold."""
@@ -1033,7 +1075,9 @@ def goals(df: pd.DataFrame, shuttle: pd.DataFrame | None, speed: pd.DataFrame | 
             fg = (fam[base].max(axis=1) - fam[m]).sort_values(ascending=False)
             lines.append(f"- test half, never > 0.01 ROC-AUC behind the best baseline ({m}): "
                          f"{mark(g.max() <= 0.01)} (worst {g.index[0]} {g.iloc[0]:+.3f}; "
-                         f"{int((g > 0.01).sum())} of {len(g)} streams behind by > 0.01; "
+                         f"{int((g > 0.01).sum())} of {len(g)} streams behind by > 0.01, "
+                         f"{len(significant_gaps(test, m))} of them by > 2 standard errors; "
+                         f"ahead by > 0.01 on {int((g < -0.01).sum())}; "
                          f"per family mean, worst {fg.index[0]} {fg.iloc[0]:+.3f})")
     for half, part in df.groupby("half"):
         s = summary(part, "roc_auc")[f"{half} family-mean"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -71,3 +72,29 @@ def test_command_line_quick_subset(tmp_path, capsys):
                           "--out", str(tmp_path), "--no-plots", "--no-speed", "--no-shuttle"]) == 0
     out = capsys.readouterr().out
     assert "dev half" in out and "test half" in out and "goals" in out
+
+
+def test_the_roc_auc_standard_error_matches_the_spread_of_resampled_streams():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    aucs = []
+    for _ in range(400):
+        normal, anomalies = rng.normal(0, 1, 1000), rng.normal(1.5, 1, 30)
+        y = np.r_[np.zeros(1000), np.ones(30)]
+        aucs.append(roc_auc_score(y, np.r_[normal, anomalies]))
+    se = evaluate.roc_auc_standard_error(np.mean(aucs), 30, 1000)
+    # Hanley & McNeil assume exponential scores; for Gaussian ones the error is overstated
+    assert 0.9 < se / np.std(aucs) < 1.5
+
+
+def test_a_gap_within_the_noise_is_not_significant():
+    rows = []
+    for stream, mine, theirs, anomalies in (("small", 0.80, 0.85, 10), ("large", 0.80, 0.85, 2000)):
+        rows += [{"stream": stream, "method": "m", "group": "streamgmm", "roc_auc": mine,
+                  "n_events": 4 * anomalies, "n_anomalies": anomalies},
+                 {"stream": stream, "method": "b", "group": "baseline", "roc_auc": theirs,
+                  "n_events": 4 * anomalies, "n_anomalies": anomalies}]
+    df = pd.DataFrame(rows)
+    assert list(evaluate.gaps(df, "m").round(3)) == [0.05, 0.05]
+    assert list(evaluate.significant_gaps(df, "m").index) == ["large"]
