@@ -71,6 +71,9 @@ _ACTIVITY_RATE = 0.1
 _JUDGE_ROUNDS = 4
 # ...which stop once a fit changes the judgement of at most this fraction of the rows
 _JUDGE_SETTLED = 0.01
+# Relative to a feature's magnitude, the largest gap between two values that counts as a tie
+# in its rounding variance (round-off of a rescaling; float32 data resolve 1e-7)
+_TIE_TOLERANCE = 1e-9
 
 SampleWeight = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
 
@@ -83,9 +86,27 @@ def _rounding_variance(X: np.ndarray) -> np.ndarray:
     resolution, below which no variance can be known; for a continuous one the smallest gap
     among ``n`` values is about ``range / n**2`` and the term negligible. 0 for a constant
     feature.
+
+    Gaps below ``_TIE_TOLERANCE`` times the feature's largest magnitude are ties: the values of
+    one level, rescaled by River's ``StandardScaler`` and followed back by
+    :mod:`streamgmm.frame`, differ by round-off, about ``1e-17`` of that magnitude. Counted as
+    gaps, they took the resolution away: behind ``StandardScaler`` the three-valued features of
+    River's ImageSegments got a millionth of their variance instead of 0.4-0.7.
+
+    Examples
+    --------
+    >>> levels = np.array([[0.0], [1.0], [2.0], [1.0]])
+    >>> _rounding_variance(levels).round(4).tolist()
+    [0.0833]
+    >>> 0.1 + 0.2 == 0.3                                # one level, with round-off
+    False
+    >>> _rounding_variance(np.array([[0.3], [0.1 + 0.2], [0.6]])).round(4).tolist()
+    [0.0075]
     """
-    gaps = np.diff(np.sort(X, axis=0), axis=0)
-    smallest = np.where(gaps > 0, gaps, np.inf).min(axis=0, initial=np.inf)
+    srt = np.sort(X, axis=0)
+    gaps = np.diff(srt, axis=0)
+    tie = _TIE_TOLERANCE * np.abs(srt).max(axis=0, initial=0.0)
+    smallest = np.where(gaps > tie, gaps, np.inf).min(axis=0, initial=np.inf)
     return np.where(np.isfinite(smallest), smallest**2 / 12.0, 0.0)
 
 

@@ -103,3 +103,19 @@ def test_gmm_detector_ranks_as_well_behind_a_min_max_scaler_as_without_one(seed)
             model.learn_one(x)
         auc[label] = roc_auc_score(y, scores)
     assert auc["minmax"] > auc["raw"] - 0.01, auc
+
+
+def test_behind_a_standard_scaler_a_discrete_feature_keeps_its_resolution():
+    # Followed back through the frame, the events of one level differ by round-off; the
+    # mixture must still see the levels' spacing as the feature's resolution (q**2 / 12). The
+    # first events are left out: they are mapped before the frame has the scaler's map.
+    from streamgmm.mixture import _rounding_variance
+
+    rng = np.random.default_rng(2)
+    raw = np.column_stack([rng.normal(size=600), rng.integers(0, 3, 600) * 0.1])
+    frame = InputFrame(2)
+    internal = _follow(frame, _prequential(preprocessing.StandardScaler(), raw))[100:]
+    resolution = np.sqrt(12 * _rounding_variance(internal)[1])
+    levels = np.unique(internal[:, 1].round(6))
+    assert len(levels) == 3
+    assert np.isclose(resolution, levels[1] - levels[0], rtol=1e-6)
