@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from river import base
-from scipy import linalg, special, stats
+from scipy import linalg, special
 
 from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
@@ -85,6 +85,13 @@ def _unit_from_log_tail_one(log_tail: float) -> float:
     if log_tail >= -_LOG_LINEAR_TAIL:
         return float(1.0 - np.exp(log_tail))  # numpy's exp, as the array version's
     return 1.0 - _LINEAR_TAIL * (1.0 + _LOG_LINEAR_TAIL) / (1.0 - log_tail)
+
+
+def _f_log_tail(statistic: float, dfn: float, dfd: float) -> float:
+    """``log P(F(dfn, dfd) >= statistic)``: ``scipy.stats.f.logsf``'s number without its
+    per-call overhead (most of a warm-up event's time), ``-inf`` where it underflows."""
+    tail = float(special.fdtrc(dfn, dfd, statistic))
+    return math.log(tail) if tail > 0.0 else -math.inf
 
 
 class GMMDetector(base.AnomalyDetector):
@@ -526,7 +533,7 @@ class GMMDetector(base.AnomalyDetector):
         """Log predictive tail of a complete row under the full Gaussian (None: unusable).
 
         The covariance of the ``n`` complete rows learned so far, its correlations shrunk
-        towards 0 by the OAS rule (:func:`~streamgmm._covariance.shrink_to_diagonal`), the
+        towards 0 by the OAS rule (as :func:`~streamgmm._covariance.shrink_to_diagonal`), the
         variances those of the diagonal predictive; the statistic and the ``F(d, n - 1)`` tail
         are the diagonal's (:meth:`_fallback_score`), which this is with every correlation shrunk
         away.
@@ -539,8 +546,14 @@ class GMMDetector(base.AnomalyDetector):
             d = len(mean)
             cov = scatter / (n - 1.0)
             var = np.maximum(np.diag(cov), 1e-12 * (1.0 + mean * mean))
-            if d > 1:
-                cov = cv.shrink_to_diagonal(cov[None], np.array([n]))[0]
+            if d > 1:  # cv.shrink_to_diagonal's OAS rule, inline (it runs once per event)
+                sd = np.sqrt(np.maximum(np.diag(cov), np.finfo(float).tiny))
+                corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
+                tr_r = float(np.count_nonzero(np.diag(cov) > 0))
+                tr_r2 = float(np.dot(corr.ravel(), corr.ravel()))
+                den = (n + 1.0 - 2.0 / d) * (tr_r2 - tr_r * tr_r / d)
+                rho = min(((1.0 - 2.0 / d) * tr_r2 + tr_r * tr_r) / den, 1.0) if den > 0 else 1.0
+                cov *= 1.0 - rho
             cov[np.diag_indices(d)] = var
             try:
                 chol = np.linalg.cholesky(cov)
@@ -551,7 +564,7 @@ class GMMDetector(base.AnomalyDetector):
         z = linalg.solve_triangular(chol, internal - mean, lower=True, check_finite=False)
         d = len(mean)
         statistic = n / (n + 1.0) * float(np.dot(z, z)) / d
-        return float(stats.f.logsf(statistic, d, n - 1.0))
+        return _f_log_tail(statistic, d, n - 1.0)
 
     def _fallback_score(self, x: dict) -> float:
         """Predictive tail score under Gaussians of the events so far (warm-up only).
@@ -591,7 +604,7 @@ class GMMDetector(base.AnomalyDetector):
         if dims == 0:
             return 0.0
         statistic = seen / (seen + 1.0) * maha2 / dims
-        log_tail = float(stats.f.logsf(statistic, dims, seen - 1.0))
+        log_tail = _f_log_tail(statistic, dims, seen - 1.0)
         if self._joint is not None:
             row = self._row(x)
             if math.isfinite(row.sum()):
