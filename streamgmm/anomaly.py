@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from river import base
-from scipy import special, stats
+from scipy import linalg, special
 
 from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
@@ -85,6 +85,13 @@ def _unit_from_log_tail_one(log_tail: float) -> float:
     if log_tail >= -_LOG_LINEAR_TAIL:
         return float(1.0 - np.exp(log_tail))  # numpy's exp, as the array version's
     return 1.0 - _LINEAR_TAIL * (1.0 + _LOG_LINEAR_TAIL) / (1.0 - log_tail)
+
+
+def _f_log_tail(statistic: float, dfn: float, dfd: float) -> float:
+    """``log P(F(dfn, dfd) >= statistic)``: ``scipy.stats.f.logsf``'s number without its
+    per-call overhead (most of a warm-up event's time), ``-inf`` where it underflows."""
+    tail = float(special.fdtrc(dfn, dfd, statistic))
+    return math.log(tail) if tail > 0.0 else -math.inf
 
 
 class GMMDetector(base.AnomalyDetector):
@@ -168,8 +175,9 @@ class GMMDetector(base.AnomalyDetector):
     so River's ``metrics.ROCAUC`` (which assumes scores in [0, 1]) works, and
     ``anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=r), threshold=1 - r)`` flags at about
     the rate ``r``. Until the mixture has initialised (``warmup_events // 2`` complete events) the
-    score is the predictive (F-distribution) tail of the Mahalanobis distance under a diagonal
-    Gaussian of the events learned so far, and 0.0 before any event was learned. Beyond a tail
+    score is the predictive (F-distribution) tail of the Mahalanobis distance under Gaussians of
+    the events learned so far (the geometric mean of a diagonal and a full one's, see
+    ``_fallback_score``), and 0.0 before any event was learned. Beyond a tail
     probability of 1e-6 the score keeps rising slowly with the detector's score, so far anomalies
     stay ranked. :meth:`Detector.score_samples
     <streamgmm.detector.Detector.score_samples>` on :attr:`detector` gives that score itself.
@@ -234,6 +242,10 @@ class GMMDetector(base.AnomalyDetector):
         self._warned: set[Any] = set()
         # diagonal Gaussian used until the mixture is initialised: name -> [n, mean, m2]
         self._fallback: dict[Any, list[float]] = {}
+        # and the full one, from the feature set's fixing on: [n, mean, scatter] of the complete
+        # learned rows (internal frame), and its predictive's (n, mean, Cholesky factor)
+        self._joint: list | None = None
+        self._joint_fit: tuple | None = None
         self._fast: tuple[np.ndarray, ...] | None = None
         self._tail_one = None  # the threshold's frozen tail_probability_one, until it learns
         self._alarms = 0  # bit i: whether the (i+1)-th last score_one was above the threshold
@@ -341,8 +353,11 @@ class GMMDetector(base.AnomalyDetector):
             self._pending.append({k: self._value(k, v) for k, v in x.items()})
             size = len(self._pending)
         else:
-            self._rows.append(self._input_frame.internal(row))
+            internal = self._input_frame.internal(row)
+            self._rows.append(internal)
             size = len(self._rows)
+            if not self._warm:
+                self._learn_joint(internal[None, :])
         self._last_x = None
         # a full batch, or in alarm: the buffer holds 16 events and most of the last 32 scored
         # events were flagged (see *Buffering*; inline, as learn_one runs once per event)
@@ -368,6 +383,8 @@ class GMMDetector(base.AnomalyDetector):
             self._fix_features(names)
             self._rows = [self._row(x) for x in self._pending]
             self._pending = []
+            if not self._warm:
+                self._learn_joint(np.array(self._rows, dtype=np.float64))
         if not self._rows:
             return
         batch = np.array(self._rows, dtype=np.float64)  # much faster than vstack of 1-D rows
@@ -447,6 +464,8 @@ class GMMDetector(base.AnomalyDetector):
             for x in X.to_dict(orient="records"):
                 self._learn_fallback(x)
         rows = self._input_frame.internal(self._frame(X))
+        if not self._warm:
+            self._learn_joint(rows)
         self._input_frame.learned(rows)
         self._process(rows)
 
@@ -491,15 +510,81 @@ class GMMDetector(base.AnomalyDetector):
             stat[1] += delta / stat[0]
             stat[2] += delta * (v - stat[1])
 
+    def _learn_joint(self, rows: np.ndarray) -> None:
+        """Add the complete ``rows`` (internal frame) to the full Gaussian's statistics (Chan)."""
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        if not len(rows):
+            return
+        nb = float(len(rows))
+        mb = rows.mean(axis=0)
+        diff = rows - mb
+        sb = diff.T @ diff
+        if self._joint is None:
+            self._joint = [nb, mb, sb]
+        else:
+            n, mean, scatter = self._joint
+            total = n + nb
+            delta = mb - mean
+            self._joint = [total, mean + delta * (nb / total),
+                           scatter + sb + np.outer(delta, delta) * (n * nb / total)]
+        self._joint_fit = None
+
+    def _joint_log_tail(self, internal: np.ndarray) -> float | None:
+        """Log predictive tail of a complete row under the full Gaussian (None: unusable).
+
+        The covariance of the ``n`` complete rows learned so far, its correlations shrunk
+        towards 0 by the OAS rule (as :func:`~streamgmm._covariance.shrink_to_diagonal`), the
+        variances those of the diagonal predictive; the statistic and the ``F(d, n - 1)`` tail
+        are the diagonal's (:meth:`_fallback_score`), which this is with every correlation shrunk
+        away.
+        """
+        joint = self._joint
+        if joint is None or joint[0] < 3:
+            return None
+        n, mean, scatter = joint
+        if self._joint_fit is None or self._joint_fit[0] != n:
+            d = len(mean)
+            cov = scatter / (n - 1.0)
+            var = np.maximum(np.diag(cov), 1e-12 * (1.0 + mean * mean))
+            if d > 1:  # cv.shrink_to_diagonal's OAS rule, inline (it runs once per event)
+                sd = np.sqrt(np.maximum(np.diag(cov), np.finfo(float).tiny))
+                corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
+                tr_r = float(np.count_nonzero(np.diag(cov) > 0))
+                tr_r2 = float(np.dot(corr.ravel(), corr.ravel()))
+                den = (n + 1.0 - 2.0 / d) * (tr_r2 - tr_r * tr_r / d)
+                rho = min(((1.0 - 2.0 / d) * tr_r2 + tr_r * tr_r) / den, 1.0) if den > 0 else 1.0
+                cov *= 1.0 - rho
+            cov[np.diag_indices(d)] = var
+            try:
+                chol = np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                return None
+            self._joint_fit = (n, mean, chol)
+        _, mean, chol = self._joint_fit
+        z = linalg.solve_triangular(chol, internal - mean, lower=True, check_finite=False)
+        d = len(mean)
+        statistic = n / (n + 1.0) * float(np.dot(z, z)) / d
+        return _f_log_tail(statistic, d, n - 1.0)
+
     def _fallback_score(self, x: dict) -> float:
-        """Predictive tail score under a diagonal Gaussian of the events so far (warm-up only).
+        """Predictive tail score under Gaussians of the events so far (warm-up only).
 
         With the mean and variances estimated from ``n`` events, ``n / (n + 1)`` times the
         Mahalanobis distance over ``d`` follows (about) an ``F(d, n - 1)`` distribution: the
         predictive tail, wider than the plug-in chi-square while ``n`` is small, so the first
         events of a stream are not scored as if the few seen so far told the whole story
-        (README, *Why the defaults*). 0.0 with
-        nothing learned.
+        (README, *Why the defaults*). 0.0 with nothing learned.
+
+        Two Gaussians give that tail: a diagonal one, and a full one (:meth:`_joint_log_tail`)
+        once the feature set is fixed (the first micro-batch); a complete event gets the mean of
+        their log tails (the geometric mean of the two tail probabilities), an incomplete one
+        the diagonal's over its observed features. The full one follows correlations (an
+        event that breaks one is unusual), the diagonal counts every feature an anomaly moves,
+        also along a correlation. Development half of ``scripts/evaluate.py``, mean ROC-AUC
+        without a scaler, against the diagonal alone: ImageSegments "one" +0.013, digits "one"
+        +0.009, wine +0.015, RandomRBF "one" +0.005; the full one alone gained as much there
+        but lost 0.097 on breast cancer, whose anomalies (the other class) move along the
+        correlated size features.
         """
         maha2 = 0.0
         dims = 0
@@ -519,7 +604,14 @@ class GMMDetector(base.AnomalyDetector):
         if dims == 0:
             return 0.0
         statistic = seen / (seen + 1.0) * maha2 / dims
-        return float(_unit_from_log_tail(stats.f.logsf(statistic, dims, seen - 1.0)))
+        log_tail = _f_log_tail(statistic, dims, seen - 1.0)
+        if self._joint is not None:
+            row = self._row(x)
+            if math.isfinite(row.sum()):
+                joint = self._joint_log_tail(self._input_frame.internal(row))
+                if joint is not None:
+                    log_tail = 0.5 * (log_tail + joint)
+        return float(_unit_from_log_tail(log_tail))
 
     # -- scoring ---------------------------------------------------------------------------------
     @property

@@ -255,6 +255,29 @@ def test_scores_before_the_mixture_exists():
     assert model.threshold == math.inf
 
 
+def test_scores_before_the_mixture_exist_follow_correlations():
+    # Warm-up scores: the geometric mean of the predictive tails of a full (OAS-shrunk) and a
+    # diagonal Gaussian of the events so far. An event that breaks a strong correlation is
+    # unusual although each of its features is ordinary (the diagonal alone: 0.66 and 0.68).
+    rng = np.random.default_rng(0)
+    X = rng.multivariate_normal([0.0, 0.0], [[1.0, 0.95], [0.95, 1.0]], size=60)
+    model = GMMDetector(seed=0)
+    for a, b in X:
+        model.learn_one({"a": float(a), "b": float(b)})
+    assert not model.is_warm
+    along, across = model.score_one({"a": 1.0, "b": 1.0}), model.score_one({"a": 1.0, "b": -1.0})
+    assert along < 0.7 < 0.99 < across
+    # ...and the diagonal keeps counting every feature an event moves along the correlation:
+    # tail 1.3e-3 (the full Gaussian alone: 8.7e-3)
+    assert model.score_one({"a": 3.0, "b": 3.0}) > 0.998
+    # an event with a missing feature is scored by the diagonal predictive of the others
+    assert 0.0 < model.score_one({"a": 1.0, "b": None}) < 0.9
+    # learn_many feeds the same statistics as learn_one
+    batch = GMMDetector(seed=0)
+    batch.learn_many(pd.DataFrame(X, columns=["a", "b"]))
+    assert batch.score_one({"a": 1.0, "b": -1.0}) == pytest.approx(across, rel=1e-9)
+
+
 def test_pipeline_learn_many_with_a_batch_scaler():
     frame = pd.DataFrame([x for x, _ in _sine(n=1000, anomalies=1)])
     model = compose.Pipeline(preprocessing.StandardScaler(), GMMDetector(seed=0))
