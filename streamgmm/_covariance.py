@@ -22,6 +22,8 @@ follow scikit-learn's ``GaussianMixture``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import special
 
@@ -113,15 +115,29 @@ def shrink_to_diagonal(scatter: np.ndarray, counts: np.ndarray) -> np.ndarray:
         corr = np.clip(scatter / (scale[:, :, None] * scale[:, None, :]), -1.0, 1.0)
     tr_r = (var > 0).sum(axis=1).astype(float)
     tr_r2 = (corr**2).sum(axis=(1, 2))
-    n = np.maximum(np.asarray(counts, dtype=float), 1.0)
-    num = (1.0 - 2.0 / d) * tr_r2 + tr_r**2
-    den = (n + 1.0 - 2.0 / d) * (tr_r2 - tr_r**2 / d)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rho = np.where(den > 0, np.minimum(num / den, 1.0), 1.0)
+    rho = oas_intensity(tr_r, tr_r2, np.maximum(np.asarray(counts, dtype=float), 1.0), d)
     out = (1.0 - rho)[:, None, None] * scatter
     idx = np.arange(d)
     out[:, idx, idx] = var
     return out
+
+
+def oas_intensity(tr_r: Any, tr_r2: Any, n: Any, d: int) -> np.ndarray:
+    """The OAS shrinkage intensity of :func:`shrink_to_diagonal`, in [0, 1], from the traces of a
+    ``d x d`` correlation matrix ``R`` and of ``R**2`` estimated from ``n`` points (arrays or
+    scalars).
+
+    Examples
+    --------
+    >>> float(oas_intensity(3.0, 3.0, 50.0, 3))   # R = I: nothing to keep
+    1.0
+    >>> bool(oas_intensity(3.0, 7.0, 1e6, 3) < 1e-5)    # correlations behind a million points
+    True
+    """
+    num = (1.0 - 2.0 / d) * tr_r2 + tr_r**2
+    den = (n + 1.0 - 2.0 / d) * (tr_r2 - tr_r**2 / d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, np.minimum(np.true_divide(num, den), 1.0), 1.0)
 
 
 def _repaired_cholesky(cov: np.ndarray) -> np.ndarray:

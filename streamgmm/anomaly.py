@@ -546,14 +546,12 @@ class GMMDetector(base.AnomalyDetector):
             d = len(mean)
             cov = scatter / (n - 1.0)
             var = np.maximum(np.diag(cov), 1e-12 * (1.0 + mean * mean))
-            if d > 1:  # cv.shrink_to_diagonal's OAS rule, inline (it runs once per event)
+            if d > 1:  # cv.shrink_to_diagonal's rule, without its per-component stacking
                 sd = np.sqrt(np.maximum(np.diag(cov), np.finfo(float).tiny))
                 corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
                 tr_r = float(np.count_nonzero(np.diag(cov) > 0))
                 tr_r2 = float(np.dot(corr.ravel(), corr.ravel()))
-                den = (n + 1.0 - 2.0 / d) * (tr_r2 - tr_r * tr_r / d)
-                rho = min(((1.0 - 2.0 / d) * tr_r2 + tr_r * tr_r) / den, 1.0) if den > 0 else 1.0
-                cov *= 1.0 - rho
+                cov *= 1.0 - float(cv.oas_intensity(tr_r, tr_r2, n, d))
             cov[np.diag_indices(d)] = var
             try:
                 chol = np.linalg.cholesky(cov)
