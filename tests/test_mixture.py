@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -211,6 +212,22 @@ def test_a_discrete_feature_gets_at_least_its_rounding_variance():
     assert cov[0, 0] == pytest.approx(X[:, 0].var() * (1 + 1e-6), rel=1e-9)
     # values 0, 0.5, 1, 1.5: a grid of step 0.5, rounding variance 0.25 / 12
     assert cov[1, 1] == pytest.approx(X[:, 1].var() + 0.25 / 12, rel=1e-9)
+
+
+def test_a_feature_constant_but_for_round_off_is_regularised_as_a_constant_one():
+    # A refit buffer of digits behind River's StandardScaler (the rows of one held-out half and
+    # their judged weights): two blank pixels take the values 0 and -6.9e-18, a variance of
+    # 3e-37. Counted as a real variance, its covariance factored but its precision did not.
+    from pathlib import Path
+
+    data = np.load(Path(__file__).parent / "data" / "round_off_constant_features.npz")
+    X, w = data["X"], data["w"]
+    assert 0 < np.sort(X.var(axis=0))[6] < 1e-30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = OnlineGaussianMixture(1, covariance_shrinkage="oas", random_state=0)
+        ll = model.fit(X, sample_weight=w).score_samples(X)
+    assert np.isfinite(ll).all() and np.isfinite(model.precisions_cholesky_).all()
 
 
 @pytest.mark.slow
