@@ -141,22 +141,22 @@ def oas_intensity(tr_r: Any, tr_r2: Any, n: Any, d: int) -> np.ndarray:
 
 
 def _repaired_cholesky(cov: np.ndarray) -> np.ndarray:
-    """Cholesky factor of a symmetric matrix, clipping eigenvalues if not positive definite."""
-    try:
-        return np.linalg.cholesky(cov)
-    except np.linalg.LinAlgError:
-        sym = 0.5 * (cov + cov.T)
-        vals, vecs = np.linalg.eigh(sym)
-        scale = max(float(np.abs(vals).max()), np.finfo(float).tiny)
-        vals = np.maximum(vals, scale * 1e-12 + np.finfo(float).tiny)
-        return np.linalg.cholesky((vecs * vals) @ vecs.T + np.eye(len(vals)) * scale * 1e-13)
+    """Cholesky factor of a symmetric matrix with its eigenvalues clipped at ``1e-12`` of the
+    largest (for one that is not numerically positive definite)."""
+    sym = 0.5 * (cov + cov.T)
+    vals, vecs = np.linalg.eigh(sym)
+    scale = max(float(np.abs(vals).max()), np.finfo(float).tiny)
+    vals = np.maximum(vals, scale * 1e-12 + np.finfo(float).tiny)
+    return np.linalg.cholesky((vecs * vals) @ vecs.T + np.eye(len(vals)) * scale * 1e-13)
 
 
 def precision_cholesky(covariance_type: str, covariances: np.ndarray) -> np.ndarray:
     """Cholesky factors of the precisions (scikit-learn's ``precisions_cholesky_``).
 
     A covariance that is not numerically positive definite is repaired (eigenvalues clipped),
-    never raised on: a stream must not stop because one component collapsed.
+    never raised on: a stream must not stop because one component collapsed. So is one that
+    factors but whose precision does not (a feature constant but for round-off: variance 3e-37
+    next to 32 behind River's ``StandardScaler``).
     """
     if covariance_type in ("diag", "spherical"):
         return 1.0 / np.sqrt(np.maximum(covariances, np.finfo(float).tiny))
@@ -164,10 +164,21 @@ def precision_cholesky(covariance_type: str, covariances: np.ndarray) -> np.ndar
     try:
         chol = np.linalg.cholesky(stack)
     except np.linalg.LinAlgError:
-        chol = np.stack([_repaired_cholesky(c) for c in stack])
+        chol = np.stack([_cholesky_or_repaired(c) for c in stack])
     eye = np.broadcast_to(np.eye(stack.shape[-1]), stack.shape)
     prec = np.swapaxes(np.linalg.solve(chol, eye), -1, -2)
+    diagonal = np.diagonal(prec, axis1=1, axis2=2)
+    broken = ~(np.isfinite(prec).all(axis=(1, 2)) & (diagonal > 0).all(axis=1))
+    for k in np.flatnonzero(broken):
+        prec[k] = np.linalg.inv(_repaired_cholesky(stack[k])).T
     return prec[0] if covariance_type == "tied" else prec
+
+
+def _cholesky_or_repaired(cov: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        return _repaired_cholesky(cov)
 
 
 def log_det_precision_cholesky(
@@ -497,4 +508,4 @@ def full_covariances(
 def sampling_factors(covariance_type: str, covariances: np.ndarray, k: int, d: int) -> np.ndarray:
     """Lower Cholesky factors of each component's covariance, shape ``(K, d, d)`` (for sampling)."""
     covs = full_covariances(covariance_type, covariances, k, d)
-    return np.stack([_repaired_cholesky(c) for c in covs])
+    return np.stack([_cholesky_or_repaired(c) for c in covs])

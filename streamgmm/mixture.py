@@ -578,12 +578,9 @@ class OnlineGaussianMixture:
         wsum = w.sum() if w.sum() > 0 else 1.0
         self._shift = (w @ X) / wsum if w.sum() > 0 else X.mean(axis=0)
         var = (w @ (X - self._shift) ** 2) / wsum
-        # Constant, numerically: a variance below the double precision of the largest one. Such
-        # a feature (round-off behind River's StandardScaler, 1e-35 on digits' blank pixels)
-        # made covariances that factor but whose precisions are not finite.
-        varies = var > np.finfo(float).eps * var.max(initial=0.0)
-        fill = var[varies].mean() if varies.any() else 1.0
-        self._reg = np.maximum(self.reg_covar * np.where(varies, var, fill),
+        positive = var[var > 0]
+        fill = positive.mean() if len(positive) else 1.0
+        self._reg = np.maximum(self.reg_covar * np.where(var > 0, var, fill),
                                _rounding_variance(X))
 
     def _mstep_replace(self, Xc: np.ndarray, resp: np.ndarray) -> None:

@@ -214,10 +214,10 @@ def test_a_discrete_feature_gets_at_least_its_rounding_variance():
     assert cov[1, 1] == pytest.approx(X[:, 1].var() + 0.25 / 12, rel=1e-9)
 
 
-def test_a_feature_constant_but_for_round_off_is_regularised_as_a_constant_one():
+def test_a_covariance_that_factors_but_whose_precision_does_not_is_repaired():
     # A refit buffer of digits behind River's StandardScaler (the rows of one held-out half and
     # their judged weights): two blank pixels take the values 0 and -6.9e-18, a variance of
-    # 3e-37. Counted as a real variance, its covariance factored but its precision did not.
+    # 3e-37. Its covariance factored but its precision did not (NaN held-out likelihoods).
     from pathlib import Path
 
     data = np.load(Path(__file__).parent / "data" / "round_off_constant_features.npz")
