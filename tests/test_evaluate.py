@@ -98,3 +98,15 @@ def test_a_gap_within_the_noise_is_not_significant():
     df = pd.DataFrame(rows)
     assert list(evaluate.gaps(df, "m").round(3)) == [0.05, 0.05]
     assert list(evaluate.significant_gaps(df, "m").index) == ["large"]
+
+
+def test_the_shuttle_goal_takes_the_narrowest_seed():
+    shuttle = pd.DataFrame([
+        {"detector": f"GMMDetector seed={seed}", "scaler": scaler, "first 10k": f10, "all": al}
+        for seed, f10, al in ((0, 0.99, 0.995), (1, 0.985, 0.989))
+        for scaler in ("none", "standard", "minmax")])
+    empty = pd.DataFrame(columns=["half", "method", "group", "stream", "family", "roc_auc"])
+    lines = [line for line in evaluate.goals(empty, shuttle, None, None) if "Shuttle" in line]
+    assert len(lines) == 3
+    assert "scaler none" in lines[2] and "NO (0.9850 / 0.9890, the narrowest of 2 seeds)" in lines[2]
+    assert "scaler minmax" in lines[0] and lines[0].split(": ")[-1].startswith("yes")
