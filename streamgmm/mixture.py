@@ -72,8 +72,9 @@ _JUDGE_ROUNDS = 4
 # ...which stop once a fit changes the judgement of at most this fraction of the rows
 _JUDGE_SETTLED = 0.01
 # Relative to a feature's magnitude, the largest gap between two values that counts as a tie
-# in its rounding variance (round-off of a rescaling; float32 data resolve 1e-7)
-_TIE_TOLERANCE = 1e-9
+# in its rounding variance: 1e4 times double round-off, far below any data's resolution (float32
+# resolves 1e-7; integer counts up to 1e11 keep their step)
+_TIE_TOLERANCE = 1e-12
 
 SampleWeight = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
 
