@@ -546,7 +546,9 @@ class GMMDetector(base.AnomalyDetector):
             d = len(mean)
             cov = scatter / (n - 1.0)
             var = np.maximum(np.diag(cov), 1e-12 * (1.0 + mean * mean))
-            if d > 1:  # cv.shrink_to_diagonal's rule, without its per-component stacking
+            # cv.shrink_to_diagonal's rule for one matrix: calling it (stacking, errstate)
+            # took the first 138 events of 30 features from 34 to 51 ms
+            if d > 1:
                 sd = np.sqrt(np.maximum(np.diag(cov), np.finfo(float).tiny))
                 corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
                 tr_r = float(np.count_nonzero(np.diag(cov) > 0))
