@@ -833,10 +833,15 @@ def stream_table(df: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFrame:
     return t
 
 
+def _roc_by_stream(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """ROC-AUC per stream (rows) and method (columns), and the baselines' names."""
+    t = df.pivot_table(index="stream", columns="method", values="roc_auc")
+    return t, [m for m in df.loc[df["group"] == "baseline", "method"].unique()]
+
+
 def gaps(df: pd.DataFrame, method: str) -> pd.Series:
     """Per stream: best baseline's ROC-AUC minus ``method``'s (positive = behind)."""
-    t = df.pivot_table(index="stream", columns="method", values="roc_auc")
-    base = [m for m in df.loc[df["group"] == "baseline", "method"].unique()]
+    t, base = _roc_by_stream(df)
     return (t[base].max(axis=1) - t[method]).sort_values(ascending=False)
 
 
@@ -867,8 +872,7 @@ def significant_gaps(df: pd.DataFrame, method: str, z: float = 2.0) -> pd.Series
     """
     g = gaps(df, method)
     rows = df.drop_duplicates(["stream", "method"]).set_index(["stream", "method"])
-    base = [m for m in df.loc[df["group"] == "baseline", "method"].unique()]
-    t = df.pivot_table(index="stream", columns="method", values="roc_auc")
+    t, base = _roc_by_stream(df)
     best = t[base].idxmax(axis=1)
     out = {}
     for stream, gap in g[g > 0.01].items():
