@@ -87,13 +87,6 @@ def _unit_from_log_tail_one(log_tail: float) -> float:
     return 1.0 - _LINEAR_TAIL * (1.0 + _LOG_LINEAR_TAIL) / (1.0 - log_tail)
 
 
-def _f_log_tail(statistic: float, dfn: float, dfd: float) -> float:
-    """``log P(F(dfn, dfd) >= statistic)``: ``scipy.stats.f.logsf``'s number without its
-    per-call overhead (most of a warm-up event's time), ``-inf`` where it underflows."""
-    tail = float(special.fdtrc(dfn, dfd, statistic))
-    return math.log(tail) if tail > 0.0 else -math.inf
-
-
 class GMMDetector(base.AnomalyDetector):
     """Online Gaussian-mixture anomaly detector for River.
 
@@ -564,7 +557,7 @@ class GMMDetector(base.AnomalyDetector):
         z = linalg.solve_triangular(chol, internal - mean, lower=True, check_finite=False)
         d = len(mean)
         statistic = n / (n + 1.0) * float(np.dot(z, z)) / d
-        return _f_log_tail(statistic, d, n - 1.0)
+        return cv.log_f_tail(statistic, d, n - 1.0)
 
     def _fallback_score(self, x: dict) -> float:
         """Predictive tail score under Gaussians of the events so far (warm-up only).
@@ -604,7 +597,7 @@ class GMMDetector(base.AnomalyDetector):
         if dims == 0:
             return 0.0
         statistic = seen / (seen + 1.0) * maha2 / dims
-        log_tail = _f_log_tail(statistic, dims, seen - 1.0)
+        log_tail = cv.log_f_tail(statistic, dims, seen - 1.0)
         if self._joint is not None:
             row = self._row(x)
             if math.isfinite(row.sum()):

@@ -44,9 +44,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from scipy import stats
 from scipy.optimize import linear_sum_assignment
-from scipy.special import betaln, gammaln
+from scipy.special import gammaln
 
 from . import _covariance as cv
 from .statefile import read_state, write_state
@@ -512,11 +511,7 @@ class OnlineGaussianMixture:
             return out
         d = X.shape[1]
         statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
-        log_tail = stats.f.logsf(statistic, d, dof)
-        far = ~np.isfinite(log_tail)  # underflow: the tail's power law, x ** (-dof / 2)
-        log_tail[far] = (-0.5 * dof[far] * np.log(d * statistic[far] / dof[far])
-                         - betaln(0.5 * d, 0.5 * dof[far]) - np.log(0.5 * dof[far]))
-        tail[ok] = log_tail
+        tail[ok] = cv.log_f_tail(statistic, d, dof)
         return out, tail
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:

@@ -278,6 +278,20 @@ def test_scores_before_the_mixture_exist_follow_correlations():
     assert batch.score_one({"a": 1.0, "b": -1.0}) == pytest.approx(across, rel=1e-9)
 
 
+def test_far_anomalies_before_the_mixture_exist_stay_ranked():
+    # 120 events of 9 features: the warm-up's F(9, 119) tail underflows from about 1e4
+    # standard deviations on, where its log was -inf and every such event scored 1.0 (tied);
+    # the tail's power law ranks them, as the daemon's warm-up scores do
+    rng = np.random.default_rng(0)
+    model = GMMDetector(seed=0)
+    for row in rng.normal(size=(120, 9)):
+        model.learn_one({f"f{i}": float(v) for i, v in enumerate(row)})
+    assert not model.is_warm
+    scores = [model.score_one({f"f{i}": far * (i == 0) for i in range(9)})
+              for far in (1e2, 1e4, 1e6, 1e8)]
+    assert all(a < b < 1.0 for a, b in itertools.pairwise(scores))
+
+
 def test_pipeline_learn_many_with_a_batch_scaler():
     frame = pd.DataFrame([x for x, _ in _sine(n=1000, anomalies=1)])
     model = compose.Pipeline(preprocessing.StandardScaler(), GMMDetector(seed=0))
