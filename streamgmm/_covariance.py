@@ -329,9 +329,11 @@ def log_f_tail(statistic: Any, dfn: Any, dfd: Any) -> Any:
     """``log P(F(dfn, dfd) >= statistic)``, elementwise, without underflow (a float for floats).
 
     ``scipy.special.fdtrc`` (``scipy.stats.f.logsf``'s number without its per-call overhead);
-    where it underflows, the leading term of its regularised incomplete beta function,
-    ``z**(dfd/2) / (dfd/2 B(dfd/2, dfn/2))`` with ``z = dfd / (dfd + dfn statistic)``: the
-    tail's power law, so far points stay ranked by distance instead of tying at ``-inf``.
+    where it underflows, the tail is the regularised incomplete beta function
+    ``I_z(p, q)``, ``z = dfd / (dfd + dfn statistic)``, ``p = dfd / 2``, ``q = dfn / 2``, by the
+    first two terms of its continued fraction, ``z**p (1 - z)**q / (p B(p, q) (1 - (p + q) z /
+    (p + 1)))`` (within 1e-4 nats of ``fdtrc`` where that reaches 1e-240, for 1-100 and 3-5000
+    degrees of freedom), so far points stay ranked by distance instead of tying at ``-inf``.
 
     Examples
     --------
@@ -348,19 +350,26 @@ def log_f_tail(statistic: Any, dfn: Any, dfd: Any) -> Any:
     if np.ndim(tail) == 0:  # the warm-up scores one event at a time: plain floats
         if tail > _F_TAIL_UNDERFLOW:
             return math.log(tail)
-        half = 0.5 * float(dfd)
-        return (half * math.log(dfd / (dfd + dfn * statistic))
-                - float(special.betaln(half, 0.5 * float(dfn))) - math.log(half))
+        return float(_log_f_tail_far(float(statistic), float(dfn), float(dfd)))
     with np.errstate(divide="ignore"):
         out = np.log(tail)
     far = tail <= _F_TAIL_UNDERFLOW
     if np.any(far):
         s, a, b = np.broadcast_arrays(np.asarray(statistic, np.float64),
                                       np.asarray(dfn, np.float64), np.asarray(dfd, np.float64))
-        s, a, half = s[far], a[far], 0.5 * b[far]
-        out[far] = (half * np.log(2.0 * half / (2.0 * half + a * s))
-                    - special.betaln(half, 0.5 * a) - np.log(half))
+        out[far] = _log_f_tail_far(s[far], a[far], b[far])
     return out
+
+
+def _log_f_tail_far(statistic: Any, dfn: Any, dfd: Any) -> Any:
+    """:func:`log_f_tail` where ``fdtrc`` underflows: two terms of the beta continued fraction
+    (the second bounded away from -1, a guard: there it is about -0.8 for 5000 degrees)."""
+    p, q = 0.5 * dfd, 0.5 * dfn
+    spread = dfd + dfn * statistic
+    z = dfd / spread
+    first = -(p + q) * z / (p + 1.0)
+    return (p * np.log(z) + q * np.log(dfn * statistic / spread) - np.log(p)
+            - special.betaln(p, q) - np.log1p(np.maximum(first, -0.9)))
 
 
 def log_tail_mass(

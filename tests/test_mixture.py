@@ -562,3 +562,23 @@ def test_warm_up_rows_are_scored_by_the_predictive_of_the_rows_before_them():
         expected = stats.t.logpdf(X[40 + i], n - 1, past.mean(axis=0), scale).sum()
         assert ll[i] == pytest.approx(expected, rel=1e-9)
     assert np.isnan(OnlineGaussianMixture(1).warmup_score_samples(X[:2])).all()
+
+
+@pytest.mark.parametrize("dfn", [1, 9, 64])
+@pytest.mark.parametrize("dfd", [5, 119, 5000])
+def test_the_f_tail_continues_where_scipy_underflows(dfn, dfd):
+    # The warm-up tails of both paths (GMMDetector, the daemon's Detector) rank far points by
+    # this: beyond scipy's float range it is the beta continued fraction, which meets scipy's
+    # number where both exist and keeps falling with distance
+    from scipy import special
+
+    from streamgmm._covariance import _log_f_tail_far, log_f_tail
+
+    x = special.fdtri(dfn, dfd, 1.0 - 1e-12)  # rough start, then out to a tail of ~1e-240
+    while special.fdtrc(dfn, dfd, 2.0 * x) > 1e-240:
+        x *= 2.0
+    assert _log_f_tail_far(x, dfn, dfd) == pytest.approx(np.log(special.fdtrc(dfn, dfd, x)),
+                                                          abs=1e-3)
+    far = log_f_tail(x * np.logspace(0, 12, 7), dfn, dfd)
+    assert np.isfinite(far).all() and (np.diff(far) < 0).all()
+    assert log_f_tail(float(x) * 1e12, dfn, dfd) == pytest.approx(far[-1], rel=1e-12)
