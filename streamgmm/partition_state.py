@@ -8,8 +8,9 @@ partition next restores it (:mod:`streamgmm.service`). A record holds:
   adoption buffer);
 * ``learned``: the next offset to learn; every event before it is in the detector;
 * ``events_learned``: how many of this partition's valid events the state has learned;
-* ``output_positions``: the end offsets of the output topics when it was written, where a
-  read-back for already published outputs starts;
+* ``output_positions``: where a read-back for already published outputs of the events from
+  ``learned`` on starts: the end offsets of the output topics when it was written, or where
+  such outputs were found before them (a dead producer's, see :mod:`streamgmm.service`);
 * who wrote it (``replica``) and when (``written_at``), and what it was made for (the input
   topic and the feature fields), so that a state of another configuration is refused.
 
@@ -69,7 +70,8 @@ class PartitionState:
         This partition's valid events the state has learned (a state started from another
         partition's counts only its own).
     output_positions : dict of TopicPartition to int
-        End offsets of the output and dead-letter topics when the state was last written.
+        Where a read-back of the outputs of the events from ``learned`` on starts, per output
+        and dead-letter partition: their end offsets when the state was written, or earlier.
     replica : str
         The replica that wrote it.
     written_at : float

@@ -184,6 +184,10 @@ class _Task:
     publish_from: int
     #: Offsets (at or past ``publish_from``) whose anomaly or dead letter is already out.
     published: set[int] = field(default_factory=set)
+    #: Where the read-back that found ``published`` started (an output partition not named:
+    #: at 0). A state written while some of them are at or past its ``learned`` sends the next
+    #: read-back there, not to the end of the outputs, which is beyond them.
+    published_after: dict[TopicPartition, int] = field(default_factory=dict)
     #: ``time.monotonic()`` of the last state write (-inf: never written by this replica).
     written: float = -math.inf
     #: The state learned something since it was last written.
@@ -197,6 +201,17 @@ class _Task:
 
     def should_publish(self, offset: int) -> bool:
         return offset >= self.publish_from and offset not in self.published
+
+    def read_back_positions(self, ends: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Where the read-back of a state written now must start, given the outputs' ``ends``.
+
+        The ends, unless outputs of events the state has not learned yet are already out (a
+        dead producer's, found when the partition was assigned): they lie before the ends, and
+        a read-back from there would miss them and publish them again.
+        """
+        if any(o >= self.state.learned for o in self.published):
+            return {tp: min(end, self.published_after.get(tp, 0)) for tp, end in ends.items()}
+        return dict(ends)
 
 
 class Daemon:
@@ -576,6 +591,7 @@ class Daemon:
             for tp, task in new.items():
                 task.published = {o for t, p, o in sources
                                   if t == tp.topic and p == tp.partition and o >= task.publish_from}
+                task.published_after = dict(read_back or {})
         self._tasks.update(new)
         self.stats.assigned += len(new)
         self._changed("assigned", sorted(new))
@@ -705,7 +721,7 @@ class Daemon:
             task = self._tasks[tp]
             if task.state.learned < 0:
                 continue
-            task.state.output_positions = dict(positions)
+            task.state.output_positions = task.read_back_positions(positions)
             task.state.written_at = time.time()
             records.append(OutgoingRecord(self.state_topic, encode_state(task.state, fields),
                                           state_key(tp)))
