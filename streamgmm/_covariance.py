@@ -33,8 +33,8 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 # Above this many doubles, the (n, d*d) outer-product matrix of the fused scatter costs more
 # memory traffic than a loop over components.
 _FUSED_SCATTER_LIMIT = 2_000_000
-# Below this an F tail probability has lost its precision (subnormal near 1e-308): the power
-# law takes over (log_f_tail).
+# Below this an F tail probability is about to lose its precision (subnormal below 1e-308):
+# log_f_tail continues it by the incomplete beta function's continued fraction.
 _F_TAIL_UNDERFLOW = 1e-250
 
 
