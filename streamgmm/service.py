@@ -550,11 +550,13 @@ class Daemon:
         starts: dict[TopicPartition, int] = {}
         restored_bytes = 0
         read_back: dict[TopicPartition, int] | None = {}
+        restored = False
         new: dict[TopicPartition, _Task] = {}
         for tp in sorted(partitions):
             c = committed.get(tp)
             candidates = self._fleet.candidates(tp)
             if candidates:
+                restored = True
                 state = candidates[0]
                 restored_bytes += self._fleet.size(tp)
                 how = (f"restored the state of {state.events_learned} events learned up to "
@@ -586,7 +588,10 @@ class Daemon:
             if candidates:  # its state is in the topic: due again an interval from now
                 task.written, task.unwritten = time.monotonic(), False
             new[tp] = task
-        if any(c is not None for c in committed.values()):
+        # Nothing to read back only for a partition set that never committed and has no state:
+        # a state without committed offsets is a dead producer's (Tansu shows its transaction),
+        # and that producer's outputs may be out too.
+        if restored or any(c is not None for c in committed.values()):
             sources = self._read_back(read_back)
             for tp, task in new.items():
                 task.published = {o for t, p, o in sources

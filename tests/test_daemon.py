@@ -234,6 +234,62 @@ def test_a_state_written_while_re_learning_keeps_the_outputs_ahead_of_it_in_sigh
     assert_learned_once(broker, values)
 
 
+def test_outputs_of_a_group_that_never_committed_are_read_back_from_its_state(broker,
+                                                                              tmp_path):
+    """Found by random fault schedules: the first transaction dies visible (its states are
+    out, no offset is committed), the next instance's first batch dies visible too (its dead
+    letter is out). With no committed offset the next owner took the group for new and read
+    nothing back, so that dead letter went out twice; a state says otherwise."""
+    values = make_events()
+    values[2 * 30] = b"{broken"  # partition 0, offset 30: a dead letter in the second batch
+    fill(broker, values)
+    for _ in range(2):
+        broker.inject("visible-transact", kill=True)
+        with pytest.raises(Killed):
+            daemon_on(broker, config_for(tmp_path)).run()
+    assert all(broker.committed("streamgmm", tp) is None for tp in broker.partitions("in"))
+    assert published_sources(broker)[("in", 0, 30)] == 1
+    daemon_on(broker, config_for(tmp_path)).run(idle_exit_seconds=0.3)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+
+
+@pytest.mark.parametrize("seed", [9, 22, 70, 1029, 1041, 7, 13, 2024])
+def test_random_fault_schedules_publish_each_output_once(broker, tmp_path, seed):
+    """One to five instances in turn, each with a random checkpoint interval, up to three
+    injected faults (any kind, killing the process or not) and perhaps a crash at a random
+    batch; then one that runs to the end. The first five seeds duplicated outputs before the
+    read-back of a group that never committed (the test above)."""
+    rng = random.Random(seed)
+    values = make_events(n=rng.choice([600, 1000, 1500]), seed=seed)
+    fill(broker, values)
+    for _ in range(rng.randint(1, 5)):
+        interval = rng.choice([0.01, 0.05, 0.2, 3600.0])
+        for _ in range(rng.randint(0, 3)):
+            fault = rng.choice(["visible-transact", "transact", "commit", "poll", "send"])
+            broker.inject(fault, kill=rng.random() < 0.4)
+        crash_at = rng.choice([None, rng.randint(1, 40)])
+        crash = crash_after(crash_at) if crash_at else None
+        sleepy = rng.random() < 0.3
+
+        def on_batch(*args, crash=crash, sleepy=sleepy):
+            if sleepy:
+                time.sleep(0.012)  # states fall due between batches
+            if crash is not None:
+                crash(*args)
+
+        try:
+            daemon_on(broker, config_for(tmp_path, interval=interval),
+                      on_batch=on_batch).run(idle_exit_seconds=0.3)
+        except (Crash, Killed):
+            pass
+    broker.clear_faults()
+    daemon_on(broker, config_for(tmp_path, interval=rng.choice([0.05, 3600.0]))).run(
+        idle_exit_seconds=0.3)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+
+
 def test_a_process_killed_inside_a_visible_transaction_publishes_nothing_twice(broker,
                                                                               tmp_path):
     values = make_events()

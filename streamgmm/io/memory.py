@@ -145,6 +145,11 @@ class MemoryBroker:
         with self._lock:
             self._faults += [(fault, kill)] * times
 
+    def clear_faults(self) -> None:
+        """Drop the injected faults that have not struck yet."""
+        with self._lock:
+            self._faults.clear()
+
     def _check(self, call: str) -> None:
         """Raise for a broker that is away or a fault injected for ``call``."""
         with self._lock:
