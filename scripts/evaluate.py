@@ -740,6 +740,9 @@ def run(half: str = "both", methods: dict | Sequence[Method] | None = None, quic
     selected = [s for s in catalogue(quick, seeds) if half in ("both", s.half)]
     if streams:
         selected = [s for s in selected if any(p in s.id for p in streams)]
+    if not selected:
+        raise ValueError(f"no stream of the {half} half matches {list(streams or [])}; "
+                         "`python scripts/evaluate.py --list` shows the streams and halves")
     _WORK.update(streams=selected, methods=chosen,
                  cache_dir=Path(out) / "cache" if cache else None, keep=_extras is not None,
                  plot=set(plot_streams(selected)) if _extras is not None else set())
@@ -936,8 +939,9 @@ def shuttle_protocol(out: Path, cache: bool = True, show_progress: bool = True,
         labels += ["GMMDetector" + (f" seed={seed}" if len(seeds) > 1 else "")] * len(ours)
     for name, factory in (("HST", lambda: anomaly.HalfSpaceTrees(seed=42)),
                           ("LODA", lambda: anomaly.LODA(seed=42))):
-        methods += river_methods(name, factory, bv, "shuttle")
-        labels += [name] * len(SCALERS)
+        theirs = river_methods(name, factory, bv, "shuttle")
+        methods += theirs
+        labels += [name] * len(theirs)
     stream = Stream("Shuttle", "Shuttle", "real", _bind(_shuttle, None))
     X, y = stream.build()
     key = data_key(X, y)
@@ -1293,8 +1297,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or None
     extras: dict = {}
     started = time.perf_counter()
-    df = run(args.half, methods, args.quick, seeds=args.seeds, streams=args.streams,
-             jobs=args.jobs, cache=not args.no_cache, out=out, _extras=extras)
+    try:
+        df = run(args.half, methods, args.quick, seeds=args.seeds, streams=args.streams,
+                 jobs=args.jobs, cache=not args.no_cache, out=out, _extras=extras)
+    except (KeyError, ValueError) as exc:  # a --methods or --streams that selects nothing
+        parser.error(str(exc).strip("'\""))
     text = report(df, out, extras)
     shuttle = speed = None
     if not args.no_shuttle:

@@ -111,3 +111,12 @@ def test_the_shuttle_goal_takes_the_narrowest_seed():
     assert "scaler none" in lines[2]
     assert "NO (0.9850 / 0.9890, the narrowest of 2 seeds)" in lines[2]
     assert "scaler minmax" in lines[0] and lines[0].split(": ")[-1].startswith("yes")
+
+
+def test_a_selection_of_no_stream_says_so_and_how_to_list_them(tmp_path, capsys):
+    # it was a KeyError from pandas ('half') on an empty frame
+    with pytest.raises(ValueError, match="no stream of the dev half matches.*--list"):
+        evaluate.run("dev", streams=["no such stream"], out=tmp_path, show_progress=False)
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--half", "dev", "--streams", "no such stream", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--list" in capsys.readouterr().err
