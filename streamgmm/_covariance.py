@@ -325,6 +325,26 @@ def log_chi2_tail(maha: np.ndarray, dof: int) -> np.ndarray:
     return out
 
 
+def unvaried_residual_cap(n_seen: Any) -> Any:
+    """Most a feature that has not varied in ``n_seen`` events adds to a squared residual sum.
+
+    Its variance estimate is 0, so any other value is "infinitely" far under a Gaussian -- and
+    under a floor of round-off size, a rare but ordinary value (a pixel that has been 0 so far)
+    outweighs every other feature and scores as the worst anomaly. What the events do say: by
+    exchangeability, the first of ``n_seen + 1`` values to differ from the others does so with
+    probability at most ``1 / (n_seen + 1)``. So its squared standardised residual counts as
+    the one-degree chi-square quantile at that probability, ``chi2.isf(1 / (n + 1), 1)``:
+    6.6 at 100 events.
+
+    Examples
+    --------
+    >>> from scipy import stats
+    >>> round(float(unvaried_residual_cap(99)), 3), round(float(stats.chi2.isf(0.01, 1)), 3)
+    (6.635, 6.635)
+    """
+    return special.chdtri(1.0, 1.0 / (np.asarray(n_seen, dtype=np.float64) + 1.0))
+
+
 def log_f_tail(statistic: Any, dfn: Any, dfd: Any) -> Any:
     """``log P(F(dfn, dfd) >= statistic)``, elementwise, without underflow (a float for floats).
 

@@ -529,7 +529,9 @@ class GMMDetector(base.AnomalyDetector):
         towards 0 by the OAS rule (as :func:`~streamgmm._covariance.shrink_to_diagonal`), the
         variances those of the diagonal predictive; the statistic and the ``F(d, n - 1)`` tail
         are the diagonal's (:meth:`_fallback_score`), which this is with every correlation shrunk
-        away.
+        away. A feature that has not varied yet stands apart (it has no correlations) and adds
+        its residual as the diagonal does, at most
+        :func:`~streamgmm._covariance.unvaried_residual_cap`.
         """
         joint = self._joint
         if joint is None or joint[0] < 3:
@@ -538,7 +540,9 @@ class GMMDetector(base.AnomalyDetector):
         if self._joint_fit is None or self._joint_fit[0] != n:
             d = len(mean)
             cov = scatter / (n - 1.0)
-            var = np.maximum(np.diag(cov), 1e-12 * (1.0 + mean * mean))
+            floor = 1e-12 * (1.0 + mean * mean)
+            unvaried = np.diag(cov) <= floor
+            var = np.where(unvaried, 1.0, np.diag(cov))
             # cv.shrink_to_diagonal's rule for one matrix: calling it (stacking, errstate)
             # took the first 138 events of 30 features from 34 to 51 ms
             if d > 1:
@@ -547,16 +551,27 @@ class GMMDetector(base.AnomalyDetector):
                 tr_r = float(np.count_nonzero(np.diag(cov) > 0))
                 tr_r2 = float(np.dot(corr.ravel(), corr.ravel()))
                 cov *= 1.0 - float(cv.oas_intensity(tr_r, tr_r2, n, d))
+            cov[unvaried, :] = 0.0
+            cov[:, unvaried] = 0.0
             cov[np.diag_indices(d)] = var
             try:
                 chol = np.linalg.cholesky(cov)
             except np.linalg.LinAlgError:
                 return None
-            self._joint_fit = (n, mean, chol)
-        _, mean, chol = self._joint_fit
-        z = linalg.solve_triangular(chol, internal - mean, lower=True, check_finite=False)
+            unvaried_at = (np.flatnonzero(unvaried), floor[unvaried],
+                           float(cv.unvaried_residual_cap(n))) if unvaried.any() else None
+            self._joint_fit = (n, mean, chol, unvaried_at)
+        _, mean, chol, unvaried_at = self._joint_fit
+        residual = internal - mean
+        extra = 0.0
+        if unvaried_at is not None:
+            at, floor, cap = unvaried_at
+            extra = float(np.minimum(residual[at] ** 2 / floor, cap).sum())
+            residual = residual.copy()
+            residual[at] = 0.0
+        z = linalg.solve_triangular(chol, residual, lower=True, check_finite=False)
         d = len(mean)
-        statistic = n / (n + 1.0) * float(np.dot(z, z)) / d
+        statistic = n / (n + 1.0) * (float(np.dot(z, z)) + extra) / d
         return cv.log_f_tail(statistic, d, n - 1.0)
 
     def _fallback_score(self, x: dict) -> float:
@@ -578,6 +593,15 @@ class GMMDetector(base.AnomalyDetector):
         +0.009, wine +0.015, RandomRBF "one" +0.005; the full one alone gained as much there
         but lost 0.097 on breast cancer, whose anomalies (the other class) move along the
         correlated size features.
+
+        A feature that has not varied yet (variance 0 so far: a pixel that has always been 0)
+        adds at most :func:`~streamgmm._covariance.unvaried_residual_cap` to the statistic,
+        in both Gaussians: under a floor of round-off size its first other value outweighed
+        every other feature, and about one normal event in eight of digits' first 128 scored
+        as the worst anomaly. Development half, every other stream, no scaler /
+        ``MinMaxScaler``: digits "one" ROC-AUC 0.937 -> 0.967 / 0.950 -> 0.966, PR-AUC
+        0.308 -> 0.547 / 0.389 -> 0.565; ``StandardScaler`` unchanged (it maps a feature
+        that has not varied to 0 and bounds the first value that differs by itself).
         """
         maha2 = 0.0
         dims = 0
@@ -590,8 +614,11 @@ class GMMDetector(base.AnomalyDetector):
             if math.isnan(v):
                 continue
             var = stat[2] / (stat[0] - 1.0)
-            var = max(var, 1e-12 * (1.0 + stat[1] * stat[1]))
-            maha2 += (v - stat[1]) ** 2 / var
+            floor = 1e-12 * (1.0 + stat[1] * stat[1])
+            z2 = (v - stat[1]) ** 2 / max(var, floor)
+            if var <= floor and z2 > 0.0:  # a feature that has not varied yet
+                z2 = min(z2, float(cv.unvaried_residual_cap(stat[0])))
+            maha2 += z2
             dims += 1
             seen = min(seen, stat[0])
         if dims == 0:

@@ -463,8 +463,10 @@ class OnlineGaussianMixture:
         location the mean and scale ``s (1 + 1/n)^(1/2)`` (at least the feature's rounding
         resolution), the features taken as independent. Wider than the plug-in Gaussian while
         ``n`` is small, so the first rows of a stream get honest log-densities before the
-        mixture exists. NaN while fewer than two rows precede a row, and once the model is
-        fitted (use :meth:`score_samples`). Nothing is learned. With ``return_tail``, also the log
+        mixture exists. A feature that has not varied in the ``n`` rows adds at most
+        :func:`~streamgmm._covariance.unvaried_residual_cap` to the squared residual. NaN while
+        fewer than two rows precede a row, and once the model is fitted (use
+        :meth:`score_samples`). Nothing is learned. With ``return_tail``, also the log
         of the predictive tail (the counterpart of :meth:`score_tail_samples`): of
         ``F(d, n - 1)`` at the mean squared standardised residual ``sum_j t_j**2 / d``.
 
@@ -501,11 +503,14 @@ class OnlineGaussianMixture:
         n, s1, s2, x = n[ok], s1[ok], s2[ok], c[len(past):][ok]
         mean = s1 / n
         var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1.0)
-        floor = np.maximum(_rounding_variance(data), 1e-12 * (1.0 + (mean + centre) ** 2))
+        tiny = 1e-12 * (1.0 + (mean + centre) ** 2)
+        floor = np.maximum(_rounding_variance(data), tiny)
         nu = n - 1.0
         scale2 = np.maximum(var, floor) * (1.0 + 1.0 / n)
         const = gammaln((nu + 1.0) / 2.0) - gammaln(nu / 2.0) - 0.5 * np.log(nu * math.pi)
         z2 = (x - mean) ** 2 / (nu * scale2)
+        # a feature that has not varied yet: at most the cap (GMMDetector's warm-up does the same)
+        z2 = np.where(var <= tiny, np.minimum(z2, cv.unvaried_residual_cap(n) / nu), z2)
         out[ok] = (const - 0.5 * np.log(scale2) - 0.5 * (nu + 1.0) * np.log1p(z2)).sum(axis=1)
         if not return_tail:
             return out

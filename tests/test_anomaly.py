@@ -292,6 +292,28 @@ def test_far_anomalies_before_the_mixture_exist_stay_ranked():
     assert all(a < b < 1.0 for a, b in itertools.pairwise(scores))
 
 
+def test_a_feature_that_has_not_varied_yet_does_not_outweigh_the_others():
+    # Before the mixture exists: ten of 30 features have been 0 in every event so far (pixels
+    # at a digit's border). An ordinary event that lights one of them once scored 0.99999999
+    # -- above an event three deviations out on ten features -- as their variance of 0 made
+    # its value infinitely far; it now counts as the first of 101 values to differ
+    rng = np.random.default_rng(0)
+    model = GMMDetector(seed=0)
+    d = 30
+    for row in rng.normal(size=(100, d)):
+        row[20:] = 0.0
+        model.learn_one({f"f{i}": float(v) for i, v in enumerate(row)})
+    assert not model.is_warm
+    normal = rng.normal(size=d)
+    normal[20:] = 0.0
+    rare, shifted = normal.copy(), normal.copy()
+    rare[25] = 3.0
+    shifted[:10] += 3.0
+    score = {name: model.score_one({f"f{i}": float(v) for i, v in enumerate(x)})
+             for name, x in (("normal", normal), ("rare", rare), ("shifted", shifted))}
+    assert score["normal"] < score["rare"] < 0.9 < 0.999 < score["shifted"]
+
+
 def test_pipeline_learn_many_with_a_batch_scaler():
     frame = pd.DataFrame([x for x, _ in _sine(n=1000, anomalies=1)])
     model = compose.Pipeline(preprocessing.StandardScaler(), GMMDetector(seed=0))

@@ -564,8 +564,25 @@ def test_warm_up_rows_are_scored_by_the_predictive_of_the_rows_before_them():
     assert np.isnan(OnlineGaussianMixture(1).warmup_score_samples(X[:2])).all()
 
 
-@pytest.mark.parametrize("dfn", [1, 9, 64])
+def test_a_feature_that_has_not_varied_yet_does_not_outweigh_the_others_in_the_warm_up():
+    # feature 3 has been 0 in all 100 buffered rows; its first other value, 5.0, was scored as
+    # if infinitely far (-58 nats of tail, -734 when the next row's 5.001 set the feature's
+    # resolution to 0.001), beyond a row 8 deviations out on a feature that does vary
+    rng = np.random.default_rng(0)
+    past = rng.normal(size=(100, 4))
+    past[:, 3] = 0.0
+    model = OnlineGaussianMixture(2, warmup_size=1000)
+    model.partial_fit(past)
+    lit, far = rng.normal(size=(2, 4)), rng.normal(size=(1, 4))
+    lit[:, 3] = [5.0, 5.001]
+    far[0, 0] = 8.0
+    _, tail_lit = model.warmup_score_samples(lit, return_tail=True)
+    _, tail_far = model.warmup_score_samples(far, return_tail=True)
+    assert tail_far[0] < -20.0 < -5.0 < tail_lit[0]
+
+
 @pytest.mark.parametrize("dfd", [5, 119, 5000])
+@pytest.mark.parametrize("dfn", [1, 9, 64])
 def test_the_f_tail_continues_where_scipy_underflows(dfn, dfd):
     # The warm-up tails of both paths (GMMDetector, the daemon's Detector) rank far points by
     # this: beyond scipy's float range it is the beta continued fraction, which meets scipy's
