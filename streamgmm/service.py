@@ -627,6 +627,15 @@ class Daemon:
             self._read_fleet()
         records = self._source.poll(batch.max_records, batch.max_wait_ms)
         self._raise_callback_error()
+        if self._tasks and not self._lease.valid():
+            # Frozen inside the poll: it may return records fetched before the group moved on
+            # (the client has not heard of it yet), and a poll that returns is no proof that the
+            # group still counts this member. Neither the batch nor a state goes out.
+            self.stats.dropped_batches += bool(records)
+            raise PartitionsLost(f"this replica stood still for {self._lease.frozen_for():.1f} s "
+                                 "during its poll (more than half the session timeout of "
+                                 f"{self._lease.session_timeout:g} s): its partitions may have "
+                                 "moved")
         self._lease.renew()
         if not records:
             self._probe_broker()

@@ -529,3 +529,52 @@ def test_a_replica_without_a_partition_waits_in_the_group_without_moving_the_oth
         t.join(30)
     assert_each_once(broker, values)
     assert_learned_once(broker, values)
+
+
+@pytest.mark.parametrize("fences", [True, False], ids=["fencing-broker", "tansu-like"])
+def test_a_zombie_frozen_inside_its_poll_publishes_nothing_of_the_batch_it_wakes_up_with(
+        tmp_path, fences):
+    """The process stands still past its session timeout *inside* a poll, after the client had
+    fetched records (a fetch response that arrives as the process resumes, before the client
+    learns that the group moved on); the poll returns them. The lease saw the freeze: the
+    batch must be dropped, not published because a poll has just returned."""
+    broker = MemoryBroker(fences_stale_group_metadata=fences)
+    broker.create_topic("in", partitions=2)
+    values = make_events(3000)
+    fill(broker, values)
+    zombie = daemon_on(broker, config_for(tmp_path, replica="z", interval=0.1))
+    other = daemon_on(broker, config_for(tmp_path, replica="o", interval=0.1))
+    woke = threading.Event()
+
+    def connect_with_a_freezing_poll():
+        source = zombie._source
+        original = source.poll
+
+        def poll(max_records, timeout_ms):
+            records = original(max_records, timeout_ms)
+            if records and not woke.is_set() and zombie.stats.events > 900:
+                broker.expire(source)  # frozen: the session times out ...
+                run_in_thread(other, idle_exit_seconds=1.5)
+                # ... the other replica takes over and goes on
+                wait_for(lambda: other.stats.events >= 600, "the other replica", 30,
+                         interval=0.01)
+                zombie._lease._longest_gap = 60.0  # what the lease's clock thread saw
+                woke.set()
+            return records
+
+        source.poll = poll
+
+    original_connect = zombie._connect
+
+    def connect():
+        original_connect()
+        if not woke.is_set():
+            connect_with_a_freezing_poll()
+
+    zombie._connect = connect
+    zombie.run(idle_exit_seconds=1.5)
+    assert woke.is_set()
+    wait_for(lambda: other._source is None, "the other replica to stop", 20, interval=0.05)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+    assert zombie.stats.dropped_batches >= 1
