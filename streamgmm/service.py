@@ -252,6 +252,8 @@ class Daemon:
     max_backoff: float = 10.0
     #: Seconds a joining replica waits for partitions before it goes on polling without any.
     join_seconds: float = 30.0
+    #: Seconds of one slice of that wait (a stop request is looked at between two).
+    join_slice_seconds: float = 1.0
 
     def __init__(
         self,
@@ -469,15 +471,31 @@ class Daemon:
     def _join(self) -> None:
         """Join the group. A replica that gets no partition (more replicas than partitions)
         stays a member and waits, polling, for one to come its way: leaving and joining again
-        would move the others' partitions for nothing."""
-        try:
-            self._source.wait_for_assignment(timeout=self.join_seconds)
-        except KafkaUnavailable as exc:
-            if isinstance(exc, PartitionsLost) or not self.backend.reachable(timeout=1.0):
-                raise
-            logger.info("replica %s has no partition of %r yet (%s); waiting as a member of the "
-                        "group", self.replica_id, self.config.kafka.input_topic, exc)
-            return
+        would move the others' partitions for nothing.
+
+        The wait is cut in slices of :attr:`join_slice_seconds`, between which a stop request
+        ends it: a replica told to stop while the group rebalances (a member that died inside
+        the rebalance holds it up to its session timeout) stops within seconds, not after the
+        whole :attr:`join_seconds`."""
+        deadline = time.monotonic() + self.join_seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                self._source.wait_for_assignment(
+                    timeout=max(0.0, min(self.join_slice_seconds, remaining)))
+                break
+            except KafkaUnavailable as exc:
+                if isinstance(exc, PartitionsLost) or not self.backend.reachable(timeout=1.0):
+                    raise
+                if self._stop.is_set():
+                    return
+                if deadline - time.monotonic() > 0:
+                    self._progress()
+                    continue
+                logger.info("replica %s has no partition of %r yet (%s; %g s in all); waiting "
+                            "as a member of the group", self.replica_id,
+                            self.config.kafka.input_topic, exc, self.join_seconds)
+                return
         self._raise_callback_error()
 
     def _raise_callback_error(self) -> None:

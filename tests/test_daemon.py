@@ -578,3 +578,28 @@ def test_a_zombie_frozen_inside_its_poll_publishes_nothing_of_the_batch_it_wakes
     assert_each_once(broker, values)
     assert_learned_once(broker, values)
     assert zombie.stats.dropped_batches >= 1
+
+
+def test_a_replica_told_to_stop_while_it_waits_for_partitions_stops_within_seconds(tmp_path):
+    """SIGTERM while the replica joins a group that gives it nothing yet (a rebalance held up by
+    a member that died inside it; here another replica holding the only partition): the wait
+    for partitions ends at the stop request, not after ``join_seconds`` (the watchdog would end
+    the process with exit code 4 first)."""
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=1)
+    fill_one = [orjson.dumps({"i": i, "x": 0.0, "y": 5.0}) for i in range(100)]
+    for value in fill_one:
+        broker.produce("in", value, partition=0)
+    holder = daemon_on(broker, config_for(tmp_path, replica="h"))
+    run_in_thread(holder)
+    wait_for(lambda: holder.partitions, "the first replica to take the partition", 10,
+             interval=0.01)
+    waiting = daemon_on(broker, config_for(tmp_path, replica="w"))
+    waiting.join_seconds = 30.0
+    threading.Timer(0.5, waiting.request_stop).start()
+    started = time.monotonic()
+    assert waiting.run() == 0
+    assert time.monotonic() - started < 5.0
+    assert not waiting.partitions
+    holder.request_stop()
+    wait_for(lambda: holder._source is None, "the first replica to stop", 10, interval=0.05)
