@@ -492,9 +492,10 @@ class Daemon:
                 if deadline - time.monotonic() > 0:
                     self._progress()
                     continue
-                logger.info("replica %s has no partition of %r yet (%s; %g s in all); waiting "
-                            "as a member of the group", self.replica_id,
-                            self.config.kafka.input_topic, exc, self.join_seconds)
+                logger.info("replica %s has no partition of %r after %g s (does the topic "
+                            "exist and is another member holding it?); waiting as a member of "
+                            "the group", self.replica_id, self.config.kafka.input_topic,
+                            self.join_seconds)
                 return
         self._raise_callback_error()
 
