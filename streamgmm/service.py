@@ -671,6 +671,20 @@ class Daemon:
                 raise PartitionsLost(f"the consumer handed out records of {tp.key()}, which this "
                                      "replica does not own")
             run = records[begin:end]
+            if run[0].offset < task.state.learned:
+                # The client handed out records this state has learned already (seen with
+                # confluent-kafka on Apache Kafka after a short SIGSTOP: the partition read
+                # again from where it was assigned). Learning or publishing them again would
+                # break exactly-once; they are skipped.
+                fresh = [r for r in run if r.offset >= task.state.learned]
+                logger.warning("%s: the consumer handed out offsets %d..%d again, which its "
+                               "state has learned already (up to %d); skipping them",
+                               tp.key(), run[0].offset, run[-1].offset if not fresh
+                               else fresh[0].offset - 1, task.state.learned)
+                self.stats.skipped_duplicates += len(run) - len(fresh)
+                if not fresh:
+                    continue
+                run = fresh
             published, extraction, result = self._process_run(task, run)
             outgoing += published
             next_offset = run[-1].offset + 1

@@ -603,3 +603,27 @@ def test_a_replica_told_to_stop_while_it_waits_for_partitions_stops_within_secon
     assert not waiting.partitions
     holder.request_stop()
     wait_for(lambda: holder._source is None, "the first replica to stop", 10, interval=0.05)
+
+
+def test_records_the_consumer_hands_out_again_are_neither_learned_nor_published_twice(
+        broker, tmp_path):
+    """The client goes back on a partition it still owns (no rebalance; seen with confluent-kafka
+    on Apache Kafka after a 2.6 s SIGSTOP: offsets from the assignment's start came again): what
+    the partition's state has learned already is skipped, not learned and published again."""
+    values = make_events(3000)
+    fill(broker, values)
+    daemon = daemon_on(broker, config_for(tmp_path, interval=0.1))
+    went_back = []
+
+    def on_batch(d, run, *_):
+        if not went_back and d.stats.events > 1500:
+            tp = TopicPartition(run[0].topic, run[0].partition)
+            went_back.append(tp)
+            d._source.seek(tp, 10)  # the consumer rewinds by itself
+
+    daemon.on_batch = on_batch
+    daemon.run(idle_exit_seconds=1.0)
+    assert went_back
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+    assert daemon.stats.skipped_duplicates > 0
