@@ -252,6 +252,8 @@ class Daemon:
     max_backoff: float = 10.0
     #: Seconds a joining replica waits for partitions before it goes on polling without any.
     join_seconds: float = 30.0
+    #: Seconds of one slice of that wait (a stop request is looked at between two).
+    join_slice_seconds: float = 1.0
 
     def __init__(
         self,
@@ -469,15 +471,32 @@ class Daemon:
     def _join(self) -> None:
         """Join the group. A replica that gets no partition (more replicas than partitions)
         stays a member and waits, polling, for one to come its way: leaving and joining again
-        would move the others' partitions for nothing."""
-        try:
-            self._source.wait_for_assignment(timeout=self.join_seconds)
-        except KafkaUnavailable as exc:
-            if isinstance(exc, PartitionsLost) or not self.backend.reachable(timeout=1.0):
-                raise
-            logger.info("replica %s has no partition of %r yet (%s); waiting as a member of the "
-                        "group", self.replica_id, self.config.kafka.input_topic, exc)
-            return
+        would move the others' partitions for nothing.
+
+        The wait is cut in slices of :attr:`join_slice_seconds`, between which a stop request
+        ends it: a replica told to stop while the group rebalances (a member that died inside
+        the rebalance holds it up to its session timeout) stops within seconds, not after the
+        whole :attr:`join_seconds`."""
+        deadline = time.monotonic() + self.join_seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                self._source.wait_for_assignment(
+                    timeout=max(0.0, min(self.join_slice_seconds, remaining)))
+                break
+            except KafkaUnavailable as exc:
+                if isinstance(exc, PartitionsLost) or not self.backend.reachable(timeout=1.0):
+                    raise
+                if self._stop.is_set():
+                    return
+                if deadline - time.monotonic() > 0:
+                    self._progress()
+                    continue
+                logger.info("replica %s has no partition of %r after %g s (does the topic "
+                            "exist and is another member holding it?); waiting as a member of "
+                            "the group", self.replica_id, self.config.kafka.input_topic,
+                            self.join_seconds)
+                return
         self._raise_callback_error()
 
     def _raise_callback_error(self) -> None:
@@ -627,6 +646,15 @@ class Daemon:
             self._read_fleet()
         records = self._source.poll(batch.max_records, batch.max_wait_ms)
         self._raise_callback_error()
+        if self._tasks and not self._lease.valid():
+            # Frozen inside the poll: it may return records fetched before the group moved on
+            # (the client has not heard of it yet), and a poll that returns is no proof that the
+            # group still counts this member. Neither the batch nor a state goes out.
+            self.stats.dropped_batches += bool(records)
+            raise PartitionsLost(f"this replica stood still for {self._lease.frozen_for():.1f} s "
+                                 "during its poll (more than half the session timeout of "
+                                 f"{self._lease.session_timeout:g} s): its partitions may have "
+                                 "moved")
         self._lease.renew()
         if not records:
             self._probe_broker()
@@ -643,6 +671,20 @@ class Daemon:
                 raise PartitionsLost(f"the consumer handed out records of {tp.key()}, which this "
                                      "replica does not own")
             run = records[begin:end]
+            if run[0].offset < task.state.learned:
+                # The client handed out records this state has learned already (seen with
+                # confluent-kafka on Apache Kafka after a short SIGSTOP: the partition read
+                # again from where it was assigned). Learning or publishing them again would
+                # break exactly-once; they are skipped.
+                fresh = [r for r in run if r.offset >= task.state.learned]
+                logger.warning("%s: the consumer handed out offsets %d..%d again, which its "
+                               "state has learned already (up to %d); skipping them",
+                               tp.key(), run[0].offset, run[-1].offset if not fresh
+                               else fresh[0].offset - 1, task.state.learned)
+                self.stats.skipped_duplicates += len(run) - len(fresh)
+                if not fresh:
+                    continue
+                run = fresh
             published, extraction, result = self._process_run(task, run)
             outgoing += published
             next_offset = run[-1].offset + 1

@@ -529,3 +529,101 @@ def test_a_replica_without_a_partition_waits_in_the_group_without_moving_the_oth
         t.join(30)
     assert_each_once(broker, values)
     assert_learned_once(broker, values)
+
+
+@pytest.mark.parametrize("fences", [True, False], ids=["fencing-broker", "tansu-like"])
+def test_a_zombie_frozen_inside_its_poll_publishes_nothing_of_the_batch_it_wakes_up_with(
+        tmp_path, fences):
+    """The process stands still past its session timeout *inside* a poll, after the client had
+    fetched records (a fetch response that arrives as the process resumes, before the client
+    learns that the group moved on); the poll returns them. The lease saw the freeze: the
+    batch must be dropped, not published because a poll has just returned."""
+    broker = MemoryBroker(fences_stale_group_metadata=fences)
+    broker.create_topic("in", partitions=2)
+    values = make_events(3000)
+    fill(broker, values)
+    zombie = daemon_on(broker, config_for(tmp_path, replica="z", interval=0.1))
+    other = daemon_on(broker, config_for(tmp_path, replica="o", interval=0.1))
+    woke = threading.Event()
+
+    def connect_with_a_freezing_poll():
+        source = zombie._source
+        original = source.poll
+
+        def poll(max_records, timeout_ms):
+            records = original(max_records, timeout_ms)
+            if records and not woke.is_set() and zombie.stats.events > 900:
+                broker.expire(source)  # frozen: the session times out ...
+                run_in_thread(other, idle_exit_seconds=1.5)
+                # ... the other replica takes over and goes on
+                wait_for(lambda: other.stats.events >= 600, "the other replica", 30,
+                         interval=0.01)
+                zombie._lease._longest_gap = 60.0  # what the lease's clock thread saw
+                woke.set()
+            return records
+
+        source.poll = poll
+
+    original_connect = zombie._connect
+
+    def connect():
+        original_connect()
+        if not woke.is_set():
+            connect_with_a_freezing_poll()
+
+    zombie._connect = connect
+    zombie.run(idle_exit_seconds=1.5)
+    assert woke.is_set()
+    wait_for(lambda: other._source is None, "the other replica to stop", 20, interval=0.05)
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+    assert zombie.stats.dropped_batches >= 1
+
+
+def test_a_replica_told_to_stop_while_it_waits_for_partitions_stops_within_seconds(tmp_path):
+    """SIGTERM while the replica joins a group that gives it nothing yet (a rebalance held up by
+    a member that died inside it; here another replica holding the only partition): the wait
+    for partitions ends at the stop request, not after ``join_seconds`` (the watchdog would end
+    the process with exit code 4 first)."""
+    broker = MemoryBroker()
+    broker.create_topic("in", partitions=1)
+    fill_one = [orjson.dumps({"i": i, "x": 0.0, "y": 5.0}) for i in range(100)]
+    for value in fill_one:
+        broker.produce("in", value, partition=0)
+    holder = daemon_on(broker, config_for(tmp_path, replica="h"))
+    run_in_thread(holder)
+    wait_for(lambda: holder.partitions, "the first replica to take the partition", 10,
+             interval=0.01)
+    waiting = daemon_on(broker, config_for(tmp_path, replica="w"))
+    waiting.join_seconds = 30.0
+    threading.Timer(0.5, waiting.request_stop).start()
+    started = time.monotonic()
+    assert waiting.run() == 0
+    assert time.monotonic() - started < 5.0
+    assert not waiting.partitions
+    holder.request_stop()
+    wait_for(lambda: holder._source is None, "the first replica to stop", 10, interval=0.05)
+
+
+def test_records_the_consumer_hands_out_again_are_neither_learned_nor_published_twice(
+        broker, tmp_path):
+    """The client goes back on a partition it still owns (no rebalance; seen with confluent-kafka
+    on Apache Kafka after a 2.6 s SIGSTOP: offsets from the assignment's start came again): what
+    the partition's state has learned already is skipped, not learned and published again."""
+    values = make_events(3000)
+    fill(broker, values)
+    daemon = daemon_on(broker, config_for(tmp_path, interval=0.1))
+    went_back = []
+
+    def on_batch(d, run, *_):
+        if not went_back and d.stats.events > 1500:
+            tp = TopicPartition(run[0].topic, run[0].partition)
+            went_back.append(tp)
+            d._source.seek(tp, 10)  # the consumer rewinds by itself
+
+    daemon.on_batch = on_batch
+    daemon.run(idle_exit_seconds=1.0)
+    assert went_back
+    assert_each_once(broker, values)
+    assert_learned_once(broker, values)
+    assert daemon.stats.skipped_duplicates > 0

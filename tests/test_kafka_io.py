@@ -283,3 +283,28 @@ def test_a_restarted_consumer_resumes_at_the_committed_offsets(kafka_broker, bac
         assert [orjson.loads(r.value)["i"] for r in rest] == list(range(10, 30))
     finally:
         source.close()
+
+
+def test_a_position_kafka_python_does_not_know_in_time_is_a_reconnection_not_a_type_error():
+    """kafka-python's ``position(tp, timeout_ms)`` answers ``None`` when it cannot find the
+    position in time (a replica started during a rebalance on Apache Kafka): reading the state
+    topic to its end then failed with ``TypeError`` and the daemon exited 1. It is a
+    KafkaUnavailable now, after which the daemon reconnects (real_chaos.py, apache seed 14)."""
+    from kafka import TopicPartition as KTP
+
+    from streamgmm.io.base import KafkaUnavailable
+    from streamgmm.io.kafka import _read_assigned_to_end
+
+    class Consumer:
+        def poll(self, timeout_ms, max_records):
+            return {}
+
+        def position(self, tp, timeout_ms):
+            return None
+
+        def end_offsets(self, parts):
+            return {tp: 5 for tp in parts}
+
+    with pytest.raises(KafkaUnavailable, match="no position of s:0"):
+        _read_assigned_to_end(Consumer(), [KTP("s", 0)], lambda r: None, False, 5.0,
+                              "the state topic")

@@ -222,7 +222,12 @@ def _read_assigned_to_end(consumer: KafkaConsumer, parts: list[_KafkaTopicPartit
         return {TopicPartition(*tp) for tp, records in batches.items() if records}
 
     def positions() -> dict[TopicPartition, int]:
-        return {tp: consumer.position(ktp, timeout_ms=CALL_TIMEOUT_MS) for tp, ktp in ours.items()}
+        found = {tp: consumer.position(ktp, timeout_ms=CALL_TIMEOUT_MS) for tp, ktp in ours.items()}
+        unknown = sorted(tp.key() for tp, position in found.items() if position is None)
+        if unknown:  # kafka-python answers None when the position is not known in time
+            raise KafkaUnavailable(f"reading {what}: no position of {', '.join(unknown)} within "
+                                   f"{CALL_TIMEOUT_MS} ms")
+        return found
 
     def query_ends(partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
         # A read_committed consumer's end offsets are the last stable offsets.
