@@ -600,8 +600,9 @@ class GMMDetector(base.AnomalyDetector):
         every other feature, and about one normal event in eight of digits' first 128 scored
         as the worst anomaly. Development half, every other stream, no scaler /
         ``MinMaxScaler``: digits "one" ROC-AUC 0.937 -> 0.967 / 0.950 -> 0.966, PR-AUC
-        0.308 -> 0.547 / 0.389 -> 0.565; ``StandardScaler`` unchanged (it maps a feature
-        that has not varied to 0 and bounds the first value that differs by itself).
+        0.308 -> 0.547 / 0.389 -> 0.565; ``StandardScaler`` unchanged (it sends a feature
+        that has not varied to 0 when the event is scored: the first value that differs never
+        reaches the score).
         """
         maha2 = 0.0
         dims = 0
