@@ -32,6 +32,8 @@ import orjson
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import newest_states, read_topic  # noqa: E402
+from test_recovery import write_config  # noqa: E402  (the same daemon config as the kill -9 test)
+from test_scale_out import committed  # noqa: E402
 
 from streamgmm.io.kafka import ensure_topics  # noqa: E402
 from streamgmm.messages import source_of_dead_letter, source_of_output  # noqa: E402
@@ -190,35 +192,6 @@ class Replica:
             return ""
 
 
-def write_config(path, bootstrap, topics, group, backend, quirks, interval, max_records):
-    inp, out, dlq = topics
-    path.write_text(f"""
-[kafka]
-bootstrap_servers = ["{bootstrap}"]
-input_topic = "{inp}"
-output_topic = "{out}"
-dead_letter_topic = "{dlq}"
-group_id = "{group}"
-delivery = "exactly-once"
-backend = "{backend}"
-broker_quirks = "{quirks}"
-[batch]
-max_records = {max_records}
-max_wait_ms = 100
-[features]
-fields = ["x", "y"]
-[model]
-n_components = 2
-random_state = 0
-[threshold]
-warmup_events = 300
-[metrics]
-enabled = false
-[checkpoint]
-interval_seconds = {interval}
-""")
-
-
 # -- the schedule -------------------------------------------------------------------------------
 
 def make_plan(seed: int, broker_kind: str) -> dict:
@@ -298,8 +271,8 @@ def run(plan: dict, broker, rundir: pathlib.Path, keep: bool) -> list[str]:
     ensure_topics(bootstrap, topics[:1], partitions=P)
     ensure_topics(bootstrap, topics[1:])
     config = rundir / "streamgmm.toml"
-    write_config(config, bootstrap, topics, group, plan["backend"], quirks, plan["interval"],
-                 plan["max_records"])
+    write_config(config, bootstrap, topics, group, backend=plan["backend"], quirks=quirks,
+                 interval=plan["interval"], max_records=plan["max_records"])
     erng = random.Random(plan["seed"] * 7919 + 1)
     n = plan["n_events"]
     events = make_events(erng, n, 0, n // 2)
@@ -543,18 +516,6 @@ def describe_group(bootstrap, group) -> str:
         return f"state {d.state} members {members}"
     except Exception as exc:  # noqa: BLE001 - diagnostics only
         return f"(describe failed: {exc})"
-
-
-def committed(bootstrap, group, topic, partitions):
-    import confluent_kafka
-    consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                                         "enable.auto.commit": False})
-    try:
-        found = consumer.committed([confluent_kafka.TopicPartition(topic, p)
-                                    for p in range(partitions)], timeout=10)
-    finally:
-        consumer.close()
-    return {tp.partition: tp.offset for tp in found}
 
 
 def check(bootstrap, topics, group, where, ends) -> list[str]:

@@ -440,16 +440,22 @@ def test_the_merged_model_scores_every_partition_once_there_are_two(tmp_path):
     assert_each_once(broker, values)
 
 
-@pytest.mark.parametrize("fences", [True, False], ids=["fencing-broker", "tansu-like"])
-def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tmp_path, fences):
-    """A replica stands still past its session timeout right after a poll; the group gives its
-    partitions to another replica, which goes on; the zombie wakes up with its stale batch."""
+def zombie_and_other(tmp_path, fences):
+    """A broker with 3000 events on 2 partitions and two replicas of one group, ``z`` and ``o``."""
     broker = MemoryBroker(fences_stale_group_metadata=fences)
     broker.create_topic("in", partitions=2)
     values = make_events(3000)
     fill(broker, values)
     zombie = daemon_on(broker, config_for(tmp_path, replica="z", interval=0.1))
     other = daemon_on(broker, config_for(tmp_path, replica="o", interval=0.1))
+    return broker, values, zombie, other
+
+
+@pytest.mark.parametrize("fences", [True, False], ids=["fencing-broker", "tansu-like"])
+def test_a_zombie_that_wakes_up_after_losing_its_partitions_publishes_nothing(tmp_path, fences):
+    """A replica stands still past its session timeout right after a poll; the group gives its
+    partitions to another replica, which goes on; the zombie wakes up with its stale batch."""
+    broker, values, zombie, other = zombie_and_other(tmp_path, fences)
     woke = threading.Event()
     froze = [False]
     original = zombie._process_run
@@ -538,12 +544,7 @@ def test_a_zombie_frozen_inside_its_poll_publishes_nothing_of_the_batch_it_wakes
     fetched records (a fetch response that arrives as the process resumes, before the client
     learns that the group moved on); the poll returns them. The lease saw the freeze: the
     batch must be dropped, not published because a poll has just returned."""
-    broker = MemoryBroker(fences_stale_group_metadata=fences)
-    broker.create_topic("in", partitions=2)
-    values = make_events(3000)
-    fill(broker, values)
-    zombie = daemon_on(broker, config_for(tmp_path, replica="z", interval=0.1))
-    other = daemon_on(broker, config_for(tmp_path, replica="o", interval=0.1))
+    broker, values, zombie, other = zombie_and_other(tmp_path, fences)
     woke = threading.Event()
 
     def connect_with_a_freezing_poll():

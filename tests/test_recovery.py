@@ -50,7 +50,7 @@ def make_events(n: int, seed: int = 3) -> tuple[list[bytes], list[str]]:
 
 
 def write_config(path, bootstrap, topics, group, delivery="exactly-once",
-                 backend="kafka-python", quirks="tansu") -> None:
+                 backend="kafka-python", quirks="tansu", interval=0.7, max_records=25) -> None:
     inp, out, dlq = topics
     path.write_text(f"""
 [kafka]
@@ -63,7 +63,7 @@ delivery = "{delivery}"
 backend = "{backend}"
 broker_quirks = "{quirks}"
 [batch]
-max_records = 25
+max_records = {max_records}
 max_wait_ms = 100
 [features]
 fields = ["x", "y"]
@@ -75,7 +75,7 @@ warmup_events = 300
 [metrics]
 enabled = false
 [checkpoint]
-interval_seconds = 0.7
+interval_seconds = {interval}
 """)
 
 

@@ -152,14 +152,16 @@ interval_seconds = 2
 """)
 
 
-def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+def committed(bootstrap: str, group: str, topic: str,
+              partitions: int = N_PARTITIONS) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (asked without joining it)."""
     import confluent_kafka
 
     consumer = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                                          "enable.auto.commit": False})
     try:
         found = consumer.committed([confluent_kafka.TopicPartition(topic, p)
-                                    for p in range(N_PARTITIONS)], timeout=10)
+                                    for p in range(partitions)], timeout=10)
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in found}
