@@ -499,6 +499,13 @@ class Daemon:
                 return
         self._raise_callback_error()
 
+    def _lease_lost(self, when: str) -> PartitionsLost:
+        """The error that drops a batch whose lease ran out ``when`` (:mod:`streamgmm.lease`)."""
+        return PartitionsLost(f"this replica stood still for {self._lease.frozen_for():.1f} s "
+                              f"{when} (more than half the session timeout of "
+                              f"{self._lease.session_timeout:g} s): its partitions may have "
+                              "moved")
+
     def _raise_callback_error(self) -> None:
         error, self._callback_error = self._callback_error, None
         if error is not None:
@@ -651,10 +658,7 @@ class Daemon:
             # (the client has not heard of it yet), and a poll that returns is no proof that the
             # group still counts this member. Neither the batch nor a state goes out.
             self.stats.dropped_batches += bool(records)
-            raise PartitionsLost(f"this replica stood still for {self._lease.frozen_for():.1f} s "
-                                 "during its poll (more than half the session timeout of "
-                                 f"{self._lease.session_timeout:g} s): its partitions may have "
-                                 "moved")
+            raise self._lease_lost("during its poll")
         self._lease.renew()
         if not records:
             self._probe_broker()
@@ -694,10 +698,7 @@ class Daemon:
         states = self._due_states()
         if not self._lease.valid():
             self.stats.dropped_batches += 1
-            raise PartitionsLost(f"this replica stood still for {self._lease.frozen_for():.1f} s "
-                                 "since its last poll (more than half the session timeout of "
-                                 f"{self._lease.session_timeout:g} s): its partitions may have "
-                                 "moved")
+            raise self._lease_lost("since its last poll")
         self._publish(outgoing, states, offsets)
         for tp, run, extraction, result, n_out in done:
             task = self._tasks[tp]
