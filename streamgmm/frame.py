@@ -52,6 +52,8 @@ import numpy as np
 
 # Relative tolerance for "the same value" and "at the end of the range".
 _TOLERANCE = 1e-9
+# A standardised value this close to 0 is a value at the scaler's mean, up to round-off.
+_AT_MEAN = 1e-12
 
 
 class InputFrame:
@@ -176,7 +178,9 @@ class InputFrame:
         scaler gives it when it first varies.
         """
         observed = ~(np.isnan(s) | np.isnan(v))
-        moved = observed & (s != 0.0)
+        # a value at the mean comes as round-off (1e-16) rather than 0: it moves no unit
+        at_mean = observed & (np.abs(s) <= _AT_MEAN) & (np.abs(v) <= _AT_MEAN)
+        moved = observed & ~at_mean & (s != 0.0)
         if not moved.any():
             return False
         t, u = s[moved], v[moved]
@@ -194,7 +198,7 @@ class InputFrame:
         if (np.abs(np.abs(v[starts]) - root) > 1e-6 * root).any():
             return False
         steady = observed & varied
-        if (v[steady & ~moved] != 0.0).any():
+        if (v[steady & ~moved & ~at_mean] != 0.0).any():
             return False  # a value at the mean stays at 0
         a = np.sqrt(n / (n - 1.0) / (1.0 + s[steady] * s[steady] / n))
         self._compose(steady, a, -a * s[steady] / n)  # every steady feature at once

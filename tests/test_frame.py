@@ -70,6 +70,19 @@ def test_behind_a_standard_scaler_the_internal_frame_is_one_fixed_affine_map_of_
     assert not _one_affine_map(as_scaled[1:], raw[1:])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_behind_a_standard_scaler_a_value_at_the_mean_in_round_off_moves_the_frame_too(seed):
+    # Integer features (pixels, counts) often sit exactly at the scaler's running mean, which
+    # River hands over as round-off (1e-16) rather than 0; such a step used to be refused as
+    # "not a standardisation", and each refused step left every later event off the map.
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 3, size=(2000, 3)) * [1.0, 4.0, 16.0]
+    frame = InputFrame(3)
+    internal = _follow(frame, _prequential(preprocessing.StandardScaler(), raw))
+    # (the scaler's second event sends every feature that differs to +-1: no feature tells n)
+    assert _one_affine_map(internal[2:], raw[2:])
+
+
 def test_unrelated_events_leave_the_frame_alone():
     rng = np.random.default_rng(1)
     raw = rng.normal(size=(2000, 3)) * 5 + 1
