@@ -139,6 +139,18 @@ class GMMDetector(base.AnomalyDetector):
     refit_events
         Young streams: the mixture is refitted to everything learned so far each time it has
         grown by half, up to this many events (see :class:`~streamgmm.detector.Detector`).
+    diagonal_components
+        Components of a second, diagonal mixture consulted where the full one cannot have more
+        than one (``n_components="auto"`` with so many features that two full components would
+        have more free parameters than half of ``refit_events`` rows: 15 features and more by
+        default). One Gaussian over several normal classes is where an anomaly class between
+        them hides; the diagonal mixture separates the classes. Both learn every event, each
+        protected by its own threshold, and an event scores by the one that finds it rarer
+        among its own normal events (the smaller tail probability). The diagonal mixture is
+        on trial from its initialisation: over the next ``warmup_events // 2`` events, scored
+        before either learned them, its median log-likelihood must beat the full mixture's, or
+        it is dropped (on correlated features it does not, and from then on costs nothing).
+        ``None``: never (README, *Why the defaults*).
     seed
         Random seed of the mixture's initialisation.
 
@@ -174,6 +186,9 @@ class GMMDetector(base.AnomalyDetector):
     probability of 1e-6 the score keeps rising slowly with the detector's score, so far anomalies
     stay ranked. :meth:`Detector.score_samples
     <streamgmm.detector.Detector.score_samples>` on :attr:`detector` gives that score itself.
+    With the diagonal mixture (:attr:`expert`, see ``diagonal_components``) a complete event
+    gets the larger of the two mixtures' scores, each calibrated on its own normal events:
+    ``expert_kept`` is None during its trial, then True or False (and :attr:`expert` None).
 
     Scalers in front
     ----------------
@@ -209,6 +224,7 @@ class GMMDetector(base.AnomalyDetector):
         covariance_shrinkage: str | None = "oas",
         refit_events: int | None = 512,
         score: str = "density",
+        diagonal_components: int | None = 8,
         seed: int | None = None,
     ):
         self.n_components = n_components
@@ -224,6 +240,7 @@ class GMMDetector(base.AnomalyDetector):
         self.covariance_shrinkage = covariance_shrinkage
         self.refit_events = refit_events
         self.score = score
+        self.diagonal_components = diagonal_components
         self.seed = seed
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -240,6 +257,13 @@ class GMMDetector(base.AnomalyDetector):
         self._joint: list | None = None
         self._joint_fit: tuple | None = None
         self._fast: tuple[np.ndarray, ...] | None = None
+        # the diagonal mixture (see diagonal_components), its cached parts as _fast and
+        # _tail_one, and its trial: [log-likelihoods of its own, of the full mixture's]
+        self.expert: Detector | None = None
+        self.expert_kept: bool | None = None  # None while on trial (or if there is none)
+        self._expert_fast: tuple | None = None
+        self._expert_tail_one = None
+        self._trial: list[list[np.ndarray]] = [[], []]
         self._tail_one = None  # the threshold's frozen tail_probability_one, until it learns
         self._alarms = 0  # bit i: whether the (i+1)-th last score_one was above the threshold
         self._last_x: dict | None = None  # the event score_one saw last, and its row
@@ -254,6 +278,9 @@ class GMMDetector(base.AnomalyDetector):
         yield {}
         yield {"n_components": 2, "covariance_type": "diag", "warmup_events": 100,
                "batch_size": 16}
+        # with the diagonal mixture from two features on (see diagonal_components)
+        yield {"warmup_events": 32, "refit_events": 16, "batch_size": 16,
+               "diagonal_components": 2}
 
     # -- conversion ------------------------------------------------------------------------
     @staticmethod
@@ -311,8 +338,8 @@ class GMMDetector(base.AnomalyDetector):
         self._getter = getter if len(self.features) > 1 else (lambda x: (getter(x),))
         self._input_frame = InputFrame(len(self.features))
 
-    def _make_detector(self) -> Detector:
-        return Detector(
+    def _make_detector(self, **overrides) -> Detector:
+        params = dict(
             n_components=self.n_components,
             max_components=self.max_components,
             covariance_type=self.covariance_type,
@@ -328,6 +355,8 @@ class GMMDetector(base.AnomalyDetector):
             refit_events=self.refit_events,
             score=self.score,
         )
+        params.update(overrides)
+        return Detector(**params)
 
     # -- learning ----------------------------------------------------------------------------
     def learn_one(self, x: dict) -> None:
@@ -388,43 +417,81 @@ class GMMDetector(base.AnomalyDetector):
     def _process(self, batch: np.ndarray) -> None:
         if self.detector is None:
             self.detector = self._make_detector()
+            self.expert = self._make_expert(batch.shape[1])
         usable = ~np.isnan(batch).all(axis=1)
         if usable.any():
-            self.detector.process(batch[usable], drift_summaries=False)  # report discarded
+            rows = batch[usable]
+            if self.expert is not None:
+                self._try_expert(rows)
+            if self.expert is not None:
+                self.expert.process(rows, drift_summaries=False)
+            self.detector.process(rows, drift_summaries=False)  # report discarded
             self._warm = self.detector.model.is_fitted
-        self._fast = self._tail_one = None
+        self._fast = self._tail_one = self._expert_fast = self._expert_tail_one = None
         self._batch_target = self._current_batch_size()
 
-    def _fast_parts(self):
-        """The mixture as one stacked whitening map, cached until the model next learns.
+    def _make_expert(self, n_features: int) -> Detector | None:
+        """The diagonal mixture, where the full one cannot have two components (see
+        ``diagonal_components``)."""
+        k = self.diagonal_components
+        rows = self.refit_events or self.warmup_events // 2  # the largest fit's rows
+        if (k is None or self.n_components != "auto" or self.covariance_type != "full"
+                or cv.n_parameters("full", 2, n_features) <= rows // 2):
+            return None
+        return self._make_detector(n_components=int(k), max_components=int(k),
+                                   covariance_type="diag")
+
+    def _try_expert(self, rows: np.ndarray) -> None:
+        """The diagonal mixture's trial: both mixtures' log-likelihoods of rows they have not
+        learned yet, until ``warmup_events // 2`` are in; it stays if its median is higher."""
+        if self.expert_kept is not None or not (
+                self.detector.model.is_fitted and self.expert.model.is_fitted):
+            return
+        complete = rows[~np.isnan(rows).any(axis=1)]
+        if not len(complete):
+            return
+        self._trial[0].append(self.expert.model.score_samples(complete))
+        self._trial[1].append(self.detector.model.score_samples(complete))
+        if sum(map(len, self._trial[0])) < max(self.warmup_events // 2, 1):
+            return
+        own, full = (float(np.median(np.concatenate(part))) for part in self._trial)
+        self.expert_kept = own > full
+        logger.info("the diagonal mixture's median log-likelihood %.3g against the full one's "
+                    "%.3g: %s", own, full, "kept" if self.expert_kept else "dropped")
+        self._trial = [[], []]
+        if not self.expert_kept:
+            self.expert = None
+
+    @staticmethod
+    def _fast_parts(model) -> tuple:
+        """A mixture as one stacked whitening map (cached until the model next learns).
 
         ``z = A x - b`` holds every component's ``L_k^T (x - mu_k)`` (``L_k`` the precision
         Cholesky factor); ``sums`` (``(K, K d)``, None for one component) adds each component's
         squares; ``log_const`` holds ``log w_k - (d log 2 pi + log |S_k|) / 2`` as floats.
         """
-        if self._fast is None:
-            assert self.detector is not None
-            model = self.detector.model
-            k, d = model.means_.shape
-            prec_chol = cv.full_covariances(self.covariance_type, model.precisions_cholesky_, k, d)
-            stacked, offset = cv.whitening_map(model.means_, prec_chol)
-            log_const = np.log(np.maximum(model.weights_, 1e-300)) - 0.5 * (
-                d * cv.LOG_2PI + cv.log_det_covariances(self.covariance_type,
-                                                        model.precisions_cholesky_, k, d)
-            )
-            sums = np.kron(np.eye(k), np.ones(d)) if k > 1 else None
-            self._fast = (np.ascontiguousarray(stacked), offset, sums, log_const.tolist(),
-                          model.weights_, d)
-        return self._fast
+        k, d = model.means_.shape
+        kind = model.covariance_type
+        prec_chol = cv.full_covariances(kind, model.precisions_cholesky_, k, d)
+        stacked, offset = cv.whitening_map(model.means_, prec_chol)
+        log_const = np.log(np.maximum(model.weights_, 1e-300)) - 0.5 * (
+            d * cv.LOG_2PI + cv.log_det_covariances(kind, model.precisions_cholesky_, k, d))
+        sums = np.kron(np.eye(k), np.ones(d)) if k > 1 else None
+        return (np.ascontiguousarray(stacked), offset, sums, log_const.tolist(),
+                model.weights_, d)
 
-    def _score_complete_row(self, row: np.ndarray) -> float:
+    def _score_complete_row(self, row: np.ndarray, parts: tuple | None = None) -> float:
         """The detector's score of one complete row (as ``Detector.score_samples`` gives it).
 
         Per event this is one matrix-vector product and a few in-place operations on the cached
         :meth:`_fast_parts`: on arrays of a few dozen numbers numpy's cost is its per-call
         overhead, so every call saved counts (``np.dot`` has less of it than ``@``).
         """
-        stacked, offset, sums, log_const, weights, d = self._fast or self._fast_parts()
+        if parts is None:
+            if self._fast is None:
+                self._fast = self._fast_parts(self.detector.model)
+            parts = self._fast
+        stacked, offset, sums, log_const, weights, d = parts
         z = np.dot(stacked, row)
         z -= offset
         if self.score == "tail":
@@ -645,11 +712,14 @@ class GMMDetector(base.AnomalyDetector):
         """The detector's current adaptive threshold on the score (``inf`` while warming up)."""
         return math.inf if self.detector is None else float(self.detector.threshold.threshold)
 
-    def _unit_scores(self, scores: np.ndarray) -> np.ndarray | None:
-        """``1 - tail probability`` from the detector's recent scores (None if too few)."""
-        if self.detector is None or self.detector.threshold.n_events_seen < 10:
+    @staticmethod
+    def _unit_scores(detector: Detector, rows: np.ndarray) -> np.ndarray | None:
+        """``1 - tail probability`` of rows from a detector's recent scores (None if too
+        few)."""
+        if detector.threshold.n_events_seen < 10:
             return None
-        unit = _unit_from_log_tail(self.detector.threshold.log_tail_probability(scores))
+        scores = detector.score_samples(rows)
+        unit = _unit_from_log_tail(detector.threshold.log_tail_probability(scores))
         return np.where(np.isnan(scores), 0.0, unit)
 
     def score_one(self, x: dict) -> float:
@@ -672,10 +742,31 @@ class GMMDetector(base.AnomalyDetector):
                 if self._tail_one is None:
                     self._tail_one = threshold.frozen_tail_probability_one()
                 tail = self._tail_one(score)
+                if self.expert is not None and row is self._last_complete:
+                    score, threshold, tail = self._rarer(internal, score, threshold, tail)
                 if tail < _LINEAR_TAIL:  # far out: keep the ranking beyond float resolution
                     return _unit_from_log_tail_one(threshold.log_tail_probability_one(score))
                 return 1.0 - tail
         return self._fallback_score(x)
+
+    def _rarer(self, internal: np.ndarray, score: float, threshold, tail: float) -> tuple:
+        """(score, threshold, tail) of whichever mixture finds the row rarer: the full one's,
+        as given, or the diagonal one's (once it is initialised and calibrated)."""
+        expert = self.expert
+        if not expert.model.is_fitted or expert.threshold.n_events_seen < 10:
+            return score, threshold, tail
+        if self._expert_fast is None:
+            self._expert_fast = self._fast_parts(expert.model)
+            self._expert_tail_one = expert.threshold.frozen_tail_probability_one()
+        own = self._score_complete_row(internal, self._expert_fast)
+        own_tail = self._expert_tail_one(own)
+        if own_tail < _LINEAR_TAIL and tail < _LINEAR_TAIL:  # both far out: by log tails
+            if (expert.threshold.log_tail_probability_one(own)
+                    < threshold.log_tail_probability_one(score)):
+                return own, expert.threshold, own_tail
+        elif own_tail < tail:
+            return own, expert.threshold, own_tail
+        return score, threshold, tail
 
     def score_many(self, X):
         """:meth:`score_one` of the rows of the DataFrame ``X``, as a pandas Series."""
@@ -684,8 +775,13 @@ class GMMDetector(base.AnomalyDetector):
         if self.is_warm:
             assert self.detector is not None
             rows = self._input_frame.internal(self._frame(X))
-            unit = self._unit_scores(self.detector.score_samples(rows))
+            unit = self._unit_scores(self.detector, rows)
             if unit is not None:
+                if self.expert is not None and self.expert.model.is_fitted:
+                    own = self._unit_scores(self.expert, rows)  # the rarer, as score_one
+                    if own is not None:
+                        complete = ~np.isnan(rows).any(axis=1)
+                        unit = np.where(complete, np.maximum(unit, own), unit)
                 return pd.Series(unit, index=X.index, dtype=float)
         return pd.Series(
             [self._fallback_score(x) for x in X.to_dict(orient="records")],

@@ -54,7 +54,7 @@ def _estimators():
 
 
 @pytest.mark.parametrize(
-    "model", list(_estimators()), ids=["defaults", "unit-test-params"]
+    "model", list(_estimators()), ids=["defaults", "unit-test-params", "diagonal-mixture"]
 )
 def test_river_checks_pass_with_none_skipped(model, offline_river_data):
     assert _skips(model) == set()  # we opt out of nothing
@@ -336,3 +336,72 @@ def test_shuttle_warm_up_anomalies_get_no_component_of_their_own(seed):
         scores.append(model.score_one(x))
         model.learn_one(x)
     assert roc_auc_score(labels, scores) > 0.98
+
+
+def _classes_and_a_class_between(seed, n=1500, d=20):
+    """Three normal classes at corners of a 20-dimensional cube, and 30 anomalies of a tight
+    class at their common centre (after the first 300 events)."""
+    rng = np.random.default_rng(seed)
+    corners = rng.choice([-2.0, 2.0], size=(3, d))
+    X = corners[rng.integers(0, 3, n)] + rng.normal(size=(n, d))
+    y = np.zeros(n, dtype=bool)
+    y[rng.choice(np.arange(300, n), 30, replace=False)] = True
+    X[y] = 0.5 * rng.normal(size=(30, d))
+    return [{f"x{j:02d}": float(v) for j, v in enumerate(row)} for row in X], y
+
+
+def _prequential_auc(model, data, y):
+    from sklearn.metrics import roc_auc_score
+
+    scores = []
+    for x in data:
+        scores.append(model.score_one(x))
+        model.learn_one(x)
+    return roc_auc_score(y, scores)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_anomaly_class_between_normal_classes_is_found_with_many_features(seed):
+    # With 20 features two full components have more parameters than the refits' rows can
+    # estimate, so the full mixture is one Gaussian, and the class at the centre of the normal
+    # classes is what that Gaussian finds most normal. The diagonal mixture separates them.
+    data, y = _classes_and_a_class_between(seed)
+    model = GMMDetector(seed=0)
+    assert _prequential_auc(model, data, y) > 0.98
+    assert model.expert_kept is True and model.detector.model.n_components_ == 1
+    alone = _prequential_auc(GMMDetector(seed=0, diagonal_components=None), data, y)
+    assert alone < 0.8
+
+
+def test_the_diagonal_mixture_is_dropped_where_it_describes_the_data_worse():
+    # correlated features: a diagonal mixture's median log-likelihood is below the full
+    # Gaussian's, and it is dropped after its trial (so it costs nothing afterwards)
+    X, _ = syn.correlated(2000, 30, seed=11)
+    model = GMMDetector(seed=0)
+    for row in X:
+        x = {f"x{j:02d}": float(v) for j, v in enumerate(row)}
+        model.score_one(x)
+        model.learn_one(x)
+    assert model.expert_kept is False and model.expert is None
+
+
+def test_no_diagonal_mixture_where_the_full_one_can_have_several_components():
+    X, _ = syn.mixture_with_outliers(1000, n_features=9, contamination=0.02, seed=3)
+    model = GMMDetector(seed=0)
+    model.learn_many(pd.DataFrame(X, columns=[f"x{j}" for j in range(9)]))
+    assert model.is_warm and model.expert is None and model.expert_kept is None
+
+
+def test_with_the_diagonal_mixture_score_one_and_score_many_agree():
+    data, _ = _classes_and_a_class_between(0)
+    model = GMMDetector(seed=0)
+    for x in data[:1200]:
+        model.score_one(x)
+        model.learn_one(x)
+    assert model.expert_kept
+    one = [model.score_one(x) for x in data[1200:]]
+    many = model.score_many(pd.DataFrame(data[1200:])).to_numpy()
+    np.testing.assert_allclose(one, many, rtol=1e-9, atol=1e-12)
+    # and each is the rarer of the two mixtures' scores
+    full = GMMDetector._unit_scores(model.detector, np.array([list(x.values()) for x in data[1200:]]))
+    assert (np.asarray(one) >= full - 1e-12).all() and (np.asarray(one) > full + 1e-6).any()
