@@ -403,5 +403,6 @@ def test_with_the_diagonal_mixture_score_one_and_score_many_agree():
     many = model.score_many(pd.DataFrame(data[1200:])).to_numpy()
     np.testing.assert_allclose(one, many, rtol=1e-9, atol=1e-12)
     # and each is the rarer of the two mixtures' scores
-    full = GMMDetector._unit_scores(model.detector, np.array([list(x.values()) for x in data[1200:]]))
+    rows = np.array([list(x.values()) for x in data[1200:]])
+    full = GMMDetector._unit_scores(model.detector, rows)
     assert (np.asarray(one) >= full - 1e-12).all() and (np.asarray(one) > full + 1e-6).any()
