@@ -46,6 +46,7 @@ from scipy import linalg, special
 from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
 from streamgmm.frame import InputFrame
+from streamgmm.mixture import OnlineGaussianMixture
 
 __all__ = ["GMMDetector"]
 
@@ -85,6 +86,50 @@ def _unit_from_log_tail_one(log_tail: float) -> float:
     if log_tail >= -_LOG_LINEAR_TAIL:
         return float(1.0 - np.exp(log_tail))  # numpy's exp, as the array version's
     return 1.0 - _LINEAR_TAIL * (1.0 + _LOG_LINEAR_TAIL) / (1.0 - log_tail)
+
+
+class _ExpertTrial:
+    """Whether a diagonal mixture of ``n_components`` describes a stream better than the full
+    mixture: from the full mixture's initialisation on, a plain diagonal mixture (fitted to the
+    events so far, then learning by stepwise EM) and the full one score each batch before
+    learning it; after ``n_events`` complete events, the higher median log-likelihood wins.
+
+    The batches learned meanwhile are kept (a few hundred events), so that the winner can be
+    built as if it had been there from the start; a trial that is lost costs one small fit.
+    """
+
+    def __init__(self, n_components: int, n_events: int, seed: int | None):
+        self.n_components, self.n_events, self.seed = n_components, n_events, seed
+        self.batches: list[np.ndarray] = []
+        self.model: OnlineGaussianMixture | None = None
+        self.own: list[np.ndarray] = []
+        self.full: list[np.ndarray] = []
+
+    def learned(self, rows: np.ndarray, full_is_fitted: bool) -> None:
+        self.batches.append(rows)
+        if self.model is None and full_is_fitted:
+            data = np.vstack(self.batches)
+            data = data[~np.isnan(data).any(axis=1)]
+            if len(data) >= self.n_components:
+                self.model = OnlineGaussianMixture(
+                    self.n_components, covariance_type="diag", random_state=self.seed,
+                    warmup_size=len(data)).fit(data)
+
+    def judge(self, rows: np.ndarray, full: OnlineGaussianMixture) -> bool | None:
+        """True / False once decided (whether the diagonal mixture won), None until then."""
+        if self.model is None:
+            return None
+        complete = rows[~np.isnan(rows).any(axis=1)]
+        if len(complete):
+            self.own.append(self.model.score_samples(complete))
+            self.full.append(full.score_samples(complete))
+            self.model.partial_fit(complete)
+        if sum(map(len, self.own)) < self.n_events:
+            return None
+        own, full_median = (float(np.median(np.concatenate(p))) for p in (self.own, self.full))
+        logger.info("diagonal mixture: median log-likelihood %.4g against the full mixture's "
+                    "%.4g: %s", own, full_median, "kept" if own > full_median else "dropped")
+        return own > full_median
 
 
 class GMMDetector(base.AnomalyDetector):
@@ -146,11 +191,12 @@ class GMMDetector(base.AnomalyDetector):
         default). One Gaussian over several normal classes is where an anomaly class between
         them hides; the diagonal mixture separates the classes. Both learn every event, each
         protected by its own threshold, and an event scores by the one that finds it rarer
-        among its own normal events (the smaller tail probability). The diagonal mixture is
-        on trial from its initialisation: over the next ``warmup_events // 2`` events, scored
-        before either learned them, its median log-likelihood must beat the full mixture's, or
-        it is dropped (on correlated features it does not, and from then on costs nothing).
-        ``None``: never (README, *Why the defaults*).
+        among its own normal events (the smaller tail probability). It must first win a trial:
+        from the full mixture's initialisation on, a plain diagonal mixture and the full one
+        score each batch before learning it, and after ``warmup_events // 4`` events the
+        diagonal mixture is built (from the batches so far, in order) only if its median
+        log-likelihood was the higher (on correlated features it is not, and a lost trial costs
+        one small fit). ``None``: never (README, *Why the defaults*).
     seed
         Random seed of the mixture's initialisation.
 
@@ -258,12 +304,12 @@ class GMMDetector(base.AnomalyDetector):
         self._joint_fit: tuple | None = None
         self._fast: tuple[np.ndarray, ...] | None = None
         # the diagonal mixture (see diagonal_components), its cached parts as _fast and
-        # _tail_one, and its trial: [log-likelihoods of its own, of the full mixture's]
+        # _tail_one, and its trial until it is decided
         self.expert: Detector | None = None
         self.expert_kept: bool | None = None  # None while on trial (or if there is none)
         self._expert_fast: tuple | None = None
         self._expert_tail_one = None
-        self._trial: list[list[np.ndarray]] = [[], []]
+        self._trial: _ExpertTrial | None = None
         self._tail_one = None  # the threshold's frozen tail_probability_one, until it learns
         self._alarms = 0  # bit i: whether the (i+1)-th last score_one was above the threshold
         self._last_x: dict | None = None  # the event score_one saw last, and its row
@@ -417,50 +463,46 @@ class GMMDetector(base.AnomalyDetector):
     def _process(self, batch: np.ndarray) -> None:
         if self.detector is None:
             self.detector = self._make_detector()
-            self.expert = self._make_expert(batch.shape[1])
+            self._trial = self._expert_trial(batch.shape[1])
         usable = ~np.isnan(batch).all(axis=1)
         if usable.any():
             rows = batch[usable]
-            if self.expert is not None:
-                self._try_expert(rows)
+            if self._trial is not None:
+                self._judge_expert(rows)
             if self.expert is not None:
                 self.expert.process(rows, drift_summaries=False)
             self.detector.process(rows, drift_summaries=False)  # report discarded
             self._warm = self.detector.model.is_fitted
+            if self._trial is not None:
+                self._trial.learned(rows, self._warm)
         self._fast = self._tail_one = self._expert_fast = self._expert_tail_one = None
         self._batch_target = self._current_batch_size()
 
-    def _make_expert(self, n_features: int) -> Detector | None:
-        """The diagonal mixture, where the full one cannot have two components (see
+    def _expert_trial(self, n_features: int) -> _ExpertTrial | None:
+        """The diagonal mixture's trial, where the full one cannot have two components (see
         ``diagonal_components``)."""
         k = self.diagonal_components
         rows = self.refit_events or self.warmup_events // 2  # the largest fit's rows
         if (k is None or self.n_components != "auto" or self.covariance_type != "full"
                 or cv.n_parameters("full", 2, n_features) <= rows // 2):
             return None
-        return self._make_detector(n_components=int(k), max_components=int(k),
-                                   covariance_type="diag")
+        return _ExpertTrial(int(k), max(self.warmup_events // 4, 1), self.seed)
 
-    def _try_expert(self, rows: np.ndarray) -> None:
-        """The diagonal mixture's trial: both mixtures' log-likelihoods of rows they have not
-        learned yet, until ``warmup_events // 2`` are in; it stays if its median is higher."""
-        if self.expert_kept is not None or not (
-                self.detector.model.is_fitted and self.expert.model.is_fitted):
+    def _judge_expert(self, rows: np.ndarray) -> None:
+        """Score a batch under both mixtures before they learn it; once the trial has its
+        events, keep the diagonal mixture (a :class:`Detector`, which learns every batch so
+        far, in order) or drop it."""
+        trial = self._trial
+        verdict = trial.judge(rows, self.detector.model)
+        if verdict is None:
             return
-        complete = rows[~np.isnan(rows).any(axis=1)]
-        if not len(complete):
-            return
-        self._trial[0].append(self.expert.model.score_samples(complete))
-        self._trial[1].append(self.detector.model.score_samples(complete))
-        if sum(map(len, self._trial[0])) < max(self.warmup_events // 2, 1):
-            return
-        own, full = (float(np.median(np.concatenate(part))) for part in self._trial)
-        self.expert_kept = own > full
-        logger.info("the diagonal mixture's median log-likelihood %.3g against the full one's "
-                    "%.3g: %s", own, full, "kept" if self.expert_kept else "dropped")
-        self._trial = [[], []]
-        if not self.expert_kept:
-            self.expert = None
+        self._trial, self.expert_kept = None, verdict
+        if verdict:
+            self.expert = self._make_detector(
+                n_components=trial.n_components, max_components=trial.n_components,
+                covariance_type="diag")
+            for past in trial.batches:
+                self.expert.process(past, drift_summaries=False)
 
     @staticmethod
     def _fast_parts(model) -> tuple:
