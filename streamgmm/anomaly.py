@@ -96,10 +96,12 @@ class _ExpertTrial:
 
     The batches learned meanwhile are kept (a few hundred events), so that the winner can be
     built as if it had been there from the start; a trial that is lost costs one small fit.
+    A trial still undecided after ``max_events`` (too few complete events) is lost.
     """
 
-    def __init__(self, n_components: int, n_events: int, seed: int | None):
+    def __init__(self, n_components: int, n_events: int, max_events: int, seed: int | None):
         self.n_components, self.n_events, self.seed = n_components, n_events, seed
+        self.max_events = max_events
         self.batches: list[np.ndarray] = []
         self.model: OnlineGaussianMixture | None = None
         self.own: list[np.ndarray] = []
@@ -117,6 +119,8 @@ class _ExpertTrial:
 
     def judge(self, rows: np.ndarray, full: OnlineGaussianMixture) -> bool | None:
         """True / False once decided (whether the diagonal mixture won), None until then."""
+        if sum(map(len, self.batches)) > self.max_events:
+            return False  # memory stays bounded
         if self.model is None:
             return None
         complete = rows[~np.isnan(rows).any(axis=1)]
@@ -486,7 +490,8 @@ class GMMDetector(base.AnomalyDetector):
         if (k is None or self.n_components != "auto" or self.covariance_type != "full"
                 or cv.n_parameters("full", 2, n_features) <= rows // 2):
             return None
-        return _ExpertTrial(int(k), max(self.warmup_events // 4, 1), self.seed)
+        return _ExpertTrial(int(k), max(self.warmup_events // 4, 1),
+                            4 * max(self.warmup_events, 1), self.seed)
 
     def _judge_expert(self, rows: np.ndarray) -> None:
         """Score a batch under both mixtures before they learn it; once the trial has its

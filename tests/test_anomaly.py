@@ -406,3 +406,16 @@ def test_with_the_diagonal_mixture_score_one_and_score_many_agree():
     rows = np.array([list(x.values()) for x in data[1200:]])
     full = GMMDetector._unit_scores(model.detector, rows)
     assert (np.asarray(one) >= full - 1e-12).all() and (np.asarray(one) > full + 1e-6).any()
+
+
+def test_a_trial_without_complete_events_ends_and_frees_its_batches():
+    # every event misses one of its 20 features: the trial's diagonal mixture never gets the
+    # complete events to be judged on, and the kept batches must not grow with the stream
+    rng = np.random.default_rng(0)
+    model = GMMDetector(seed=0)
+    for i in range(3000):
+        x = {f"x{j:02d}": float(v) for j, v in enumerate(rng.normal(size=20))}
+        x[f"x{i % 20:02d}"] = None
+        model.score_one(x)
+        model.learn_one(x)
+    assert model.expert_kept is False and model._trial is None
