@@ -800,9 +800,9 @@ class GMMDetector(base.AnomalyDetector):
         """(score, threshold, tail) of whichever mixture finds the row rarer: the full one's,
         as given, or the diagonal one's (once it is initialised and calibrated)."""
         expert = self.expert
-        if not expert.model.is_fitted or expert.threshold.n_events_seen < 10:
-            return score, threshold, tail
-        if self._expert_fast is None:
+        if self._expert_fast is None:  # once per batch learned: is it ready, then its parts
+            if not expert.model.is_fitted or expert.threshold.n_events_seen < 10:
+                return score, threshold, tail
             self._expert_fast = self._fast_parts(expert.model)
             self._expert_tail_one = expert.threshold.frozen_tail_probability_one()
         own = self._score_complete_row(internal, self._expert_fast)
