@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from river import base
-from scipy import linalg, special
+from scipy import special
 
 from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
@@ -637,56 +637,17 @@ class GMMDetector(base.AnomalyDetector):
         self._joint_fit = None
 
     def _joint_log_tail(self, internal: np.ndarray) -> float | None:
-        """Log predictive tail of a complete row under the full Gaussian (None: unusable).
-
-        The covariance of the ``n`` complete rows learned so far, its correlations shrunk
-        towards 0 by the OAS rule (as :func:`~streamgmm._covariance.shrink_to_diagonal`), the
-        variances those of the diagonal predictive; the statistic and the ``F(d, n - 1)`` tail
-        are the diagonal's (:meth:`_fallback_score`), which this is with every correlation shrunk
-        away. A feature that has not varied yet stands apart (it has no correlations) and adds
-        its residual as the diagonal does, at most
-        :func:`~streamgmm._covariance.unvaried_residual_cap`.
-        """
+        """Log predictive tail of a complete row under the full Gaussian of the complete rows
+        learned so far (:func:`~streamgmm._covariance.joint_predictive`: its correlations shrunk
+        by the OAS rule; with every one shrunk away it is the diagonal of
+        :meth:`_fallback_score`); None while it is unusable."""
         joint = self._joint
-        if joint is None or joint[0] < 3:
+        if joint is None:
             return None
-        n, mean, scatter = joint
-        if self._joint_fit is None or self._joint_fit[0] != n:
-            d = len(mean)
-            cov = scatter / (n - 1.0)
-            floor = 1e-12 * (1.0 + mean * mean)
-            unvaried = np.diag(cov) <= floor
-            var = np.where(unvaried, 1.0, np.diag(cov))
-            # cv.shrink_to_diagonal's rule for one matrix: calling it (stacking, errstate)
-            # took the first 138 events of 30 features from 34 to 51 ms
-            if d > 1:
-                sd = np.sqrt(np.maximum(np.diag(cov), np.finfo(float).tiny))
-                corr = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
-                tr_r = float(np.count_nonzero(np.diag(cov) > 0))
-                tr_r2 = float(np.dot(corr.ravel(), corr.ravel()))
-                cov *= 1.0 - float(cv.oas_intensity(tr_r, tr_r2, n, d))
-            cov[unvaried, :] = 0.0
-            cov[:, unvaried] = 0.0
-            cov[np.diag_indices(d)] = var
-            try:
-                chol = np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                return None
-            unvaried_at = (np.flatnonzero(unvaried), floor[unvaried],
-                           float(cv.unvaried_residual_cap(n))) if unvaried.any() else None
-            self._joint_fit = (n, mean, chol, unvaried_at)
-        _, mean, chol, unvaried_at = self._joint_fit
-        residual = internal - mean
-        extra = 0.0
-        if unvaried_at is not None:
-            at, floor, cap = unvaried_at
-            extra = float(np.minimum(residual[at] ** 2 / floor, cap).sum())
-            residual = residual.copy()
-            residual[at] = 0.0
-        z = linalg.solve_triangular(chol, residual, lower=True, check_finite=False)
-        d = len(mean)
-        statistic = n / (n + 1.0) * (float(np.dot(z, z)) + extra) / d
-        return cv.log_f_tail(statistic, d, n - 1.0)
+        if self._joint_fit is None or self._joint_fit[0] != joint[0]:
+            self._joint_fit = (joint[0], cv.joint_predictive(*joint))
+        fit = self._joint_fit[1]
+        return None if fit is None else cv.joint_predictive_log_tail(fit, internal)
 
     def _fallback_score(self, x: dict) -> float:
         """Predictive tail score under Gaussians of the events so far (warm-up only).

@@ -110,6 +110,33 @@ def _rounding_variance(X: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(smallest), smallest**2 / 12.0, 0.0)
 
 
+def _joint_log_tails(data: np.ndarray, start: int) -> np.ndarray:
+    """Log predictive tail of each row of ``data`` from ``start`` on under the full Gaussian of
+    the rows before it (:func:`~streamgmm._covariance.joint_predictive`); NaN before three.
+
+    The Gaussian is refitted when the rows before have grown by an eighth (at every row while
+    fewer than 16), so a warm-up batch of ``m`` rows costs about ``8 log m`` factorisations
+    instead of ``m``; each row is still scored only by rows that arrived before it.
+    """
+    out = np.full(len(data) - start, np.nan)
+    centre = data[0]
+    c = data - centre
+    s1 = c[:start].sum(axis=0)
+    s2 = c[:start].T @ c[:start]
+    n = start
+    while n < len(data):
+        end = min(len(data), n + max(1, n // 8))
+        if n >= 3:
+            mean = s1 / n
+            fit = cv.joint_predictive(float(n), centre + mean, s2 - n * np.outer(mean, mean))
+            if fit is not None:
+                out[n - start:end - start] = cv.joint_predictive_log_tail(fit, data[n:end])
+        s1 = s1 + c[n:end].sum(axis=0)
+        s2 = s2 + c[n:end].T @ c[n:end]
+        n = end
+    return out
+
+
 class OnlineGaussianMixture:
     """Gaussian mixture with scikit-learn's surface, learned online by stepwise EM.
 
@@ -468,7 +495,12 @@ class OnlineGaussianMixture:
         fewer than two rows precede a row, and once the model is fitted (use
         :meth:`score_samples`). Nothing is learned. With ``return_tail``, also the log
         of the predictive tail (the counterpart of :meth:`score_tail_samples`): of
-        ``F(d, n - 1)`` at the mean squared standardised residual ``sum_j t_j**2 / d``.
+        ``F(d, n - 1)`` at the mean squared standardised residual ``sum_j t_j**2 / d``; from
+        three rows on, with two features or more, the mean of that log tail and the one of a
+        full Gaussian of the rows before (its correlations shrunk by the OAS rule,
+        :func:`~streamgmm._covariance.joint_predictive`) -- the geometric mean of the two
+        tail probabilities, as ``GMMDetector``'s warm-up scores: the full Gaussian sees an
+        event that breaks a correlation, the diagonal one every feature an anomaly moves.
 
         Examples
         --------
@@ -517,6 +549,10 @@ class OnlineGaussianMixture:
         d = X.shape[1]
         statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
         tail[ok] = cv.log_f_tail(statistic, d, dof)
+        if d > 1 and np.isfinite(data).all():
+            joint = _joint_log_tails(data, len(past))
+            both = ok & np.isfinite(joint)
+            tail[both] = 0.5 * (tail[both] + joint[both])
         return out, tail
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
