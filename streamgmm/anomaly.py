@@ -46,7 +46,11 @@ from scipy import special
 from streamgmm import _covariance as cv
 from streamgmm.detector import Detector
 from streamgmm.frame import InputFrame
-from streamgmm.mixture import OnlineGaussianMixture
+from streamgmm.mixture import (
+    OnlineGaussianMixture,
+    mixture_predictive,
+    mixture_predictive_log_tail,
+)
 
 __all__ = ["GMMDetector"]
 
@@ -306,6 +310,10 @@ class GMMDetector(base.AnomalyDetector):
         # learned rows (internal frame), and its predictive's (n, mean, Cholesky factor)
         self._joint: list | None = None
         self._joint_fit: tuple | None = None
+        # and a mixture of them where BIC prefers one (mixture_predictive): the complete learned
+        # rows (internal frame), and (rows it was fitted to, its components or None)
+        self._warm_rows: list[np.ndarray] = []
+        self._warm_mixture: tuple[int, list | None] = (0, None)
         self._fast: tuple[np.ndarray, ...] | None = None
         # the diagonal mixture (see diagonal_components), its cached parts as _fast and
         # _tail_one, and its trial until it is decided
@@ -477,6 +485,8 @@ class GMMDetector(base.AnomalyDetector):
                 self.expert.process(rows, drift_summaries=False)
             self.detector.process(rows, drift_summaries=False)  # report discarded
             self._warm = self.detector.model.is_fitted
+            if self._warm:
+                self._warm_rows, self._warm_mixture = [], (0, None)
             if self._trial is not None:
                 self._trial.learned(rows, self._warm)
         self._fast = self._tail_one = self._expert_fast = self._expert_tail_one = None
@@ -622,6 +632,7 @@ class GMMDetector(base.AnomalyDetector):
         rows = rows[np.isfinite(rows).all(axis=1)]
         if not len(rows):
             return
+        self._warm_rows.extend(rows)
         nb = float(len(rows))
         mb = rows.mean(axis=0)
         diff = rows - mb
@@ -648,6 +659,18 @@ class GMMDetector(base.AnomalyDetector):
             self._joint_fit = (joint[0], cv.joint_predictive(*joint))
         fit = self._joint_fit[1]
         return None if fit is None else cv.joint_predictive_log_tail(fit, internal)
+
+    def _mixture_log_tail(self, internal: np.ndarray) -> float | None:
+        """Log predictive tail of a complete row under the mixture of Gaussians BIC prefers
+        for the complete rows learned so far (:func:`~streamgmm.mixture.mixture_predictive`,
+        refitted when they have grown by an eighth, at least by 4); None while one Gaussian is
+        preferred."""
+        n, parts = self._warm_mixture
+        if len(self._warm_rows) >= max(n + n // 8, n + 4):
+            n = len(self._warm_rows)
+            parts = mixture_predictive(np.array(self._warm_rows), self.max_components, self.seed)
+            self._warm_mixture = (n, parts)
+        return None if parts is None else float(mixture_predictive_log_tail(parts, internal))
 
     def _fallback_score(self, x: dict) -> float:
         """Predictive tail score under Gaussians of the events so far (warm-up only).
@@ -704,7 +727,11 @@ class GMMDetector(base.AnomalyDetector):
         if self._joint is not None:
             row = self._row(x)
             if math.isfinite(row.sum()):
-                joint = self._joint_log_tail(self._input_frame.internal(row))
+                internal = self._input_frame.internal(row)
+                modes = self._mixture_log_tail(internal)
+                if modes is not None:  # several modes: no single Gaussian describes them
+                    return float(_unit_from_log_tail(modes))
+                joint = self._joint_log_tail(internal)
                 if joint is not None:
                     log_tail = 0.5 * (log_tail + joint)
         return float(_unit_from_log_tail(log_tail))

@@ -110,15 +110,20 @@ def _rounding_variance(X: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(smallest), smallest**2 / 12.0, 0.0)
 
 
-def _joint_log_tails(data: np.ndarray, start: int) -> np.ndarray:
+def _joint_log_tails(
+    data: np.ndarray, start: int, max_components: int = 1, random_state: int | None = None
+) -> np.ndarray:
     """Log predictive tail of each row of ``data`` from ``start`` on under the full Gaussian of
-    the rows before it (:func:`~streamgmm._covariance.joint_predictive`); NaN before three.
+    the rows before it (:func:`~streamgmm._covariance.joint_predictive`), or under the mixture
+    of up to ``max_components`` of them that BIC prefers for those rows
+    (:func:`mixture_predictive`); NaN before three.
 
     The Gaussian is refitted when the rows before have grown by an eighth (at every row while
     fewer than 16), so a warm-up batch of ``m`` rows costs about ``8 log m`` factorisations
     instead of ``m``; each row is still scored only by rows that arrived before it.
     """
     out = np.full(len(data) - start, np.nan)
+    by_modes = np.zeros(len(out), dtype=bool)
     centre = data[0]
     c = data - centre
     s1 = c[:start].sum(axis=0)
@@ -126,7 +131,12 @@ def _joint_log_tails(data: np.ndarray, start: int) -> np.ndarray:
     n = start
     while n < len(data):
         end = min(len(data), n + max(1, n // 8))
-        if n >= 3:
+        modes = (mixture_predictive(data[:n], max_components, random_state)
+                 if max_components > 1 else None)
+        if modes is not None:
+            out[n - start:end - start] = mixture_predictive_log_tail(modes, data[n:end])
+            by_modes[n - start:end - start] = True
+        elif n >= 3:
             mean = s1 / n
             fit = cv.joint_predictive(float(n), centre + mean, s2 - n * np.outer(mean, mean))
             if fit is not None:
@@ -134,7 +144,82 @@ def _joint_log_tails(data: np.ndarray, start: int) -> np.ndarray:
         s1 = s1 + c[n:end].sum(axis=0)
         s2 = s2 + c[n:end].T @ c[n:end]
         n = end
-    return out
+    return out, by_modes
+
+
+def mixture_predictive(
+    rows: np.ndarray, max_components: int, random_state: int | None = None
+) -> list[tuple[float, cv.JointPredictive]] | None:
+    """The components of the mixture of 2 to ``max_components`` full Gaussians that BIC prefers
+    to one Gaussian for ``rows``, as ``(log weight, predictive)`` pairs; None if one Gaussian
+    is preferred (or no mixture can be fitted).
+
+    A young stream's warm-up scores: one Gaussian over two normal modes has its mean between
+    them, where an anomalous mode hides (one class between two normal ones). Each ``K`` is
+    fitted by batch EM (OAS-shrunk covariances; no more free parameters than rows, so with
+    many features and few rows one Gaussian it is, at no cost); the one with the
+    lowest BIC wins, its free parameters counted as full covariances', so more components
+    win only where the modes are clear, and only if each has three rows behind it (a
+    singleton is no mode). Each component is then the
+    :func:`~streamgmm._covariance.joint_predictive` of its rows, weighted by their
+    responsibilities: its ``n`` is the rows behind it, so a young component's tail is wide.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(40, 2)) + [[0, 0], [8, 8]] * 20
+    >>> parts = mixture_predictive(X, 3, random_state=0)
+    >>> one_mode = np.random.default_rng(1).normal(size=(40, 2))
+    >>> len(parts), mixture_predictive(one_mode, 3, random_state=0)
+    (2, None)
+    >>> between = mixture_predictive_log_tail(parts, np.array([[4.0, 4.0], [0.0, 0.0]]))
+    >>> bool(between[0] < between[1] - 5)     # one Gaussian would put (4, 4) at its centre
+    True
+    """
+    best, chosen, previous, rises = math.inf, None, math.inf, 0
+    for k in range(1, max_components + 1):
+        if cv.n_parameters("full", k, rows.shape[1]) > len(rows) or rises >= 2:
+            break  # more free parameters than rows, or BIC rose twice in a row
+        model = OnlineGaussianMixture(k, covariance_shrinkage="oas", n_init=1,
+                                      random_state=random_state)
+        try:
+            model._fit_batch(rows, np.ones(len(rows)))  # fit(), without its convergence warning
+        except (ValueError, np.linalg.LinAlgError):
+            break
+        bic = model.bic(rows)
+        rises, previous = (rises + 1 if bic > previous else 0), bic
+        if bic < best:
+            parts = _component_predictives(model, rows) if k > 1 else None
+            if k == 1 or parts is not None:
+                best, chosen = bic, parts
+    return chosen
+
+
+def _component_predictives(model: OnlineGaussianMixture, rows: np.ndarray) -> list | None:
+    """Each component's :func:`~streamgmm._covariance.joint_predictive` from its
+    responsibility-weighted ``rows``, with its log weight; None if one has none (fewer than
+    three rows behind it, or a singular covariance)."""
+    parts = []
+    for r in model.predict_proba(rows).T:
+        n = float(r.sum())
+        mean = r @ rows / max(n, 1e-300)
+        centred = rows - mean
+        fit = cv.joint_predictive(n, mean, (centred * r[:, None]).T @ centred)
+        if fit is None:
+            return None
+        parts.append((math.log(n / len(rows)), fit))
+    return parts
+
+
+def mixture_predictive_log_tail(
+    parts: list[tuple[float, cv.JointPredictive]], rows: np.ndarray
+) -> Any:
+    """``log sum_k w_k tail_k`` of complete rows (``(m, d)``, or one ``(d,)`` row: a float)
+    under :func:`mixture_predictive`'s components: the mixture's predictive mass further out
+    than each row."""
+    terms = np.array([lw + cv.joint_predictive_log_tail(fit, rows) for lw, fit in parts])
+    top = terms.max(axis=0)
+    return top + np.log(np.exp(terms - top).sum(axis=0))
 
 
 class OnlineGaussianMixture:
@@ -550,9 +635,11 @@ class OnlineGaussianMixture:
         statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
         tail[ok] = cv.log_f_tail(statistic, d, dof)
         if d > 1 and np.isfinite(data).all():
-            joint = _joint_log_tails(data, len(past))
-            both = ok & np.isfinite(joint)
+            joint, by_modes = _joint_log_tails(
+                data, len(past), self._max_k(), self.random_state)
+            both = ok & np.isfinite(joint) & ~by_modes
             tail[both] = 0.5 * (tail[both] + joint[both])
+            tail[by_modes] = joint[by_modes]
         return out, tail
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
