@@ -235,8 +235,9 @@ class GMMDetector(base.AnomalyDetector):
     ``anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=r), threshold=1 - r)`` flags at about
     the rate ``r``. Until the mixture has initialised (``warmup_events // 2`` complete events) the
     score is the predictive (F-distribution) tail of the Mahalanobis distance under Gaussians of
-    the events learned so far (the geometric mean of a diagonal and a full one's, see
-    ``_fallback_score``), and 0.0 before any event was learned. Beyond a tail
+    the events learned so far (the geometric mean of a diagonal and a full one's, or the tail
+    of a mixture of full ones where BIC prefers one, see ``_fallback_score``), and 0.0 before
+    any event was learned. Beyond a tail
     probability of 1e-6 the score keeps rising slowly with the detector's score, so far anomalies
     stay ranked. :meth:`Detector.score_samples
     <streamgmm.detector.Detector.score_samples>` on :attr:`detector` gives that score itself.
@@ -691,6 +692,13 @@ class GMMDetector(base.AnomalyDetector):
         +0.009, wine +0.015, RandomRBF "one" +0.005; the full one alone gained as much there
         but lost 0.097 on breast cancer, whose anomalies (the other class) move along the
         correlated size features.
+
+        Where the complete rows so far have several modes -- BIC prefers a mixture of full
+        Gaussians to one (:meth:`_mixture_log_tail`; with no more free parameters than rows:
+        from 29 rows with 4 features, never below 209 rows with 13) -- a complete event gets
+        the mixture's predictive tail instead: one Gaussian over two normal classes has its
+        mean between them, where an anomalous class in between scores as the most normal
+        event (README, *Why the defaults*).
 
         A feature that has not varied yet (variance 0 so far: a pixel that has always been 0)
         adds at most :func:`~streamgmm._covariance.unvaried_residual_cap` to the statistic,

@@ -586,6 +586,9 @@ class OnlineGaussianMixture:
         :func:`~streamgmm._covariance.joint_predictive`) -- the geometric mean of the two
         tail probabilities, as ``GMMDetector``'s warm-up scores: the full Gaussian sees an
         event that breaks a correlation, the diagonal one every feature an anomaly moves.
+        Where BIC prefers a mixture of full Gaussians for the rows before
+        (:func:`mixture_predictive`), the tail is that mixture's alone: one Gaussian over
+        several modes has its mean between them.
 
         Examples
         --------
