@@ -110,20 +110,15 @@ def _rounding_variance(X: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(smallest), smallest**2 / 12.0, 0.0)
 
 
-def _joint_log_tails(
-    data: np.ndarray, start: int, max_components: int = 1, random_state: int | None = None
-) -> np.ndarray:
+def _joint_log_tails(data: np.ndarray, start: int) -> np.ndarray:
     """Log predictive tail of each row of ``data`` from ``start`` on under the full Gaussian of
-    the rows before it (:func:`~streamgmm._covariance.joint_predictive`), or under the mixture
-    of up to ``max_components`` of them that BIC prefers for those rows
-    (:func:`mixture_predictive`); NaN before three.
+    the rows before it (:func:`~streamgmm._covariance.joint_predictive`); NaN before three.
 
     The Gaussian is refitted when the rows before have grown by an eighth (at every row while
     fewer than 16), so a warm-up batch of ``m`` rows costs about ``8 log m`` factorisations
     instead of ``m``; each row is still scored only by rows that arrived before it.
     """
     out = np.full(len(data) - start, np.nan)
-    by_modes = np.zeros(len(out), dtype=bool)
     centre = data[0]
     c = data - centre
     s1 = c[:start].sum(axis=0)
@@ -131,12 +126,7 @@ def _joint_log_tails(
     n = start
     while n < len(data):
         end = min(len(data), n + max(1, n // 8))
-        modes = (mixture_predictive(data[:n], max_components, random_state)
-                 if max_components > 1 else None)
-        if modes is not None:
-            out[n - start:end - start] = mixture_predictive_log_tail(modes, data[n:end])
-            by_modes[n - start:end - start] = True
-        elif n >= 3:
+        if n >= 3:
             mean = s1 / n
             fit = cv.joint_predictive(float(n), centre + mean, s2 - n * np.outer(mean, mean))
             if fit is not None:
@@ -144,7 +134,7 @@ def _joint_log_tails(
         s1 = s1 + c[n:end].sum(axis=0)
         s2 = s2 + c[n:end].T @ c[n:end]
         n = end
-    return out, by_modes
+    return out
 
 
 def mixture_predictive(
@@ -586,9 +576,6 @@ class OnlineGaussianMixture:
         :func:`~streamgmm._covariance.joint_predictive`) -- the geometric mean of the two
         tail probabilities, as ``GMMDetector``'s warm-up scores: the full Gaussian sees an
         event that breaks a correlation, the diagonal one every feature an anomaly moves.
-        Where BIC prefers a mixture of full Gaussians for the rows before
-        (:func:`mixture_predictive`), the tail is that mixture's alone: one Gaussian over
-        several modes has its mean between them.
 
         Examples
         --------
@@ -638,11 +625,9 @@ class OnlineGaussianMixture:
         statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
         tail[ok] = cv.log_f_tail(statistic, d, dof)
         if d > 1 and np.isfinite(data).all():
-            joint, by_modes = _joint_log_tails(
-                data, len(past), self._max_k(), self.random_state)
-            both = ok & np.isfinite(joint) & ~by_modes
+            joint = _joint_log_tails(data, len(past))
+            both = ok & np.isfinite(joint)
             tail[both] = 0.5 * (tail[both] + joint[both])
-            tail[by_modes] = joint[by_modes]
         return out, tail
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
