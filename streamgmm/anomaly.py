@@ -312,7 +312,8 @@ class GMMDetector(base.AnomalyDetector):
         self._joint: list | None = None
         self._joint_fit: tuple | None = None
         # and a mixture of them where BIC prefers one (mixture_predictive): the complete learned
-        # rows (internal frame), and (rows it was fitted to, its components or None)
+        # rows (internal frame) as the batches _learn_joint got, and (rows it was fitted to, its
+        # components or None)
         self._warm_rows: list[np.ndarray] = []
         self._warm_mixture: tuple[int, list | None] = (0, None)
         self._fast: tuple[np.ndarray, ...] | None = None
@@ -633,7 +634,7 @@ class GMMDetector(base.AnomalyDetector):
         rows = rows[np.isfinite(rows).all(axis=1)]
         if not len(rows):
             return
-        self._warm_rows.extend(rows)
+        self._warm_rows.append(rows)
         nb = float(len(rows))
         mb = rows.mean(axis=0)
         diff = rows - mb
@@ -667,9 +668,11 @@ class GMMDetector(base.AnomalyDetector):
         refitted when they have grown by an eighth, at least by 4); None while one Gaussian is
         preferred."""
         n, parts = self._warm_mixture
-        if len(self._warm_rows) >= max(n + n // 8, n + 4):
-            n = len(self._warm_rows)
-            parts = mixture_predictive(np.array(self._warm_rows), self.max_components, self.seed)
+        learned = sum(len(rows) for rows in self._warm_rows)  # none once the mixture exists
+        if learned >= max(n + n // 8, n + 4):
+            n = learned
+            parts = mixture_predictive(np.concatenate(self._warm_rows), self.max_components,
+                                       self.seed)
             self._warm_mixture = (n, parts)
         return None if parts is None else float(mixture_predictive_log_tail(parts, internal))
 

@@ -208,8 +208,8 @@ def mixture_predictive_log_tail(
     under :func:`mixture_predictive`'s components: the mixture's predictive mass further out
     than each row."""
     terms = np.array([lw + cv.joint_predictive_log_tail(fit, rows) for lw, fit in parts])
-    top = terms.max(axis=0)
-    return top + np.log(np.exp(terms - top).sum(axis=0))
+    total = cv.log_sum_exp(np.atleast_2d(terms.T))  # (rows, K)
+    return total if np.ndim(rows) > 1 else float(total[0])
 
 
 class OnlineGaussianMixture:
