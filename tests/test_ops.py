@@ -1050,16 +1050,20 @@ def test_the_compose_kafka_settings_topic_creation_and_daemon_config_run_on_apac
                 if daemon.poll() is None:
                     daemon.kill()
                     daemon.wait()
-        counted = {name: sum(sample.value for sample in families[name]) for name in
-                   ("streamgmm_events_total", "streamgmm_dead_letters_total")}
-        # Read until the counted dead letters are in; the anomalies until 3 s of silence (a
-        # 0.5 s one ended before the reader's first fetch under load: 0 anomalies read, twice).
-        letters = read_topic(internal, config["dead_letter_topic"],
-                             expect=int(counted["streamgmm_dead_letters_total"]), idle=0.5)
-        anomalies = read_topic(internal, config["output_topic"], idle=3.0)
+        counted = {name: int(sum(sample.value for sample in families[name])) for name in
+                   ("streamgmm_events_total", "streamgmm_dead_letters_total",
+                    "streamgmm_anomalies_total")}
+        assert counted["streamgmm_anomalies_total"] > 0
+        # Read until the counted records are in (then 0.5 s more, for duplicates): waiting
+        # for a silence instead ended before the reader's first fetch under load (0 anomalies
+        # read after 3 s of silence, in a full run of the suite).
+        letters = read_topic(internal, config["dead_letter_topic"], timeout=60,
+                             expect=counted["streamgmm_dead_letters_total"], idle=0.5)
+        anomalies = read_topic(internal, config["output_topic"], timeout=60,
+                               expect=counted["streamgmm_anomalies_total"], idle=0.5)
         assert counted["streamgmm_dead_letters_total"] == len(letters)
         assert counted["streamgmm_events_total"] + len(letters) == 3000
-        assert len(anomalies) > 0
+        assert counted["streamgmm_anomalies_total"] == len(anomalies)
         # no topic was auto-created (auto.create.topics.enable=false): only those three, the
         # state topic the daemon created (one partition, compacted) and Kafka's own
         admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": internal})
