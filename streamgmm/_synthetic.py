@@ -20,7 +20,27 @@ __all__ = [
     "new_mode",
     "abrupt_drift",
     "gradual_drift",
+    "anomalies_between_modes",
 ]
+
+
+def anomalies_between_modes(n: int, n_features: int = 4, n_anomalies: int = 12,
+                            first: int = 40, apart: float = 6.0, seed: int = 0):
+    """Two equally likely normal modes ``apart`` standard deviations apart in every feature,
+    and ``n_anomalies`` events (from event ``first`` on) at the point between them: where one
+    Gaussian over the modes has its mean, so it scores them as the most normal events.
+
+    >>> X, y = anomalies_between_modes(200, seed=0)
+    >>> X.shape, int(y.sum()), bool(abs(X[y == 1].mean() - 3.0) < 0.3)
+    ((200, 4), 12, True)
+    """
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, n_features))
+    X[rng.random(n) < 0.5] += apart
+    y = np.zeros(n, dtype=int)
+    y[rng.choice(np.arange(first, n), n_anomalies, replace=False)] = 1
+    X[y == 1] = apart / 2 + 0.5 * rng.normal(size=(n_anomalies, n_features))
+    return X, y
 
 
 def random_mixture(n_features: int, n_components: int, rng: np.random.Generator):

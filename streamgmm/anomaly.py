@@ -50,6 +50,7 @@ from streamgmm.mixture import (
     OnlineGaussianMixture,
     mixture_predictive,
     mixture_predictive_log_tail,
+    modes_refit_point,
 )
 
 __all__ = ["GMMDetector"]
@@ -315,7 +316,7 @@ class GMMDetector(base.AnomalyDetector):
         # rows (internal frame) as the batches _learn_joint got, and (rows it was fitted to, its
         # components or None)
         self._warm_rows: list[np.ndarray] = []
-        self._warm_mixture: tuple[int, list | None] = (0, None)
+        self._warm_mixture: dict[str, tuple[int, list | None]] = {}  # by covariance type
         self._fast: tuple[np.ndarray, ...] | None = None
         # the diagonal mixture (see diagonal_components), its cached parts as _fast and
         # _tail_one, and its trial until it is decided
@@ -488,7 +489,7 @@ class GMMDetector(base.AnomalyDetector):
             self.detector.process(rows, drift_summaries=False)  # report discarded
             self._warm = self.detector.model.is_fitted
             if self._warm:
-                self._warm_rows, self._warm_mixture = [], (0, None)
+                self._warm_rows, self._warm_mixture = [], {}
             if self._trial is not None:
                 self._trial.learned(rows, self._warm)
         self._fast = self._tail_one = self._expert_fast = self._expert_tail_one = None
@@ -662,18 +663,18 @@ class GMMDetector(base.AnomalyDetector):
         fit = self._joint_fit[1]
         return None if fit is None else cv.joint_predictive_log_tail(fit, internal)
 
-    def _mixture_log_tail(self, internal: np.ndarray) -> float | None:
-        """Log predictive tail of a complete row under the mixture of Gaussians BIC prefers
-        for the complete rows learned so far (:func:`~streamgmm.mixture.mixture_predictive`,
-        refitted when they have grown by an eighth, at least by 4); None while one Gaussian is
-        preferred."""
-        n, parts = self._warm_mixture
-        learned = sum(len(rows) for rows in self._warm_rows)  # none once the mixture exists
-        if learned >= max(n + n // 8, n + 4):
-            n = learned
-            parts = mixture_predictive(np.concatenate(self._warm_rows), self.max_components,
-                                       self.seed)
-            self._warm_mixture = (n, parts)
+    def _mixture_log_tail(self, internal: np.ndarray, covariance_type: str) -> float | None:
+        """Log predictive tail of a complete row under the mixture of ``covariance_type``
+        Gaussians BIC prefers for the complete rows learned so far
+        (:func:`~streamgmm.mixture.mixture_predictive`, refitted at the fixed points of
+        :func:`~streamgmm.mixture.modes_refit_point`, as the daemon's warm-up is: when they
+        have grown by an eighth, at least by 4); None while one Gaussian is preferred."""
+        n, parts = self._warm_mixture.get(covariance_type, (0, None))
+        point = modes_refit_point(sum(len(rows) for rows in self._warm_rows))
+        if point != n:  # (no rows are kept once the mixture exists)
+            parts = mixture_predictive(np.concatenate(self._warm_rows)[:point],
+                                       self.max_components, self.seed, covariance_type)
+            self._warm_mixture[covariance_type] = (point, parts)
         return None if parts is None else float(mixture_predictive_log_tail(parts, internal))
 
     def _fallback_score(self, x: dict) -> float:
@@ -701,7 +702,10 @@ class GMMDetector(base.AnomalyDetector):
         from 29 rows with 4 features, never below 209 rows with 13) -- a complete event gets
         the mixture's predictive tail instead: one Gaussian over two normal classes has its
         mean between them, where an anomalous class in between scores as the most normal
-        event (README, *Why the defaults*).
+        event (README, *Why the defaults*). Where it does not, but BIC prefers a mixture of
+        diagonal Gaussians to one diagonal Gaussian (which fits with many features and few
+        events: from 121 rows with 30 features), that mixture's tail stands in for the
+        diagonal Gaussian's in the geometric mean.
 
         A feature that has not varied yet (variance 0 so far: a pixel that has always been 0)
         adds at most :func:`~streamgmm._covariance.unvaried_residual_cap` to the statistic,
@@ -739,9 +743,12 @@ class GMMDetector(base.AnomalyDetector):
             row = self._row(x)
             if math.isfinite(row.sum()):
                 internal = self._input_frame.internal(row)
-                modes = self._mixture_log_tail(internal)
+                modes = self._mixture_log_tail(internal, "full")
                 if modes is not None:  # several modes: no single Gaussian describes them
                     return float(_unit_from_log_tail(modes))
+                diagonal = self._mixture_log_tail(internal, "diag")
+                if diagonal is not None:  # several modes, seen with diagonal covariances
+                    log_tail = diagonal
                 joint = self._joint_log_tail(internal)
                 if joint is not None:
                     log_tail = 0.5 * (log_tail + joint)

@@ -29,7 +29,8 @@ Scores and scales (per event, :class:`DetectionResult`)
 Warm-up
     The first ``warmup_events // 2`` complete events initialise the model (their ``component``
     is -1 and their score that of the predictive distribution of the events before them, a
-    diagonal Gaussian's and (by tail mass) a full one's,
+    diagonal Gaussian's and (by tail mass) a full one's, or a mixture's where the events
+    before have several modes,
     :meth:`~streamgmm.mixture.OnlineGaussianMixture.warmup_score_samples`, so even a stream
     shorter than the warm-up is ranked; NaN for the first two); the next
     ``warmup_events - warmup_events // 2`` are scored by the mixture and calibrate the

@@ -37,6 +37,7 @@ Discrete features
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -110,49 +111,95 @@ def _rounding_variance(X: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(smallest), smallest**2 / 12.0, 0.0)
 
 
+def refit_points(end: int, first: int, least: int) -> list[int]:
+    """Row counts below ``end`` at which a warm-up predictive is refitted: ``first``, then each
+    an eighth more than the one before (at least ``least`` more).
+
+    A fixed grid: row ``i`` is scored by the fit to the rows before the last point ``<= i``,
+    however the stream was cut into batches and wherever a restart fell, and a warm-up of
+    ``m`` rows costs about ``8 ln m`` fits instead of ``m``.
+
+    Examples
+    --------
+    >>> refit_points(60, 4, 4)                         # the mixture's (_modes_log_tails)
+    [4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 45, 50, 56]
+    >>> refit_points(30, 3, 1)                         # the full Gaussian's
+    [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 27]
+    """
+    points, p = [], first
+    while p < end:
+        points.append(p)
+        p += max(least, p // 8)
+    return points
+
+
+# A warm-up mixture's component lighter than this is no normal mode: a tight class of anomalies
+# learned in the warm-up (nothing is flagged there) would otherwise become one
+_MIN_MODE_WEIGHT = 0.05
+_MODES_GRID = (4, 4)  # the warm-up mixture's refit points: from 4 rows, at least 4 apart
+
+
+def modes_refit_point(n: int) -> int:
+    """The warm-up mixture's last refit point (:func:`refit_points`) at or below ``n`` rows, 0
+    before the first: the rows a young stream's :func:`mixture_predictive` is fitted to.
+
+    >>> modes_refit_point(3), modes_refit_point(47), modes_refit_point(50)
+    (0, 45, 50)
+    """
+    return (refit_points(n + 1, *_MODES_GRID) or [0])[-1]
+
+
+def _segments(points: list[int], start: int, end: int):
+    """``(p, first, stop)`` for each refit point whose rows ``[p, next point)`` reach into
+    ``[start, end)``: rows ``first:stop`` are scored by the fit to the ``p`` rows before."""
+    for i, p in enumerate(points):
+        stop = points[i + 1] if i + 1 < len(points) else end
+        if stop > start:
+            yield p, max(p, start), stop
+
+
 def _joint_log_tails(data: np.ndarray, start: int) -> np.ndarray:
     """Log predictive tail of each row of ``data`` from ``start`` on under the full Gaussian of
-    the rows before it (:func:`~streamgmm._covariance.joint_predictive`); NaN before three.
-
-    The Gaussian is refitted when the rows before have grown by an eighth (at every row while
-    fewer than 16), so a warm-up batch of ``m`` rows costs about ``8 log m`` factorisations
-    instead of ``m``; each row is still scored only by rows that arrived before it.
+    the rows before it (:func:`~streamgmm._covariance.joint_predictive`), refitted at the
+    points of :func:`refit_points` (every row up to 16, then every eighth); NaN before three.
     """
     out = np.full(len(data) - start, np.nan)
     centre = data[0]
     c = data - centre
-    s1 = c[:start].sum(axis=0)
-    s2 = c[:start].T @ c[:start]
-    n = start
-    while n < len(data):
-        end = min(len(data), n + max(1, n // 8))
-        if n >= 3:
-            mean = s1 / n
-            fit = cv.joint_predictive(float(n), centre + mean, s2 - n * np.outer(mean, mean))
-            if fit is not None:
-                out[n - start:end - start] = cv.joint_predictive_log_tail(fit, data[n:end])
-        s1 = s1 + c[n:end].sum(axis=0)
-        s2 = s2 + c[n:end].T @ c[n:end]
-        n = end
+    s1, s2, n = np.zeros(data.shape[1]), np.zeros((data.shape[1],) * 2), 0
+    for p, first, stop in _segments(refit_points(len(data), 3, 1), start, len(data)):
+        s1 = s1 + c[n:p].sum(axis=0)
+        s2 = s2 + c[n:p].T @ c[n:p]
+        n = p
+        mean = s1 / n
+        fit = cv.joint_predictive(float(n), centre + mean, s2 - n * np.outer(mean, mean))
+        if fit is not None:
+            out[first - start:stop - start] = cv.joint_predictive_log_tail(fit, data[first:stop])
     return out
 
 
 def mixture_predictive(
-    rows: np.ndarray, max_components: int, random_state: int | None = None
+    rows: np.ndarray, max_components: int, random_state: int | None = None,
+    covariance_type: str = "full",
 ) -> list[tuple[float, cv.JointPredictive]] | None:
-    """The components of the mixture of 2 to ``max_components`` full Gaussians that BIC prefers
-    to one Gaussian for ``rows``, as ``(log weight, predictive)`` pairs; None if one Gaussian
-    is preferred (or no mixture can be fitted).
+    """The components of the mixture of 2 to ``max_components`` Gaussians that BIC prefers to
+    one Gaussian for ``rows``, as ``(log weight, predictive)`` pairs; None if one Gaussian is
+    preferred (or no mixture can be fitted).
 
     A young stream's warm-up scores: one Gaussian over two normal modes has its mean between
     them, where an anomalous mode hides (one class between two normal ones). Each ``K`` is
-    fitted by batch EM (OAS-shrunk covariances; no more free parameters than rows, so with
-    many features and few rows one Gaussian it is, at no cost); the one with the
-    lowest BIC wins, its free parameters counted as full covariances', so more components
-    win only where the modes are clear, and only if each has three rows behind it (a
-    singleton is no mode). Each component is then the
-    :func:`~streamgmm._covariance.joint_predictive` of its rows, weighted by their
-    responsibilities: its ``n`` is the rows behind it, so a young component's tail is wide.
+    fitted by batch EM, with ``"full"`` (OAS-shrunk) or ``"diag"`` covariances, never with more
+    free parameters than rows (with many features and few rows, one full Gaussian it is, at no
+    cost: a diagonal mixture still separates the modes from a few rows per feature); the one
+    with the lowest BIC wins, its free parameters counted as the covariance type's, so more
+    components win only where the modes are clear, and only if each has three rows behind it
+    (a singleton is no mode). Each component is then the
+    :func:`~streamgmm._covariance.joint_predictive` of its rows (their diagonal, for
+    ``"diag"``), weighted by their responsibilities: its ``n`` is the rows behind it, so a
+    young component's tail is wide. A component of less than 5 % of the weight is dropped
+    (the others' weights renormalised): nothing is flagged in the warm-up, so a tight class of
+    anomalies is learned with the rest, and as a component of its own it would make its
+    later members normal.
 
     Examples
     --------
@@ -165,12 +212,20 @@ def mixture_predictive(
     >>> between = mixture_predictive_log_tail(parts, np.array([[4.0, 4.0], [0.0, 0.0]]))
     >>> bool(between[0] < between[1] - 5)     # one Gaussian would put (4, 4) at its centre
     True
+    >>> wide = np.random.default_rng(2).normal(size=(150, 30)) + [[0.0] * 30, [2.0] * 30] * 75
+    >>> mixture_predictive(wide, 3, 0), len(mixture_predictive(wide, 3, 0, "diag"))
+    (None, 2)
     """
+    d = rows.shape[1]
+    if max_components < 2 or cv.n_parameters(covariance_type, 2, d) > len(rows):
+        return None  # no mixture fits: nothing to compare one Gaussian with
+    diagonal = covariance_type == "diag"
     best, chosen, previous, rises = math.inf, None, math.inf, 0
     for k in range(1, max_components + 1):
-        if cv.n_parameters("full", k, rows.shape[1]) > len(rows) or rises >= 2:
+        if cv.n_parameters(covariance_type, k, d) > len(rows) or rises >= 2:
             break  # more free parameters than rows, or BIC rose twice in a row
-        model = OnlineGaussianMixture(k, covariance_shrinkage="oas", n_init=1,
+        model = OnlineGaussianMixture(k, covariance_type=covariance_type, n_init=1,
+                                      covariance_shrinkage=None if diagonal else "oas",
                                       random_state=random_state)
         try:
             model._fit_batch(rows, np.ones(len(rows)))  # fit(), without its convergence warning
@@ -179,22 +234,30 @@ def mixture_predictive(
         bic = model.bic(rows)
         rises, previous = (rises + 1 if bic > previous else 0), bic
         if bic < best:
-            parts = _component_predictives(model, rows) if k > 1 else None
+            parts = _component_predictives(model, rows, diagonal) if k > 1 else None
             if k == 1 or parts is not None:
                 best, chosen = bic, parts
-    return chosen
+    if chosen is None:
+        return None
+    modes = [(lw, fit) for lw, fit in chosen if lw >= math.log(_MIN_MODE_WEIGHT)] or chosen
+    total = math.log(sum(math.exp(lw) for lw, _ in modes))
+    return [(lw - total, fit) for lw, fit in modes]
 
 
-def _component_predictives(model: OnlineGaussianMixture, rows: np.ndarray) -> list | None:
+def _component_predictives(model: OnlineGaussianMixture, rows: np.ndarray,
+                           diagonal: bool = False) -> list | None:
     """Each component's :func:`~streamgmm._covariance.joint_predictive` from its
-    responsibility-weighted ``rows``, with its log weight; None if one has none (fewer than
-    three rows behind it, or a singular covariance)."""
+    responsibility-weighted ``rows`` (their diagonal scatter only, with ``diagonal``), with its
+    log weight; None if one has none (fewer than three rows behind it, or a singular
+    covariance)."""
     parts = []
     for r in model.predict_proba(rows).T:
         n = float(r.sum())
         mean = r @ rows / max(n, 1e-300)
         centred = rows - mean
-        fit = cv.joint_predictive(n, mean, (centred * r[:, None]).T @ centred)
+        scatter = (np.diag(r @ (centred * centred)) if diagonal
+                   else (centred * r[:, None]).T @ centred)
+        fit = cv.joint_predictive(n, mean, scatter)
         if fit is None:
             return None
         parts.append((math.log(n / len(rows)), fit))
@@ -353,6 +416,9 @@ class OnlineGaussianMixture:
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self._memo: tuple[np.ndarray, np.ndarray] | None = None
+        # the warm-up's last mixtures (_modes_log_tails), by covariance type: (digest of their
+        # rows, their components)
+        self._warm_modes: dict[str, tuple[bytes, list | None]] = {}
         # Optional ``(rows, weights) -> weights`` for the rows of a fit to the buffer: called
         # with the current model before a refit, and after the initialisation's fits until its
         # answer settles (_fit_judged; the Detector judges its warm-up rows again); not a
@@ -576,6 +642,11 @@ class OnlineGaussianMixture:
         :func:`~streamgmm._covariance.joint_predictive`) -- the geometric mean of the two
         tail probabilities, as ``GMMDetector``'s warm-up scores: the full Gaussian sees an
         event that breaks a correlation, the diagonal one every feature an anomaly moves.
+        Where BIC prefers a mixture of full Gaussians for the rows before
+        (:func:`mixture_predictive`), the tail is that mixture's alone: one Gaussian over
+        several modes has its mean between them, where an anomalous mode hides. Both are
+        refitted at fixed row counts (:func:`refit_points`), so the scores do not depend on
+        how the rows were cut into batches.
 
         Examples
         --------
@@ -624,11 +695,44 @@ class OnlineGaussianMixture:
         d = X.shape[1]
         statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
         tail[ok] = cv.log_f_tail(statistic, d, dof)
-        if d > 1 and np.isfinite(data).all():
-            joint = _joint_log_tails(data, len(past))
-            both = ok & np.isfinite(joint)
-            tail[both] = 0.5 * (tail[both] + joint[both])
+        if np.isfinite(data).all():
+            modes = self._modes_log_tails(data, len(past), "full")
+            by_modes = ok & np.isfinite(modes)
+            tail[by_modes] = modes[by_modes]
+            if d > 1:
+                joint = _joint_log_tails(data, len(past))
+                both = ok & np.isfinite(joint) & ~by_modes
+                tail[both] = 0.5 * (tail[both] + joint[both])
         return out, tail
+
+    def _modes_log_tails(self, data: np.ndarray, start: int, covariance_type: str) -> np.ndarray:
+        """Log predictive tail of each row of ``data`` from ``start`` on under the mixture of
+        ``covariance_type`` Gaussians BIC prefers for the rows before it
+        (:func:`mixture_predictive`, refitted at the fixed points of :func:`refit_points`: 4,
+        8, 12, 16, then every eighth); NaN where one Gaussian is preferred.
+
+        The last fit of each type is kept with a digest of the rows it was fitted to, so that
+        micro-batches of a few events do not refit it each time; it is derived from the buffer
+        alone, so it is not part of the state (a restored model fits it again, to the same
+        rows).
+        """
+        out = np.full(len(data) - start, np.nan)
+        max_k = self._max_k()
+        if max_k < 2:
+            return out
+        for p, first, stop in _segments(refit_points(len(data), *_MODES_GRID), start, len(data)):
+            digest = hashlib.blake2b(np.ascontiguousarray(data[:p]).tobytes(),
+                                     digest_size=16).digest()
+            cached = self._warm_modes.get(covariance_type)
+            if cached is not None and cached[0] == digest:
+                parts = cached[1]
+            else:
+                parts = mixture_predictive(data[:p], max_k, self.random_state, covariance_type)
+                self._warm_modes[covariance_type] = (digest, parts)
+            if parts is not None:
+                out[first - start:stop - start] = mixture_predictive_log_tail(
+                    parts, data[first:stop])
+        return out
 
     def _recall_estep(self, X: np.ndarray) -> np.ndarray | None:
         """The weighted log-probabilities of ``X`` if ``score_samples`` just computed them under
@@ -1133,6 +1237,7 @@ class OnlineGaussianMixture:
     def _plan_refits(self, data: np.ndarray, weights: np.ndarray) -> None:
         """After a fit to ``data``: keep it and set the next refit size, or stop refitting."""
         n, limit = len(data), self.refit_size
+        self._warm_modes = {}  # the warm-up is over
         if limit is not None and n < limit:
             self._buffer, self._buffer_weights = [data], [weights]
             self._next_refit = min(max(n + n // 2, n + 1), int(limit))

@@ -278,26 +278,27 @@ def test_scores_before_the_mixture_exist_follow_correlations():
     assert batch.score_one({"a": 1.0, "b": -1.0}) == pytest.approx(across, rel=1e-9)
 
 
-def _two_modes_and_anomalies_between(n, n_anomalies, first, seed):
-    """4 features, two normal modes 6 standard deviations apart, a few anomalies between them
-    (from event ``first`` on): one Gaussian over the modes has its mean where they are."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, 4))
-    X[rng.random(n) < 0.5] += 6.0
-    y = np.zeros(n, dtype=int)
-    y[rng.choice(np.arange(first, n), n_anomalies, replace=False)] = 1
-    X[y == 1] = 3.0 + 0.5 * rng.normal(size=(n_anomalies, 4))
-    return X, y
-
-
 @pytest.mark.parametrize("seed", [0, 1, 3])
 def test_before_the_mixture_exists_an_event_between_two_normal_modes_is_ranked(seed):
     # 110 events, all before the mixture initialises (128): scored by one Gaussian, the
     # anomalies between the modes were the most normal events (ROC-AUC 0.02-0.03); under the
     # mixture BIC prefers once it has as many rows as free parameters (29), 0.97-1.00.
-    X, y = _two_modes_and_anomalies_between(110, 5, 30, seed)
+    X, y = syn.anomalies_between_modes(110, n_anomalies=5, first=30, seed=seed)
     data = [{f"x{j}": float(v) for j, v in enumerate(row)} for row in X]
     model = GMMDetector(seed=0)
+    assert _prequential_auc(model, data, y) > 0.95
+    assert not model.is_warm
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_with_many_features_the_warm_up_separates_the_modes_with_diagonal_covariances(seed):
+    # 30 features, 300 events, all in the warm-up (warmup_events=1000): two full components
+    # need 991 rows, so the full Gaussians stay one, whose mean is where the anomalies are
+    # (ROC-AUC 0.007); a diagonal mixture fits from 121 rows (1.00; 0.90-0.96 with the modes
+    # 3 standard deviations apart instead of 4)
+    X, y = syn.anomalies_between_modes(300, 30, n_anomalies=8, first=150, apart=4.0, seed=seed)
+    data = [{f"x{j}": float(v) for j, v in enumerate(row)} for row in X]
+    model = GMMDetector(warmup_events=1000, seed=0)
     assert _prequential_auc(model, data, y) > 0.95
     assert not model.is_warm
 
