@@ -485,8 +485,9 @@ class GMMDetector(base.AnomalyDetector):
             if self._trial is not None:
                 self._judge_expert(rows)
             if self.expert is not None:
-                self.expert.process(rows, drift_summaries=False)
-            self.detector.process(rows, drift_summaries=False)  # report discarded
+                self.expert.process(rows, drift_summaries=False, warmup_scores=False)
+            # the report is discarded, and the warm-up scored by _fallback_score
+            self.detector.process(rows, drift_summaries=False, warmup_scores=False)
             self._warm = self.detector.model.is_fitted
             if self._warm:
                 self._warm_rows, self._warm_mixture = [], {}
@@ -520,7 +521,7 @@ class GMMDetector(base.AnomalyDetector):
                 n_components=trial.n_components, max_components=trial.n_components,
                 covariance_type="diag")
             for past in trial.batches:
-                self.expert.process(past, drift_summaries=False)
+                self.expert.process(past, drift_summaries=False, warmup_scores=False)
 
     @staticmethod
     def _fast_parts(model) -> tuple:

@@ -420,7 +420,7 @@ class Detector:
         return X
 
     def process(self, X: Any, reference: OnlineGaussianMixture | None = None,
-                drift_summaries: bool = True) -> DetectionResult:
+                drift_summaries: bool = True, warmup_scores: bool = True) -> DetectionResult:
         """Score, decide, update and learn one micro-batch; returns per-event results.
 
         Parameters
@@ -437,6 +437,10 @@ class Detector:
             NaN (:meth:`DriftMonitor.update <streamgmm.drift.DriftMonitor.update>`): nothing
             else changes, and a caller that discards the report (``GMMDetector``) saves their
             cost.
+        warmup_scores
+            False leaves the scores of the events before the model is initialised NaN (they
+            are kept out of the calibration, so nothing else changes): a caller that scores
+            its warm-up itself (``GMMDetector``) saves the cost of the predictive.
         """
         X = self._validate(X)
         # A batch that crosses the end of a warm-up is cut there, so that the events after it
@@ -452,13 +456,13 @@ class Detector:
             cut = len(X) if left is None else min(left, len(X))
             try:
                 parts.append(self._process_batch(X[:cut], reference, drift_summaries,
-                                                 under_way=under_way))
+                                                 under_way=under_way, warmup_scores=warmup_scores))
                 under_way = False
             except _ShiftBegins as shift:
                 cut = shift.at
                 adopted = self.n_adoptions
                 parts.append(self._process_batch(X[:cut], reference, drift_summaries,
-                                                 may_cut=False))
+                                                 may_cut=False, warmup_scores=warmup_scores))
                 under_way = self.n_adoptions > adopted
             X = X[cut:]
             if len(X) == 0:
@@ -475,7 +479,7 @@ class Detector:
 
     def _process_batch(self, X: np.ndarray, reference: OnlineGaussianMixture | None = None,
                        drift_summaries: bool = True, may_cut: bool = True,
-                       under_way: bool = False) -> DetectionResult:
+                       under_way: bool = False, warmup_scores: bool = True) -> DetectionResult:
         """Score, decide, update and learn one part of a batch.
 
         Raises :class:`_ShiftBegins` -- before anything is updated -- when ``may_cut`` and
@@ -496,10 +500,12 @@ class Detector:
         predictive = np.zeros(n, dtype=bool)
         if not self.model.is_fitted:
             if complete.any():
-                rows = np.flatnonzero(complete)
-                ll[rows], log_tail = self.model.warmup_score_samples(X[rows], return_tail=True)
-                score[rows] = -log_tail if self.score == "tail" else -ll[rows]
-                predictive[rows] = True
+                if warmup_scores:
+                    rows = np.flatnonzero(complete)
+                    ll[rows], log_tail = self.model.warmup_score_samples(X[rows],
+                                                                         return_tail=True)
+                    score[rows] = -log_tail if self.score == "tail" else -ll[rows]
+                    predictive[rows] = True
                 self.model.partial_fit(X[complete])
         else:
             params = MixtureParameters.of(self.model)  # the model that scores this batch
