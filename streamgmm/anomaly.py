@@ -236,8 +236,9 @@ class GMMDetector(base.AnomalyDetector):
     ``anomaly.ThresholdFilter(GMMDetector(false_alarm_rate=r), threshold=1 - r)`` flags at about
     the rate ``r``. Until the mixture has initialised (``warmup_events // 2`` complete events) the
     score is the predictive (F-distribution) tail of the Mahalanobis distance under Gaussians of
-    the events learned so far (the geometric mean of a diagonal and a full one's, or the tail
-    of a mixture of full ones where BIC prefers one, see ``_fallback_score``), and 0.0 before
+    the events learned so far (the geometric mean of a diagonal and a full one's, the
+    diagonal one replaced by a mixture of diagonal ones where BIC prefers that, or the tail of
+    a mixture of full ones where BIC prefers one, see ``_fallback_score``), and 0.0 before
     any event was learned. Beyond a tail
     probability of 1e-6 the score keeps rising slowly with the detector's score, so far anomalies
     stay ranked. :meth:`Detector.score_samples
