@@ -708,7 +708,8 @@ class OnlineGaussianMixture:
     def _modes_log_tails(self, data: np.ndarray, start: int, covariance_type: str) -> np.ndarray:
         """Log predictive tail of each row of ``data`` from ``start`` on under the mixture of
         ``covariance_type`` Gaussians BIC prefers for the rows before it
-        (:func:`mixture_predictive`, refitted at the fixed points of :func:`refit_points`: 4,
+        (:func:`mixture_predictive`: up to ``max_components`` with ``n_components="auto"``,
+        else up to ``n_components``; refitted at the fixed points of :func:`refit_points`: 4,
         8, 12, 16, then every eighth); NaN where one Gaussian is preferred.
 
         The last fit of each type is kept with a digest of the rows it was fitted to, so that
@@ -717,7 +718,8 @@ class OnlineGaussianMixture:
         rows).
         """
         out = np.full(len(data) - start, np.nan)
-        max_k = self._max_k()
+        # a fixed n_components is the user's number of modes (1: one Gaussian, no mixture)
+        max_k = self.max_components if self.n_components == "auto" else int(self.n_components)
         if max_k < 2:
             return out
         for p, first, stop in _segments(refit_points(len(data), *_MODES_GRID), start, len(data)):
