@@ -51,6 +51,7 @@ from streamgmm.mixture import (
     mixture_predictive,
     mixture_predictive_log_tail,
     modes_refit_point,
+    warmup_modes_bound,
 )
 
 __all__ = ["GMMDetector"]
@@ -674,10 +675,10 @@ class GMMDetector(base.AnomalyDetector):
         n, parts = self._warm_mixture.get(covariance_type, (0, None))
         point = modes_refit_point(sum(len(rows) for rows in self._warm_rows))
         if point != n:  # (no rows are kept once the mixture exists)
-            max_k = (self.max_components if self.n_components == "auto"
-                     else int(self.n_components))  # a fixed number of modes is the user's
-            parts = mixture_predictive(np.concatenate(self._warm_rows)[:point], max_k,
-                                       self.seed, covariance_type)
+            parts = mixture_predictive(
+                np.concatenate(self._warm_rows)[:point],
+                warmup_modes_bound(self.n_components, self.max_components), self.seed,
+                covariance_type)
             self._warm_mixture[covariance_type] = (point, parts)
         return None if parts is None else float(mixture_predictive_log_tail(parts, internal))
 

@@ -139,6 +139,17 @@ _MIN_MODE_WEIGHT = 0.05
 _MODES_GRID = (4, 4)  # the warm-up mixture's refit points: from 4 rows, at least 4 apart
 
 
+def warmup_modes_bound(n_components: int | str, max_components: int) -> int:
+    """The most components a warm-up mixture (:func:`mixture_predictive`) may have:
+    ``max_components`` with ``n_components="auto"``, else the fixed ``n_components`` (the
+    user's number of modes; 1: one Gaussian, no mixture).
+
+    >>> warmup_modes_bound("auto", 10), warmup_modes_bound(1, 10)
+    (10, 1)
+    """
+    return max_components if n_components == "auto" else int(n_components)
+
+
 def modes_refit_point(n: int) -> int:
     """The warm-up mixture's last refit point (:func:`refit_points`) at or below ``n`` rows, 0
     before the first: the rows a young stream's :func:`mixture_predictive` is fitted to.
@@ -708,9 +719,9 @@ class OnlineGaussianMixture:
     def _modes_log_tails(self, data: np.ndarray, start: int, covariance_type: str) -> np.ndarray:
         """Log predictive tail of each row of ``data`` from ``start`` on under the mixture of
         ``covariance_type`` Gaussians BIC prefers for the rows before it
-        (:func:`mixture_predictive`: up to ``max_components`` with ``n_components="auto"``,
-        else up to ``n_components``; refitted at the fixed points of :func:`refit_points`: 4,
-        8, 12, 16, then every eighth); NaN where one Gaussian is preferred.
+        (:func:`mixture_predictive`, of at most :func:`warmup_modes_bound` components;
+        refitted at the fixed points of :func:`refit_points`: 4, 8, 12, 16, then every
+        eighth); NaN where one Gaussian is preferred.
 
         The last fit of each type is kept with a digest of the rows it was fitted to, so that
         micro-batches of a few events do not refit it each time; it is derived from the buffer
@@ -718,8 +729,7 @@ class OnlineGaussianMixture:
         rows).
         """
         out = np.full(len(data) - start, np.nan)
-        # a fixed n_components is the user's number of modes (1: one Gaussian, no mixture)
-        max_k = self.max_components if self.n_components == "auto" else int(self.n_components)
+        max_k = warmup_modes_bound(self.n_components, self.max_components)
         if max_k < 2:
             return out
         for p, first, stop in _segments(refit_points(len(data), *_MODES_GRID), start, len(data)):
