@@ -100,6 +100,30 @@ def test_a_gap_within_the_noise_is_not_significant():
     assert list(evaluate.significant_gaps(df, "m").index) == ["large"]
 
 
+def test_the_noise_floor_counts_the_detector_behind_itself_reseeded_and_stays_out_of_the_tables(
+        tmp_path):
+    rows = []
+    for stream, mine, again, anomalies in (("noise", 0.80, 0.85, 10), ("real", 0.80, 0.85, 2000),
+                                           ("same", 0.90, 0.90, 50), ("ahead", 0.90, 0.80, 50)):
+        for method, group, auc in (("GMMDetector", "streamgmm", mine),
+                                   (evaluate.NOISE_REFERENCE, "reference", again),
+                                   ("b", "baseline", 0.5)):
+            rows.append({"half": "test", "family": "f", "stream": stream, "method": method,
+                         "group": group, "roc_auc": auc, "pr_auc": auc,
+                         "n_events": 4 * anomalies, "n_anomalies": anomalies})
+    df = pd.DataFrame(rows)
+    assert evaluate.noise_floor(df) == {"streams": 4, "behind": 2, "differ": 3,
+                                        "significant": 1}
+    assert evaluate.noise_floor(df[df["group"] != "reference"]) is None
+    lines = evaluate.goals(df, None, None, None)
+    assert not any(evaluate.NOISE_REFERENCE + ")" in line for line in lines)
+    assert any("noise floor" in line and "by > 0.01 on 2 of 4 test streams (1 of them" in line
+               for line in lines)
+    evaluate.report(df, tmp_path)
+    assert evaluate.NOISE_REFERENCE not in (tmp_path / "test_streams_roc_auc.md").read_text()
+    assert evaluate.NOISE_REFERENCE in set(pd.read_csv(tmp_path / "results_test.csv")["method"])
+
+
 def test_the_shuttle_goal_takes_the_narrowest_seed():
     shuttle = pd.DataFrame([
         {"detector": f"GMMDetector seed={seed}", "scaler": scaler, "first 10k": f10, "all": al}
