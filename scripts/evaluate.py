@@ -60,8 +60,8 @@ session 14 that was 43 of the 369 development streams (4 by more than two standa
 
 Timings (2 shared cores, ``--jobs 2``): from an empty cache, both halves with the Shuttle
 protocol (6 seeds), speed and plots ~31 min; after a streamgmm change (only its six methods
-re-run) the development half ~10 min, both halves with all of the above ~15 min; ``--quick --half dev`` ~30 s; fully
-cached, dev ~20 s.
+re-run) the development half ~10 min, both halves with all of the above ~15 min;
+``--quick --half dev`` ~30 s; fully cached, dev ~20 s.
 
 Usage::
 
