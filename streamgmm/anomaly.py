@@ -666,15 +666,16 @@ class GMMDetector(base.AnomalyDetector):
         fit = self._joint_fit[1]
         return None if fit is None else cv.joint_predictive_log_tail(fit, internal)
 
-    def _mixture_log_tail(self, internal: np.ndarray, covariance_type: str) -> float | None:
+    def _mixture_log_tail(self, internal: np.ndarray, covariance_type: str,
+                          point: int) -> float | None:
         """Log predictive tail of a complete row under the mixture of ``covariance_type``
-        Gaussians BIC prefers for the complete rows learned so far
-        (:func:`~streamgmm.mixture.mixture_predictive`, refitted at the fixed points of
-        :func:`~streamgmm.mixture.modes_refit_point`, as the daemon's warm-up is: when they
-        have grown by an eighth, at least by 4); None while one Gaussian is preferred."""
+        Gaussians BIC prefers for the first ``point`` complete rows learned
+        (:func:`~streamgmm.mixture.mixture_predictive`; ``point`` is the last of the fixed
+        points of :func:`~streamgmm.mixture.modes_refit_point`, as the daemon's warm-up
+        refits: when they have grown by an eighth, at least by 4); None while one Gaussian is
+        preferred."""
         n, parts = self._warm_mixture.get(covariance_type, (0, None))
-        point = modes_refit_point(sum(len(rows) for rows in self._warm_rows))
-        if point != n:  # (no rows are kept once the mixture exists)
+        if point != n:
             parts = mixture_predictive(
                 np.concatenate(self._warm_rows)[:point],
                 warmup_modes_bound(self.n_components, self.max_components), self.seed,
@@ -748,10 +749,12 @@ class GMMDetector(base.AnomalyDetector):
             row = self._row(x)
             if math.isfinite(row.sum()):
                 internal = self._input_frame.internal(row)
-                modes = self._mixture_log_tail(internal, "full")
+                # (no rows are kept once the mixture exists)
+                point = modes_refit_point(sum(len(rows) for rows in self._warm_rows))
+                modes = self._mixture_log_tail(internal, "full", point)
                 if modes is not None:  # several modes: no single Gaussian describes them
                     return float(_unit_from_log_tail(modes))
-                diagonal = self._mixture_log_tail(internal, "diag")
+                diagonal = self._mixture_log_tail(internal, "diag", point)
                 if diagonal is not None:  # several modes, seen with diagonal covariances
                     log_tail = diagonal
                 joint = self._joint_log_tail(internal)

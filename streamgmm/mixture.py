@@ -427,9 +427,8 @@ class OnlineGaussianMixture:
         self._buffer: list[np.ndarray] = []
         self._buffer_weights: list[np.ndarray] = []
         self._memo: tuple[np.ndarray, np.ndarray] | None = None
-        # the warm-up's last mixtures (_modes_log_tails), by covariance type: (digest of their
-        # rows, their components)
-        self._warm_modes: dict[str, tuple[bytes, list | None]] = {}
+        # the warm-up's last mixture (_modes_log_tails): (digest of its rows, its components)
+        self._warm_modes: tuple[bytes, list | None] | None = None
         # Optional ``(rows, weights) -> weights`` for the rows of a fit to the buffer: called
         # with the current model before a refit, and after the initialisation's fits until its
         # answer settles (_fit_judged; the Detector judges its warm-up rows again); not a
@@ -707,7 +706,7 @@ class OnlineGaussianMixture:
         statistic, dof = (z2 * nu).sum(axis=1) / d, nu[:, 0]
         tail[ok] = cv.log_f_tail(statistic, d, dof)
         if np.isfinite(data).all():
-            modes = self._modes_log_tails(data, len(past), "full")
+            modes = self._modes_log_tails(data, len(past))
             by_modes = ok & np.isfinite(modes)
             tail[by_modes] = modes[by_modes]
             if d > 1:
@@ -716,14 +715,14 @@ class OnlineGaussianMixture:
                 tail[both] = 0.5 * (tail[both] + joint[both])
         return out, tail
 
-    def _modes_log_tails(self, data: np.ndarray, start: int, covariance_type: str) -> np.ndarray:
+    def _modes_log_tails(self, data: np.ndarray, start: int) -> np.ndarray:
         """Log predictive tail of each row of ``data`` from ``start`` on under the mixture of
-        ``covariance_type`` Gaussians BIC prefers for the rows before it
+        full Gaussians BIC prefers for the rows before it
         (:func:`mixture_predictive`, of at most :func:`warmup_modes_bound` components;
         refitted at the fixed points of :func:`refit_points`: 4, 8, 12, 16, then every
         eighth); NaN where one Gaussian is preferred.
 
-        The last fit of each type is kept with a digest of the rows it was fitted to, so that
+        The last fit is kept with a digest of the rows it was fitted to, so that
         micro-batches of a few events do not refit it each time; it is derived from the buffer
         alone, so it is not part of the state (a restored model fits it again, to the same
         rows).
@@ -735,12 +734,12 @@ class OnlineGaussianMixture:
         for p, first, stop in _segments(refit_points(len(data), *_MODES_GRID), start, len(data)):
             digest = hashlib.blake2b(np.ascontiguousarray(data[:p]).tobytes(),
                                      digest_size=16).digest()
-            cached = self._warm_modes.get(covariance_type)
+            cached = self._warm_modes
             if cached is not None and cached[0] == digest:
                 parts = cached[1]
             else:
-                parts = mixture_predictive(data[:p], max_k, self.random_state, covariance_type)
-                self._warm_modes[covariance_type] = (digest, parts)
+                parts = mixture_predictive(data[:p], max_k, self.random_state)
+                self._warm_modes = (digest, parts)
             if parts is not None:
                 out[first - start:stop - start] = mixture_predictive_log_tail(
                     parts, data[first:stop])
@@ -1249,7 +1248,7 @@ class OnlineGaussianMixture:
     def _plan_refits(self, data: np.ndarray, weights: np.ndarray) -> None:
         """After a fit to ``data``: keep it and set the next refit size, or stop refitting."""
         n, limit = len(data), self.refit_size
-        self._warm_modes = {}  # the warm-up is over
+        self._warm_modes = None  # the warm-up is over
         if limit is not None and n < limit:
             self._buffer, self._buffer_weights = [data], [weights]
             self._next_refit = min(max(n + n // 2, n + 1), int(limit))
