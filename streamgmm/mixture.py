@@ -883,6 +883,13 @@ class OnlineGaussianMixture:
         best = None
         if self.means_init is not None or self.weights_init is not None:
             runs = [self._resp_from_init(Xc, k)]
+        elif k == 1:
+            # every start gives the same single Gaussian: fit it once, but draw each start's
+            # seed row still, so that later fits see the random stream n_init starts leave
+            runs = [None]
+            p = w / w.sum() if w.sum() > 0 else np.full(len(X), 1.0 / len(X))
+            for _ in range(self.n_init - 1):
+                self._rng.choice(len(X), p=p)
         else:
             runs = [None] * self.n_init
         for resp0 in runs:

@@ -159,6 +159,20 @@ def test_partial_fit_warms_up_then_initialises():
     assert np.isfinite(model.score_partial_fit(X[700:800])).all()
 
 
+def test_one_component_is_fitted_once_and_leaves_the_random_stream_where_n_init_starts_would():
+    # Every start of a single Gaussian ends in the same fit, so it is fitted once; but each
+    # start still draws its seed row, so that the fits after it (refits, K chosen on splits)
+    # see the random numbers they saw when every start ran.
+    X = random_mixture(5, 1, 3)(300)
+    fitted = {n: OnlineGaussianMixture(1, n_init=n, random_state=0).fit(X) for n in (1, 4)}
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_array_equal(getattr(fitted[1], name), getattr(fitted[4], name))
+    starts = np.random.default_rng(0)
+    for _ in range(4):
+        starts.choice(len(X), p=np.full(len(X), 1.0 / len(X)))
+    assert fitted[4]._rng.random() == starts.random()
+
+
 def test_auto_chooses_the_number_of_components_on_held_out_likelihood():
     X = random_mixture(8, 4, 2, separation=10.0)(4000)
     model = OnlineGaussianMixture("auto", random_state=0).fit(X)
