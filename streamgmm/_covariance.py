@@ -30,6 +30,10 @@ from scipy import linalg, special
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 LOG_2PI = float(np.log(2.0 * np.pi))
+# The largest magnitude of a value the statistics can hold: squares and their sums stay below
+# float64's 1.8e308 (for up to 1e8 features). A larger finite value (one message with 1e200)
+# left the covariances infinite -- every later score NaN -- so the inputs refuse it.
+MAX_MAGNITUDE = 1e150
 # Above this many doubles, the (n, d*d) outer-product matrix of the fused scatter costs more
 # memory traffic than a loop over components.
 _FUSED_SCATTER_LIMIT = 2_000_000

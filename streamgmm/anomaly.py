@@ -264,7 +264,10 @@ class GMMDetector(base.AnomalyDetector):
     Afterwards a missing feature is marginalised out exactly (scored by the density of the
     observed features, on the same scale as complete events; such events are not learned by the
     mixture), and a key not in the set is ignored (logged once per name). ``None`` is a missing
-    value; values must be numbers (encode categories first, e.g. ``preprocessing.OneHotEncoder``).
+    value; values must be numbers (encode categories first, e.g. ``preprocessing.OneHotEncoder``),
+    finite and within ±1e150 (a larger one's square overflows the model's statistics):
+    ``score_one`` and ``learn_one`` refuse any other with a ``ValueError``, so skipping that
+    event leaves the detector, and a River scaler in front, as if it never came.
     """
 
     def __init__(
@@ -359,6 +362,11 @@ class GMMDetector(base.AnomalyDetector):
             ) from exc
         if math.isinf(out):
             raise ValueError(f"feature {name!r} is infinite ({value!r}); use None for missing")
+        if abs(out) > cv.MAX_MAGNITUDE:
+            raise ValueError(
+                f"feature {name!r} is {out:g}, beyond ±{cv.MAX_MAGNITUDE:g}: its square overflows "
+                "a 64-bit float; rescale the feature, or use None for a value that is not a "
+                "measurement")
         return out
 
     def _row(self, x: dict) -> np.ndarray:
@@ -371,14 +379,16 @@ class GMMDetector(base.AnomalyDetector):
             except (KeyError, TypeError, ValueError):
                 pass
             else:
-                try:  # summing the Python floats is faster than a numpy reduction
-                    finite = math.isfinite(sum(values))
-                except TypeError:  # None, or numbers given as strings
-                    finite = math.isfinite(row.sum())
-                if finite:  # no NaN and no inf: the usual case
+                try:  # hypot of the Python floats is faster than a numpy reduction
+                    norm = math.hypot(*values)  # (NaN if one is NaN, inf if one is inf)
+                except TypeError:  # numbers given as strings
+                    norm = math.hypot(*row.tolist())
+                if norm <= cv.MAX_MAGNITUDE:  # no NaN, no inf, none too large: the usual case
                     self._last_complete = row
                     return row
-                if not np.isinf(row).any():
+                if not (np.isinf(row) | (np.abs(row) > cv.MAX_MAGNITUDE)).any():
+                    if not np.isnan(row).any():  # each value small enough, if not their norm
+                        self._last_complete = row
                     return row
         row = np.full(len(self._index), np.nan)
         for name, value in x.items():

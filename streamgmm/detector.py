@@ -87,6 +87,7 @@ from typing import Any
 
 import numpy as np
 
+from streamgmm import _covariance as cv
 from streamgmm.adoption import AdoptionParameters, AdoptionPolicy
 from streamgmm.drift import DriftMonitor, DriftReport
 from streamgmm.explain import (
@@ -416,6 +417,14 @@ class Detector:
             row, col = np.argwhere(np.isinf(X))[0]
             raise ValueError(
                 f"X contains inf (row {row}, feature {col}); use NaN for a missing value"
+            )
+        big = np.abs(X) > cv.MAX_MAGNITUDE  # (NaN compares False)
+        if big.any():
+            row, col = np.argwhere(big)[0]
+            raise ValueError(
+                f"X holds {X[row, col]:g} (row {row}, feature {col}), beyond "
+                f"±{cv.MAX_MAGNITUDE:g}: its square overflows a 64-bit float; rescale the "
+                "feature, or use NaN for a value that is not a measurement"
             )
         return X
 

@@ -14,7 +14,7 @@ A record that cannot be scored becomes a :class:`DeadLetter` with one of the :da
                    only when *all* of them are)
 ``non_numeric``    a field holds a string, a boolean, a list or an object (booleans and numeric
                    strings are not numbers)
-``non_finite``     a field is ``NaN``, ``Infinity`` or too large for a float
+``non_finite``     a field is ``NaN``, ``Infinity`` or beyond ±1e150 (too large to square)
 ``oversize``       the record is longer than ``max_event_bytes``
 =================  ==========================================================================
 
@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from streamgmm._covariance import MAX_MAGNITUDE
 
 __all__ = ["FeatureExtractor", "Extraction", "DeadLetter", "REASONS"]
 
@@ -310,6 +312,13 @@ max_event_bytes = 8; shrink the event or raise features.max_event_bytes')
         except OverflowError:  # an integer beyond float range slipped through; cannot happen
             features = np.array([float(v) for v in flat_values], dtype=np.float64)
         features = features.reshape(len(good), len(self.fields))
+        big = (np.abs(features) > MAX_MAGNITUDE).any(axis=1)  # valid JSON, yet too large
+        if big.any():
+            dead += [self._diagnose(good[r], events[r])[1] for r in np.flatnonzero(big)]
+            dead.sort(key=lambda letter: letter.index)
+            kept = np.flatnonzero(~big)
+            features, good, events = features[kept], [good[r] for r in kept], [
+                events[r] for r in kept]
         return Extraction(features=features, indices=np.asarray(good, dtype=np.int64),
                           events=events, dead_letters=dead)
 
@@ -364,6 +373,11 @@ max_event_bytes = 8; shrink the event or raise features.max_event_bytes')
                 problems.append(("non_finite",
                                  f'field "{name}": expected a finite number, '
                                  f"got {_describe(number)}"))
+                continue
+            if abs(number) > MAX_MAGNITUDE:  # its square would overflow the model's statistics
+                problems.append(("non_finite",
+                                 f'field "{name}": {number:g} is beyond ±{MAX_MAGNITUDE:g}, '
+                                 "too large to square in a 64-bit float"))
                 continue
             row.append(number)
         if not problems and n_missing == len(self.fields):

@@ -188,6 +188,31 @@ def test_features_appearing_and_disappearing():
         model.learn_one({"a": "high", "b": 1.0})
 
 
+@pytest.mark.parametrize("scaler", [None, preprocessing.StandardScaler])
+def test_a_value_too_large_to_square_is_refused_and_the_stream_goes_on(scaler):
+    # 1e200 once: before, a ValueError-free OverflowError in the warm-up, or (behind a scaler)
+    # learned, the covariances infinite and a LinAlgError from a later learn_one. Now score_one
+    # refuses it, so a caller that skips the event leaves detector and scaler untouched.
+    rng = np.random.default_rng(3)
+    events = [{"a": a, "b": b} for a, b in rng.normal(size=(2000, 2))]
+
+    def build():
+        return GMMDetector(seed=0) if scaler is None else scaler() | GMMDetector(seed=0)
+
+    model, clean = build(), build()
+    for i, x in enumerate(events):
+        if i in (50, 1500):
+            for bad in ({"a": 1e200, "b": 0.0}, {"a": 0.0, "b": -1e160}):
+                with pytest.raises(ValueError, match="beyond ±1e\\+150"):
+                    model.score_one(bad)
+                if scaler is None:
+                    with pytest.raises(ValueError, match="beyond ±1e\\+150"):
+                        model.learn_one(bad)
+        assert model.score_one(x) == clean.score_one(x)
+        model.learn_one(x)
+        clean.learn_one(x)
+
+
 def test_learn_many_and_score_many_match_the_one_at_a_time_scores():
     data = [x for x, _ in _sine(n=2000, anomalies=50)]
     frame = pd.DataFrame(data)

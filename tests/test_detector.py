@@ -277,12 +277,34 @@ def test_state_round_trip_during_warm_up():
     [
         (np.zeros((2, 2, 2)), "2-D"),
         (np.array([[1.0, np.inf]]), "inf"),
+        (np.array([[1.0, -1e200]]), r"row 0, feature 1.*beyond ±1e\+150"),
         (np.array([["a", "b"]]), "numeric"),
     ],
 )
 def test_bad_input_is_refused_with_a_reason(X, message):
     with pytest.raises(ValueError, match=message):
         Detector().process(X)
+
+
+def test_one_value_too_large_to_square_is_refused_before_it_reaches_the_model():
+    # 1e200 squared overflows a float64: learned, it left the covariances infinite (every later
+    # score NaN, the warm-up never over: nothing flagged again) or made every later batch raise
+    # LinAlgError. It is refused with its batch, and the detector goes on as if it never came.
+    X = np.random.default_rng(1).normal(size=(3000, 3))
+    det, clean = Detector(random_state=0), Detector(random_state=0)
+    for i in range(0, 3000, 250):
+        batch = X[i : i + 250]
+        if i in (250, 2000):  # in the warm-up, and after it
+            bad = batch.copy()
+            bad[7, 0] = 1e200
+            with pytest.raises(ValueError, match="beyond ±1e\\+150"):
+                det.process(bad)
+        assert np.array_equal(det.process(batch).score, clean.process(batch).score,
+                              equal_nan=True)
+    assert np.isfinite(det.model.covariances_).all() and not det.threshold.warming_up
+    edge = X[:250].copy()
+    edge[3, 1] = -1e150  # the largest magnitude accepted: learned without overflow
+    assert det.process(edge).is_anomaly[3] and np.isfinite(det.model.covariances_).all()
 
 
 def test_feature_count_must_not_change():

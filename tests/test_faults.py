@@ -194,6 +194,9 @@ HOSTILE = {
     "huge_integer": b'{"x": -10000, "y": 10000, "id": ' + b"9" * 400 + b"}",
     "nan_elsewhere": b'{"x": -10000, "y": -10000, "ratio": NaN, "limit": Infinity}',
 }
+# valid JSON and a finite number, but its square overflows a float: learned, it left the
+# covariances infinite (nothing flagged again) or made every later batch raise LinAlgError
+TOO_LARGE = b'{"x": 1e200, "y": 10000}'
 
 
 @pytest.mark.integration
@@ -202,13 +205,21 @@ def test_hostile_anomalies_are_published_as_valid_json_and_the_daemon_goes_on(
         tmp_path, bootstrap, backend, daemons):
     daemon = Daemon(tmp_path, bootstrap, backend)
     daemons.append(daemon)
-    values = normal_events(400) + list(HOSTILE.values()) + normal_events(100, seed=1, start=400)
+    values = normal_events(400) + list(HOSTILE.values()) + [TOO_LARGE] + normal_events(
+        100, seed=1, start=400) + [TOO_LARGE] + normal_events(100, seed=3, start=500) + [
+        b'{"x": 10000, "y": -10000}']
     produce(bootstrap, daemon.topics[0], values)
     daemon.start()
     daemon.wait_committed(len(values))
     outputs = daemon.outputs()
     letters = daemon.dead_letters(idle=2.0)
     assert daemon.stop() == 0, daemon.log()[-3000:]
+    too_large = {400 + len(HOSTILE), 501 + len(HOSTILE)}
+    reasons = {source_of_dead_letter(m.headers())[2]: dict(m.headers())["streamgmm.reason"]
+               for m in letters}
+    assert {reasons.get(offset) for offset in too_large} == {b"non_finite"}, reasons
+    assert len(values) - 1 in {source_of_output(m.value())[2] for m in outputs}, \
+        "the model still flags after the values too large to learn"
     hostile_offsets = set(range(400, 400 + len(HOSTILE)))
     published = {source_of_output(m.value())[2]: m for m in outputs}
     dead = {source_of_dead_letter(m.headers())[2] for m in letters}
