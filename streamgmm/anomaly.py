@@ -386,7 +386,7 @@ class GMMDetector(base.AnomalyDetector):
                 if norm <= cv.MAX_MAGNITUDE:  # no NaN, no inf, none too large: the usual case
                     self._last_complete = row
                     return row
-                if not (np.isinf(row) | (np.abs(row) > cv.MAX_MAGNITUDE)).any():
+                if not (np.abs(row) > cv.MAX_MAGNITUDE).any():  # (inf too; NaN is missing)
                     if not np.isnan(row).any():  # each value small enough, if not their norm
                         self._last_complete = row
                     return row

@@ -286,6 +286,11 @@ def mixture_predictive_log_tail(
     return total if np.ndim(rows) > 1 else float(total[0])
 
 
+def _seed_probabilities(w: np.ndarray) -> np.ndarray:
+    """Probabilities of the rows to seed a k-means++ start (by weight; uniform if all are 0)."""
+    return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+
+
 class OnlineGaussianMixture:
     """Gaussian mixture with scikit-learn's surface, learned online by stepwise EM.
 
@@ -829,8 +834,7 @@ class OnlineGaussianMixture:
         spread = Xc.std(axis=0)
         scale = np.where(spread > 0, spread, 1.0)
         Xc = Xc / scale
-        p = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
-        centers = [Xc[self._rng.choice(n, p=p)]]
+        centers = [Xc[self._rng.choice(n, p=_seed_probabilities(w))]]
         d2 = ((Xc - centers[0]) ** 2).sum(axis=1)
         for _ in range(1, k):
             weights = d2 * w
@@ -887,7 +891,7 @@ class OnlineGaussianMixture:
             # every start gives the same single Gaussian: fit it once, but draw each start's
             # seed row still, so that later fits see the random stream n_init starts leave
             runs = [None]
-            p = w / w.sum() if w.sum() > 0 else np.full(len(X), 1.0 / len(X))
+            p = _seed_probabilities(w)
             for _ in range(self.n_init - 1):
                 self._rng.choice(len(X), p=p)
         else:
