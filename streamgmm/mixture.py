@@ -67,7 +67,8 @@ _DEAD_WEIGHT_FRACTION = 1e-3
 # live mode still receives its share on average).
 _STARVED_ACTIVITY = 0.05
 _ACTIVITY_RATE = 0.1
-# Fits at most of the initialisation's concentration steps (OnlineGaussianMixture._fit_judged)...
+# Fits at most of the concentration steps of an initialisation or a refit
+# (OnlineGaussianMixture._fit_judged)...
 _JUDGE_ROUNDS = 4
 # ...which stop once a fit changes the judgement of at most this fraction of the rows
 _JUDGE_SETTLED = 0.01
@@ -435,8 +436,8 @@ class OnlineGaussianMixture:
         # the warm-up's last mixture (_modes_log_tails): (digest of its rows, its components)
         self._warm_modes: tuple[bytes, list | None] | None = None
         # Optional ``(rows, weights) -> weights`` for the rows of a fit to the buffer: called
-        # with the current model before a refit, and after the initialisation's fits until its
-        # answer settles (_fit_judged; the Detector judges its warm-up rows again); not a
+        # with the current model before a refit, and after each fit of an initialisation or a
+        # refit until its answer settles (_fit_judged; the Detector judges its rows again); not a
         # parameter and not part of the state: its owner sets it.
         self.refit_weights: Any = None
 
@@ -1233,18 +1234,20 @@ class OnlineGaussianMixture:
         most ``_JUDGE_SETTLED`` of the rows) -- the concentration steps of robust estimators
         (Rousseeuw & Van Driessen 1999); on Shuttle 12 flagged, 9 of the 10. K is chosen again
         by each fit: one that kept the K of a fit that gave the anomalies a component would
-        keep it for them. Later refits start from a model so judged, and one fit suffices (the
-        same steps at each refit cost Shuttle another 13 % of its per-event time). Returns whether
-        it fitted (not if every row has weight 0).
+        keep it for them. A refit starts from the judgement of the model before it and takes
+        the same steps: that model may have given the anomalies a component, judged none of
+        them flagged, and the single Gaussian fitted next learned them at full weight, wider
+        for good (River's Shuttle behind ``StandardScaler`` with seed 1, ``MinMaxScaler`` with
+        seeds 0 and 3: ROC-AUC 0.986 / 0.982 / 0.986 on the first 10,000 events against 0.991
+        with the other seeds). A refit whose own judgement agrees with its judge's costs one
+        fit, as before. Returns whether it fitted (not if every row has weight 0).
         """
         judge = self.refit_weights
-        if self._fitted:  # a refit
-            fit_weights = weights if judge is None else judge(data, weights)
+        fit_weights = weights
+        if self._fitted and judge is not None:  # a refit: judged by the model before it
+            fit_weights = judge(data, weights)
             if fit_weights.sum() <= 0:
                 return False
-            self._fit_batch(data, fit_weights)
-            return True
-        fit_weights = weights
         for _ in range(_JUDGE_ROUNDS):
             self._fit_batch(data, fit_weights)
             if judge is None:
