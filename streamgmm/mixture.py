@@ -22,8 +22,11 @@ Forgetting by each component's own mass (Celaya & Agostini 2015)
 Numerics
     Rows are centred on a running reference point before any product, scatters are combined with
     Chan's pairwise update (no ``E[x^2] - mu^2`` on raw data), ``reg_covar`` is scaled by each
-    feature's variance on the initial data (so it works for features in units of 1e-6 and 1e6
-    alike), and a Cholesky factorisation that fails is repaired, not raised.
+    feature's variance on the initial data with its 1 % most extreme values at each end clipped
+    (so it works for features in units of 1e-6 and 1e6 alike, and one gross error among the
+    rows -- a value of 1e6 in N(0, 1) data, which made the plain variance ~2e9 -- does not give
+    every component a variance of at least ~2000 along its feature), and a Cholesky
+    factorisation that fails is repaired, not raised.
 
 Discrete features
     A feature whose initial values lie on a grid of step ``q`` (the smallest gap between its
@@ -78,6 +81,27 @@ _JUDGE_SETTLED = 0.01
 _TIE_TOLERANCE = 1e-12
 
 SampleWeight = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
+
+
+def _winsorised_variance(X: np.ndarray, w: np.ndarray, tail: float = 0.01) -> np.ndarray:
+    """Per-feature weighted variance of ``X``, each feature clipped to its ``tail`` and
+    ``1 - tail`` quantiles (over the rows of positive weight): a few far rows do not set it.
+
+    Examples
+    --------
+    >>> X = np.random.default_rng(0).normal(size=(512, 1))
+    >>> X[0, 0] = 1e6                                   # one gross error
+    >>> round(float(X.var()))                           # the variance is the error's
+    1949310398
+    >>> round(float(_winsorised_variance(X, np.ones(512))[0]), 2)
+    0.96
+    """
+    rows = X[w > 0] if (w > 0).any() else X
+    ww = w[w > 0] if (w > 0).any() else np.ones(len(X))
+    low, high = np.quantile(rows, [tail, 1.0 - tail], axis=0)
+    clipped = np.clip(rows, low, high)
+    mean = (ww @ clipped) / ww.sum()
+    return (ww @ (clipped - mean) ** 2) / ww.sum()
 
 
 def _rounding_variance(X: np.ndarray) -> np.ndarray:
@@ -309,7 +333,9 @@ class OnlineGaussianMixture:
         features and few events. ``None`` keeps scikit-learn's maximum-likelihood estimate.
     reg_covar : float, default=1e-6
         Added to the covariances' diagonals, in units of each feature's variance on the data the
-        model was initialised from (absolute units for features that were constant then). At
+        model was initialised from, its 1 % most extreme values at each end clipped (its plain
+        variance if that leaves it constant; absolute units for features that were constant
+        then). At
         least the feature's rounding variance ``q**2 / 12`` is added, ``q`` being the smallest
         gap between its distinct values on that data (see *Numerics* in the module notes).
     step_exponent : float, default=0.7
@@ -811,6 +837,9 @@ class OnlineGaussianMixture:
         wsum = w.sum() if w.sum() > 0 else 1.0
         self._shift = (w @ X) / wsum if w.sum() > 0 else X.mean(axis=0)
         var = (w @ (X - self._shift) ** 2) / wsum
+        # no single row sets the unit; a nearly constant feature (a blank pixel) keeps its own
+        clipped = _winsorised_variance(X, w)
+        var = np.where(clipped > 0, clipped, var)
         positive = var[var > 0]
         fill = positive.mean() if len(positive) else 1.0
         self._reg = np.maximum(self.reg_covar * np.where(var > 0, var, fill),

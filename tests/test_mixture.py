@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.mixture import GaussianMixture
 
 from streamgmm import OnlineGaussianMixture
 from streamgmm.checkpoint import CheckpointError, read_state, write_state
+from streamgmm.mixture import _winsorised_variance
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
@@ -222,10 +224,33 @@ def test_a_discrete_feature_gets_at_least_its_rounding_variance():
     rng = np.random.default_rng(0)
     X = np.column_stack([rng.normal(0.0, 3.0, 5000), rng.integers(0, 4, 5000) * 0.5])
     cov = OnlineGaussianMixture(1, random_state=0).fit(X).covariances_[0]
-    # the continuous feature: 1e-6 of its variance, as before
-    assert cov[0, 0] == pytest.approx(X[:, 0].var() * (1 + 1e-6), rel=1e-9)
+    # the continuous feature: 1e-6 of its variance (with its 1 % most extreme values at each
+    # end clipped), as before
+    unit = _winsorised_variance(X, np.ones(len(X)))[0]
+    assert 0.95 * X[:, 0].var() < unit < X[:, 0].var()
+    assert cov[0, 0] == pytest.approx(X[:, 0].var() + 1e-6 * unit, rel=1e-9)
     # values 0, 0.5, 1, 1.5: a grid of step 0.5, rounding variance 0.25 / 12
     assert cov[1, 1] == pytest.approx(X[:, 1].var() + 0.25 / 12, rel=1e-9)
+
+
+@pytest.mark.parametrize("value", [1e6, 1e10])
+def test_one_far_outlier_does_not_set_the_regularisation(value):
+    # One value of 1e6 among 512 N(0, 1) rows: the rows' variance (~2e9) was the unit of
+    # reg_covar (1e-6), so every component, the bulk's too, got a variance of at least ~1950
+    # along that feature. The unit is now the variance with the 1 % most extreme values at each
+    # end clipped. (At 1e12 the rounding variance's tie tolerance, 1e-12 of the largest
+    # magnitude, makes every gap of N(0, 1) data a tie: README, *Why the defaults*.)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(512, 3))
+    X[60, 0] = value
+    gmm = OnlineGaussianMixture(2, random_state=0).fit(X)
+    bulk = int(np.argmax(gmm.weights_))
+    assert gmm.covariances_[bulk, 0, 0] == pytest.approx(1.0, abs=0.1)
+    assert gmm.covariances_[1 - bulk, 0, 0] < 1e-3 and gmm.means_[1 - bulk, 0] == value
+    for batch in np.array_split(rng.normal(size=(2000, 3)), 8):
+        gmm.partial_fit(batch)  # the outlier's component fades and is re-seeded from the bulk
+    assert (gmm.covariances_[:, 0, 0] < 1.5).all()
+    assert gmm.score_tail_samples([[7.0, 0.0, 0.0]])[0] < math.log(1e-6)
 
 
 def test_a_covariance_that_factors_but_whose_precision_does_not_is_repaired():
