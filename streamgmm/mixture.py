@@ -335,9 +335,9 @@ class OnlineGaussianMixture:
         Added to the covariances' diagonals, in units of each feature's variance on the data the
         model was initialised from, its 1 % most extreme values at each end clipped (its plain
         variance if that leaves it constant; absolute units for features that were constant
-        then). At
-        least the feature's rounding variance ``q**2 / 12`` is added, ``q`` being the smallest
-        gap between its distinct values on that data (see *Numerics* in the module notes).
+        then). At least the feature's rounding variance ``q**2 / 12`` is added, ``q`` being the
+        smallest gap between its distinct values on that data (see *Numerics* in the module
+        notes).
     step_exponent : float, default=0.7
         ``alpha`` of the step size ``(t + 2) ** -alpha``; must satisfy ``0.5 < alpha <= 1``.
     min_step : float, default=0.0
