@@ -96,8 +96,8 @@ def _winsorised_variance(X: np.ndarray, w: np.ndarray, tail: float = 0.01) -> np
     >>> round(float(_winsorised_variance(X, np.ones(512))[0]), 2)
     0.96
     """
-    rows = X[w > 0] if (w > 0).any() else X
-    ww = w[w > 0] if (w > 0).any() else np.ones(len(X))
+    keep = w > 0
+    rows, ww = (X[keep], w[keep]) if keep.any() else (X, np.ones(len(X)))
     low, high = np.quantile(rows, [tail, 1.0 - tail], axis=0)
     clipped = np.clip(rows, low, high)
     mean = (ww @ clipped) / ww.sum()
