@@ -173,8 +173,15 @@ def precision_cholesky(covariance_type: str, covariances: np.ndarray) -> np.ndar
         chol = np.linalg.cholesky(stack)
     except np.linalg.LinAlgError:
         chol = np.stack([_cholesky_or_repaired(c) for c in stack])
-    eye = np.broadcast_to(np.eye(stack.shape[-1]), stack.shape)
-    prec = np.swapaxes(np.linalg.solve(chol, eye), -1, -2)
+    try:
+        eye = np.broadcast_to(np.eye(stack.shape[-1]), stack.shape)
+        prec = np.swapaxes(np.linalg.solve(chol, eye), -1, -2)
+    except np.linalg.LinAlgError:
+        # LU's pivoting met an exact 0 in a factor whose diagonal holds 1e-35s (features constant
+        # but for round-off); substitution without pivoting does not
+        eye = np.eye(stack.shape[-1])
+        prec = np.stack([linalg.solve_triangular(c, eye, lower=True, check_finite=False).T
+                         for c in chol])
     diagonal = np.diagonal(prec, axis1=1, axis2=2)
     broken = ~(np.isfinite(prec).all(axis=(1, 2)) & (diagonal > 0).all(axis=1))
     for k in np.flatnonzero(broken):

@@ -104,6 +104,21 @@ def _winsorised_variance(X: np.ndarray, w: np.ndarray, tail: float = 0.01) -> np
     return (ww @ (clipped - mean) ** 2) / ww.sum()
 
 
+def _spread_is_round_off(X: np.ndarray) -> np.ndarray:
+    """Per feature, whether all its values in ``X`` agree up to ``_TIE_TOLERANCE`` of their
+    largest magnitude: one level, whatever round-off put between them.
+
+    Examples
+    --------
+    >>> X = np.array([[0.1 + 0.2, 1.0], [0.3, 2.0]])
+    >>> _spread_is_round_off(X).tolist()
+    [True, False]
+    """
+    if not len(X):
+        return np.zeros(X.shape[1], dtype=bool)
+    return np.ptp(X, axis=0) <= _TIE_TOLERANCE * np.abs(X).max(axis=0)
+
+
 def _rounding_variance(X: np.ndarray) -> np.ndarray:
     """Per feature, ``q**2 / 12`` with ``q`` the smallest gap between its distinct values in ``X``.
 
@@ -840,6 +855,9 @@ class OnlineGaussianMixture:
         # no single row sets the unit; a nearly constant feature (a blank pixel) keeps its own
         clipped = _winsorised_variance(X, w)
         var = np.where(clipped > 0, clipped, var)
+        # a constant feature's weighted mean misses its value by round-off, which left it a
+        # variance of (1e-16 |value|)**2 and the covariances a diagonal next to nothing
+        var[_spread_is_round_off(X)] = 0.0
         positive = var[var > 0]
         fill = positive.mean() if len(positive) else 1.0
         self._reg = np.maximum(self.reg_covar * np.where(var > 0, var, fill),

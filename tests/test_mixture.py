@@ -269,6 +269,34 @@ def test_a_covariance_that_factors_but_whose_precision_does_not_is_repaired():
     assert np.isfinite(ll).all() and np.isfinite(model.precisions_cholesky_).all()
 
 
+def test_a_factor_whose_lu_meets_an_exact_zero_pivot_still_gives_a_precision():
+    # Three features constant but for round-off (variances 2e-69 to 2e-67) next to four of ~1:
+    # the covariance factors, with 5e-35 on the factor's diagonal, but LU with partial pivoting
+    # (np.linalg.solve) finds the factor singular. From digits, behind River's StandardScaler.
+    from pathlib import Path
+
+    from streamgmm import _covariance as cv
+
+    cov = np.load(Path(__file__).parent / "data" / "factor_with_an_exact_zero_lu_pivot.npy")
+    prec = cv.precision_cholesky("full", cov[None])
+    assert np.isfinite(prec).all() and (np.diagonal(prec, axis1=1, axis2=2) > 0).all()
+
+
+@pytest.mark.parametrize("seed", [22, 25])
+def test_a_constant_feature_gets_a_variance_floor_whatever_the_weights(seed):
+    # A constant feature's weighted mean missed its value by round-off: the "variance"
+    # (1e-16 |value|)**2, times reg_covar, was its floor, 1e-70 next to features of variance 1,
+    # and fitting raised LinAlgError (2 seeds in 40 of these). Constant features share the
+    # others' mean unit, as they do with unit weights.
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(325, 64))
+    X[:, [3, 7, 11]] = -7.632783294297951e-17 * np.array([3, 7, 11])
+    w = rng.choice([1.0, 0.1, 0.37], size=len(X))
+    model = OnlineGaussianMixture(1, random_state=0).fit(X, sample_weight=w)
+    assert (model.covariances_[0][[3, 7, 11], [3, 7, 11]] > 1e-7).all()
+    assert np.isfinite(model.score_samples(X)).all()
+
+
 @pytest.mark.slow
 def test_forgetting_recovers_after_abrupt_drift_and_plain_stepwise_em_is_slower():
     before, after = random_mixture(9, 3, 3), random_mixture(10, 3, 3)
