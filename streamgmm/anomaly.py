@@ -309,6 +309,8 @@ class GMMDetector(base.AnomalyDetector):
         self.features: list[Any] | None = None
         self._index: dict[Any, int] = {}
         self._pending: list[dict[Any, float]] = []  # before the feature set is fixed
+        self._pending_scored: list[dict | None] = []  # the same events as scored (streamgmm.frame)
+        self._scored_pending: dict | None = None  # the event score_one saw last, till then
         self._rows: list[np.ndarray] = []
         self._warned: set[Any] = set()
         # diagonal Gaussian used until the mixture is initialised: name -> [n, mean, m2]
@@ -446,6 +448,9 @@ class GMMDetector(base.AnomalyDetector):
             self._learn_fallback(x)
         if row is None:
             self._pending.append({k: self._value(k, v) for k, v in x.items()})
+            scored, self._scored_pending = self._scored_pending, None
+            self._pending_scored.append(None if scored is None or scored is x else
+                                        {k: self._value(k, v) for k, v in scored.items()})
             size = len(self._pending)
         else:
             internal = self._input_frame.internal(row)
@@ -473,13 +478,19 @@ class GMMDetector(base.AnomalyDetector):
                 return
             names = set().union(*self._pending)
             if not names:
-                self._pending = []
+                self._pending, self._pending_scored = [], []
                 return
             self._fix_features(names)
-            self._rows = [self._row(x) for x in self._pending]
-            self._pending = []
+            scored = [None if s is None else self._row(s) for s in self._pending_scored]
+            rows = self._input_frame.follow(scored, [self._row(x) for x in self._pending])
+            self._pending, self._pending_scored = [], []
+            if self._input_frame.n_rescalings and not self._warm:
+                self._fallback = {}  # learned in the frames the events came in: again
+                for row in rows:
+                    self._learn_fallback(dict(zip(self.features, row.tolist(), strict=True)))
+            self._rows = list(rows)
             if not self._warm:
-                self._learn_joint(np.array(self._rows, dtype=np.float64))
+                self._learn_joint(rows)
         if not self._rows:
             return
         batch = np.array(self._rows, dtype=np.float64)  # much faster than vstack of 1-D rows
@@ -798,6 +809,8 @@ class GMMDetector(base.AnomalyDetector):
         if self.features is not None:
             row = self._row(x)
             self._last_x, self._last_row = x, row  # for learn_one (see streamgmm.frame)
+        else:
+            self._scored_pending = x
         if self._warm:
             assert self.detector is not None
             threshold = self.detector.threshold
